@@ -1,0 +1,33 @@
+"""ntk-callback: the empirical Neural Tangent Kernel of a PyTorch model, its analysis,
+and a PyTorch Lightning callback that reports it while the model trains.
+
+The engine (:func:`empirical_ntk`, :func:`layerwise_ntk`) and the analysis
+(:mod:`ntk_callback.analysis`, :func:`analyze_ntk`, :class:`NTKReport`) are plain
+PyTorch and never import Lightning; :class:`NTKReportCallback` is imported lazily so
+that ``import ntk_callback`` works without Lightning installed.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from .engine import NTKError, empirical_ntk, layerwise_ntk
+from .report import NTKReport, analyze_ntk
+
+__all__ = [
+    "NTKError",
+    "NTKReport",
+    "NTKReportCallback",
+    "analyze_ntk",
+    "empirical_ntk",
+    "layerwise_ntk",
+]
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name == "NTKReportCallback":
+        from .callback import NTKReportCallback
+
+        return NTKReportCallback
+    raise AttributeError(f"module 'ntk_callback' has no attribute {name!r}")

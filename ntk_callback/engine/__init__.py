@@ -1,0 +1,10 @@
+"""The NTK engine: pure PyTorch, no Lightning.
+
+``empirical_ntk`` / ``layerwise_ntk`` dispatch each parameterised layer either to a
+structured per-layer rule (:mod:`.structured`) or to the exact generic torch.func path
+(:mod:`.generic`).
+"""
+from .api import empirical_ntk, layerwise_ntk
+from .errors import NTKError
+
+__all__ = ["NTKError", "empirical_ntk", "layerwise_ntk"]

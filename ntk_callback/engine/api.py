@@ -1,0 +1,173 @@
+"""Public entry points: :func:`empirical_ntk` and :func:`layerwise_ntk`."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from . import structured
+from .errors import NTKError
+from .generic import explain_failure, generic_kernel
+from .problem import DEFAULT_MEMORY_BUDGET, Problem, build_problem, output_shape
+from .state import frozen_measurement
+
+IMPLEMENTATIONS = ("auto", "generic", "structured")
+
+
+def _group(problem: Problem, names: list[str], budget: int) -> list[list[str]]:
+    """Split parameter names into consecutive groups whose Jacobian rows for every probe
+    fit the budget (one extra forward pass per group); an oversized tensor stays alone and
+    is handled by probe blocking."""
+    rows_per_probe = problem.cot1.shape[1] if problem.mode == "full" else 1
+    n_all = problem.n1 + (problem.n2 or 0)
+    per_entry = n_all * rows_per_probe * problem.itemsize()
+    groups: list[list[str]] = []
+    size = 0
+    for name in names:
+        cost = problem.params[name].numel() * per_entry
+        if groups and size + cost <= budget:
+            groups[-1].append(name)
+            size += cost
+        else:
+            groups.append([name])
+            size = cost
+    return groups
+
+
+def _check(problem: Problem, implementation: str, budget: int | None,
+           chunk_size: int | None) -> int:
+    if implementation not in IMPLEMENTATIONS:
+        raise NTKError(f"unknown implementation {implementation!r}; choose one of "
+                       f"{', '.join(map(repr, IMPLEMENTATIONS))}.")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise NTKError(f"chunk_size={chunk_size!r} must be a positive int (probes per "
+                       "vectorised chunk) or None for automatic.")
+    if budget is None:
+        return DEFAULT_MEMORY_BUDGET
+    if not isinstance(budget, int) or budget < 1:
+        raise NTKError(f"memory_budget={budget!r} must be a positive number of bytes "
+                       "(e.g. 2**30) or None for the default of 1 GiB.")
+    return budget
+
+
+def _kernels(problem: Problem, keys: dict[str, list[str]], implementation: str, budget: int,
+             chunk_size: int | None) -> dict[str, torch.Tensor]:
+    """Kernel of each key's parameters. Structured rules take the layers they support
+    (unless implementation='generic'); the rest goes through torch.func."""
+    out: dict[str, torch.Tensor] = {}
+    plan = structured.plan(problem, implementation)
+    try:
+        done = structured.compute(problem, plan, keys, budget) if plan else {}
+        for key, names in keys.items():
+            rest = [n for n in names if n not in plan.handled]
+            kernel = done.get(key)
+            for group in _group(problem, rest, budget):
+                part = generic_kernel(problem, group, budget, chunk_size)
+                kernel = part if kernel is None else kernel + part
+            if kernel is None:
+                kernel = torch.zeros(output_shape(problem), dtype=problem.dtype,
+                                     device=problem.device)
+            out[key] = kernel
+    except RuntimeError as exc:
+        mapped = explain_failure(exc)
+        if mapped is not None:
+            raise mapped from exc
+        raise
+    return out
+
+
+def empirical_ntk(model: torch.nn.Module, inputs: Any, targets: Any = None, *,
+                  mode: str = "target", dtype: torch.dtype | None = None,
+                  chunk_size: int | None = None, eval_mode: bool = True,
+                  inputs2: Any = None, targets2: Any = None,
+                  memory_budget: int | None = None,
+                  output_fn: Callable[[Any], torch.Tensor] | None = None,
+                  implementation: str = "auto") -> torch.Tensor:
+    r"""Empirical Neural Tangent Kernel of ``model`` over a probe batch.
+
+    With theta the parameters that have ``requires_grad=True`` (buffers are used, never
+    differentiated) and f(x) the output reshaped to (N, O) (a (N,) output is O = 1):
+
+    ========  =====================================================================  ==============
+    mode      definition                                                             shape
+    ========  =====================================================================  ==============
+    target    K[i,j] = <d f_{t_i}(x_i)/d theta, d f_{t_j}(x_j)/d theta>, t = targets  (N, N)
+              (int64 labels; for O = 1, t_i = 0 and targets may be float or None)
+    trace     K[i,j] = sum_a full[i,j,a,a]  (a sum; neural-tangents' trace_axes
+              averages)                                                              (N, N)
+    sum       NTK of g(x) = sum_a f_a(x) = sum_{a,b} full[i,j,a,b]                    (N, N)
+    full      K[i,j,a,b] = <d f_a(x_i)/d theta, d f_b(x_j)/d theta>                   (N, N, O, O)
+    ========  =====================================================================  ==============
+
+    The empirical NTK of Jacot, Gabriel & Hongler (2018), "Neural Tangent Kernel:
+    Convergence and Generalization in Neural Networks".
+
+    Args:
+        model: any ``nn.Module``; it is called as ``model(inputs)`` (a tuple batch is
+            unpacked when ``forward`` takes several positional arguments, a dict batch
+            when ``forward``'s parameters are its keys).
+        inputs: a tensor (float features or int64 token ids) or a tuple/dict of tensors
+            whose first dimension indexes the N probes.
+        targets: (N,) int64 labels for ``mode="target"`` (ignored by the other modes).
+        mode: ``"target"``, ``"trace"``, ``"sum"`` or ``"full"``.
+        dtype: compute in this dtype (``torch.float64`` for reference-grade kernels of a
+            float32 model; the model itself is not changed). Default: the model's dtype.
+        chunk_size: probes vectorised together by ``vmap`` on the generic path
+            (default: as many as the memory budget allows).
+        eval_mode: measure with the model in ``eval()`` (dropout off, BatchNorm uses its
+            running statistics); every submodule's flag is restored afterwards.
+        inputs2, targets2: a second probe set; the result is then the (N1, N2) (or
+            (N1, N2, O, O)) cross kernel between ``inputs`` and ``inputs2``.
+        memory_budget: bytes of Jacobian rows held at once (default 1 GiB); larger
+            problems are chunked over probes, outputs and parameter tensors.
+        output_fn: maps the model's output to an (N, O) or (N,) tensor (e.g. for models
+            returning dicts or tuples).
+        implementation: ``"auto"`` (structured per-layer rules where they apply, torch.func
+            elsewhere), ``"generic"`` (torch.func only) or ``"structured"``.
+
+    Returns:
+        The kernel as a tensor of dtype ``dtype`` on the model's device.
+
+    Raises:
+        NTKError: on input the kernel cannot be measured for; the message names the fix.
+
+    Side effects: none. Parameters, buffers, ``.grad``, the global and CUDA RNG states and
+    every submodule's train/eval flag are as they were; TF32 is disabled during the
+    computation on CUDA.
+    """
+    return _run(model, inputs, targets, mode, dtype, chunk_size, eval_mode, inputs2,
+                targets2, memory_budget, output_fn, implementation, by_layer=False)[""]
+
+
+def layerwise_ntk(model: torch.nn.Module, inputs: Any, targets: Any = None, *,
+                  mode: str = "target", dtype: torch.dtype | None = None,
+                  chunk_size: int | None = None, eval_mode: bool = True,
+                  inputs2: Any = None, targets2: Any = None,
+                  memory_budget: int | None = None,
+                  output_fn: Callable[[Any], torch.Tensor] | None = None,
+                  implementation: str = "auto") -> dict[str, torch.Tensor]:
+    """Per-layer breakdown of :func:`empirical_ntk`: ``{name: K_name}`` with
+    ``sum(K_name) == empirical_ntk(...)``.
+
+    The NTK is a sum over parameters, ``K = sum_p J_p J_p^T``, so it splits exactly by
+    layer. Keys are the ``named_modules()`` names of the (leaf) modules that own
+    parameters directly, e.g. ``"net.0"``; a free ``nn.Parameter`` owned by a container
+    module or by the root is keyed by its ``named_parameters()`` name. Only trainable
+    parameters count: a layer whose parameters are all frozen is absent. Arguments,
+    shapes and side-effect guarantees are those of :func:`empirical_ntk`.
+    """
+    return _run(model, inputs, targets, mode, dtype, chunk_size, eval_mode, inputs2,
+                targets2, memory_budget, output_fn, implementation, by_layer=True)
+
+
+def _run(model, inputs, targets, mode, dtype, chunk_size, eval_mode, inputs2, targets2,
+         memory_budget, output_fn, implementation, by_layer):
+    with frozen_measurement(model, eval_mode):
+        problem = build_problem(model, inputs, targets, mode=mode, dtype=dtype,
+                                inputs2=inputs2, targets2=targets2, output_fn=output_fn)
+        budget = _check(problem, implementation, memory_budget, chunk_size)
+        keys: dict[str, list[str]] = {}
+        for name in problem.params:
+            key = problem.param_owner.get(name, name) if by_layer else ""
+            keys.setdefault(key, []).append(name)
+        return _kernels(problem, keys, implementation, budget, chunk_size)

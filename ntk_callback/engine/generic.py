@@ -1,0 +1,130 @@
+"""The generic path: exact per-probe Jacobian rows with torch.func, contracted blockwise.
+
+For a group of parameter tensors with P_g entries, the rows ``g(i, v)`` (see
+:mod:`.problem`) of a block of probes are computed with ``vmap`` over probes of a
+``vjp`` (one forward a probe, one backward a cotangent), giving a (n, k, P_g) block.
+Kernel blocks are contractions of two such blocks. Memory is bounded by the budget:
+when the rows of all probes do not fit, probes are processed in blocks of size
+``budget / (2 * bytes a probe)`` and the off-diagonal blocks recomputed (memory traded
+for time); trace mode additionally splits the outputs into chunks.
+
+Works for any module torch.func can trace, including free parameters used directly in
+``forward``; it is the reference path the structured rules are checked against.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.func import vjp, vmap
+
+from . import batch as B
+from .errors import NTKError
+from .problem import Problem, blocks, numel, output_shape, unsqueeze_batch
+
+
+def _rows(problem: Problem, names: list[str], x: Any, cot: torch.Tensor,
+          chunk: int) -> torch.Tensor:
+    """Per-probe gradient rows, shape (n, k, P_g) for a batch ``x`` of n probes and
+    cotangents ``cot`` of shape (n, k, O)."""
+    base = problem.tensors()
+    live0 = {n: problem.params[n] for n in names}
+
+    def per_probe(xi: Any, vi: torch.Tensor) -> torch.Tensor:
+        def f(live: dict[str, torch.Tensor]) -> torch.Tensor:
+            tensors = dict(base)
+            tensors.update(live)
+            return problem.forward(tensors, unsqueeze_batch(xi))[0]
+
+        _, pullback = vjp(f, live0)
+        (grads,) = vmap(pullback)(vi)
+        k = vi.shape[0]
+        return torch.cat([grads[n].reshape(k, -1) for n in names], dim=1)
+
+    n = cot.shape[0]
+    out = [vmap(per_probe)(B.take(x, sl), cot[sl]) for sl in blocks(n, chunk)]
+    return out[0] if len(out) == 1 else torch.cat(out)
+
+
+def contract(mode: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Kernel block from row blocks a (n_a, k, P) and b (n_b, k, P)."""
+    if mode in ("target", "sum"):
+        return a[:, 0] @ b[:, 0].T
+    if mode == "trace":
+        out = a[:, 0] @ b[:, 0].T
+        for j in range(1, a.shape[1]):
+            out += a[:, j] @ b[:, j].T
+        return out
+    na, k, p = a.shape
+    nb = b.shape[0]
+    return (a.reshape(na * k, p) @ b.reshape(nb * k, p).T).reshape(na, k, nb, k).permute(0, 2, 1, 3)
+
+
+def _transpose(mode: str, block: torch.Tensor) -> torch.Tensor:
+    return block.permute(1, 0, 3, 2) if mode == "full" else block.T
+
+
+def generic_kernel(problem: Problem, names: list[str], budget: int,
+                   chunk_size: int | None = None) -> torch.Tensor:
+    """Exact kernel contribution of the parameters ``names``, shape ``output_shape``."""
+    mode = problem.mode
+    kernel = torch.zeros(output_shape(problem), dtype=problem.dtype, device=problem.device)
+    p_g = numel(problem.params, names)
+    if p_g == 0:
+        return kernel
+    itemsize = problem.itemsize()
+    n1 = problem.n1
+    n_all = n1 + (problem.n2 or 0)
+    k_total = problem.cot1.shape[1]
+    if mode == "trace":
+        # Output chunks: only same-output pairs meet, so outputs can be split freely.
+        k_chunk = max(1, min(k_total, budget // max(1, n_all * p_g * itemsize)))
+    else:
+        k_chunk = k_total
+    for c0 in range(0, k_total, k_chunk):
+        cs = slice(c0, min(k_total, c0 + k_chunk))
+        k = cs.stop - cs.start
+        per_probe = k * p_g * itemsize
+        vchunk = chunk_size or max(1, budget // (2 * per_probe))
+
+        def rows(which: int, sl: slice) -> torch.Tensor:
+            x = problem.x1 if which == 1 else problem.x2
+            cot = problem.cot1 if which == 1 else problem.cot2
+            return _rows(problem, names, B.take(x, sl), cot[sl, cs], vchunk)
+
+        if n_all * per_probe <= budget:
+            j1 = rows(1, slice(0, n1))
+            j2 = rows(2, slice(0, problem.n2)) if problem.cross else j1
+            kernel += contract(mode, j1, j2)
+            continue
+        size = max(1, budget // (2 * per_probe))
+        if problem.cross:
+            for si in blocks(n1, size):
+                ji = rows(1, si)
+                for sj in blocks(problem.n2, size):
+                    kernel[si, sj] += contract(mode, ji, rows(2, sj))
+            continue
+        parts = blocks(n1, size)
+        for a, si in enumerate(parts):
+            ji = rows(1, si)
+            kernel[si, si] += contract(mode, ji, ji)
+            for sj in parts[a + 1:]:
+                block = contract(mode, ji, rows(1, sj))
+                kernel[si, sj] += block
+                kernel[sj, si] += _transpose(mode, block)
+    return kernel
+
+
+def explain_failure(exc: Exception) -> NTKError | None:
+    """Map torch.func failures that have a known user-side fix to an NTKError."""
+    text = str(exc)
+    if "randomness" in text:
+        return NTKError("the model draws random numbers in forward (e.g. Dropout in train mode) "
+                        "while the NTK is measured; use eval_mode=True (the default) so dropout "
+                        f"is off. ({text.splitlines()[0]})")
+    if "inplace" in text.lower() or "in-place" in text.lower():
+        return NTKError("the model updates a tensor in place during forward (e.g. BatchNorm "
+                        "running statistics in train mode), which cannot be differentiated per "
+                        "probe; use eval_mode=True (the default) so BatchNorm uses its running "
+                        f"statistics. ({text.splitlines()[0]})")
+    return None

@@ -1,0 +1,247 @@
+"""Everything the kernel computations share: the model as a pure function of its
+parameters, the probe batches, and the per-probe output cotangents that define the mode.
+
+Every mode is a Gram matrix of per-probe vector-Jacobian products. For probe ``i`` and a
+cotangent ``v`` (a vector over the O outputs) let ``g(i, v) = d <v, f(x_i)> / d theta``.
+Then, with ``e_a`` the unit vectors:
+
+* ``target``: ``K[i, j] = <g(i, e_{t_i}), g(j, e_{t_j})>``            (one cotangent a probe)
+* ``sum``:    ``K[i, j] = <g(i, 1), g(j, 1)>``                         (one cotangent a probe)
+* ``trace``:  ``K[i, j] = sum_a <g(i, e_a), g(j, e_a)>``               (O cotangents, diagonal pairs)
+* ``full``:   ``K[i, j, a, b] = <g(i, e_a), g(j, e_b)>``               (O cotangents, all pairs)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch.func import functional_call
+from torch.utils._pytree import tree_map
+
+from . import batch as B
+from .errors import NTKError
+
+MODES = ("target", "trace", "sum", "full")
+DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of Jacobian held at once
+
+
+@dataclass
+class Problem:
+    model: torch.nn.Module
+    split: Callable[[Any], tuple[tuple, dict]]
+    output_fn: Callable[[Any], torch.Tensor] | None
+    mode: str
+    dtype: torch.dtype
+    device: torch.device
+    params: dict[str, torch.Tensor]          # trainable, detached, cast: theta
+    constants: dict[str, torch.Tensor]       # frozen params and buffers, cast
+    x1: Any
+    n1: int
+    cot1: torch.Tensor                       # (N1, k, O)
+    num_outputs: int
+    x2: Any = None
+    n2: int | None = None
+    cot2: torch.Tensor | None = None         # (N2, k, O)
+    param_owner: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def cross(self) -> bool:
+        return self.x2 is not None
+
+    def itemsize(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    def tensors(self, live: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """All tensors for ``functional_call``: theta (``live`` overrides some) + constants."""
+        out = dict(self.params)
+        out.update(self.constants)
+        if live:
+            out.update(live)
+        return out
+
+    def forward(self, tensors: dict[str, torch.Tensor], x: Any) -> torch.Tensor:
+        """Batched forward, outputs as (n, O)."""
+        args, kwargs = self.split(x)
+        out = functional_call(self.model, tensors, args, kwargs, strict=False)
+        return self.as_matrix(out)
+
+    def as_matrix(self, out: Any) -> torch.Tensor:
+        if self.output_fn is not None:
+            out = self.output_fn(out)
+        if not isinstance(out, torch.Tensor):
+            raise NTKError(f"the model returned a {type(out).__name__}, not a tensor; pass "
+                           "`output_fn=` mapping the model's output to an (N, O) tensor "
+                           "(e.g. `output_fn=lambda out: out.logits`).")
+        if out.dim() == 0:
+            raise NTKError("the model returned a 0-d tensor; it must return one output row "
+                           "per probe, shape (N,) or (N, O).")
+        return out.reshape(out.shape[0], -1)
+
+
+def _check_targets(targets: torch.Tensor | None, n: int, num_outputs: int, name: str) -> torch.Tensor:
+    """Validated class index of every probe for target mode, shape (n,) int64."""
+    if num_outputs == 1:
+        if targets is not None and targets.shape[:1] != (n,):
+            raise NTKError(f"`{name}` has length {targets.shape[0] if targets.dim() else 0} "
+                           f"but there are {n} probes; pass one target per probe, shape ({n},).")
+        return torch.zeros(n, dtype=torch.long)
+    if targets is None:
+        raise NTKError(f"mode='target' needs `{name}` for a model with {num_outputs} outputs: "
+                       "pass the int64 class label of every probe, or use mode='trace' / "
+                       "'sum' / 'full', which need no labels.")
+    if targets.dim() == 2 and targets.shape[1] == 1:
+        targets = targets[:, 0]
+    if targets.dim() != 1:
+        raise NTKError(f"`{name}` has shape {tuple(targets.shape)}; target mode needs one class "
+                       f"label a probe, shape ({n},) int64 (for one-hot targets pass "
+                       "`targets.argmax(1)`).")
+    if targets.shape[0] != n:
+        raise NTKError(f"`{name}` has length {targets.shape[0]} but there are {n} probes; pass "
+                       "exactly one label per probe.")
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        raise NTKError(f"`{name}` has dtype {targets.dtype}; for a model with {num_outputs} "
+                       "outputs target mode needs integer class labels (int64). Convert with "
+                       "`targets.long()`, or use mode='trace' for regression-style targets.")
+    lo, hi = int(targets.min()), int(targets.max())
+    if lo < 0 or hi >= num_outputs:
+        bad = lo if lo < 0 else hi
+        raise NTKError(f"label {bad} in `{name}` is out of range for a model with "
+                       f"{num_outputs} outputs (valid labels: 0..{num_outputs - 1}); check the "
+                       "label encoding or the model's output size.")
+    return targets.long().cpu()
+
+
+def _cotangents(mode: str, targets: torch.Tensor | None, n: int, num_outputs: int,
+                name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if mode == "target":
+        labels = _check_targets(targets, n, num_outputs, name)
+        cot = torch.zeros(n, 1, num_outputs, dtype=dtype)
+        cot[torch.arange(n), 0, labels] = 1
+    elif mode == "sum":
+        cot = torch.ones(n, 1, num_outputs, dtype=dtype)
+    else:
+        cot = torch.eye(num_outputs, dtype=dtype).expand(n, num_outputs, num_outputs)
+    return cot.to(device).contiguous()
+
+
+def _owners(model: torch.nn.Module) -> dict[str, str]:
+    """Per-layer key of every parameter (DESIGN.md section 2, ``layerwise_ntk``).
+
+    A parameter belongs to the module that owns it directly. Leaf modules (Linear, Conv,
+    norm layers, ...) are keyed by their ``named_modules()`` name; a parameter owned by a
+    container module (a free ``nn.Parameter`` used in some ``forward``) or by the root is
+    keyed by its own ``named_parameters()`` name.
+    """
+    owners: dict[str, str] = {}
+    for mname, module in model.named_modules(remove_duplicate=False):
+        is_leaf = next(iter(module.children()), None) is None
+        for pname, _ in module.named_parameters(recurse=False, remove_duplicate=False):
+            full = f"{mname}.{pname}" if mname else pname
+            owners.setdefault(full, mname if (is_leaf and mname) else full)
+    return owners
+
+
+def build_problem(model: torch.nn.Module, inputs: Any, targets: Any, *, mode: str,
+                  dtype: torch.dtype | None, inputs2: Any = None, targets2: Any = None,
+                  output_fn: Callable | None = None) -> Problem:
+    if mode not in MODES:
+        raise NTKError(f"unknown mode {mode!r}; choose one of {', '.join(map(repr, MODES))} "
+                       "(see DESIGN.md: 'target' is the default).")
+    if not isinstance(model, torch.nn.Module):
+        raise NTKError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+    named = dict(model.named_parameters())
+    trainable = {n: p for n, p in named.items() if p.requires_grad}
+    if not trainable:
+        raise NTKError("the model has no trainable parameter (every parameter has "
+                       "requires_grad=False), so its NTK is zero; unfreeze the parameters "
+                       "you want the kernel of with `p.requires_grad_(True)`.")
+    first = next(iter(trainable.values()))
+    device = first.device
+    if dtype is None:
+        dtype = first.dtype if first.is_floating_point() else torch.get_default_dtype()
+    if not dtype.is_floating_point:
+        raise NTKError(f"dtype={dtype} is not a floating dtype; use torch.float32 or torch.float64.")
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        t = t.detach()
+        return t.to(dtype) if t.is_floating_point() else t
+
+    params = {n: cast(p) for n, p in trainable.items()}
+    constants = {n: cast(p) for n, p in named.items() if not p.requires_grad}
+    constants.update({n: cast(b) for n, b in model.named_buffers()})
+
+    n1 = B.batch_size(inputs, "inputs")
+    x1 = B.prepare(inputs, device, dtype)
+    x2, n2 = None, None
+    if inputs2 is not None:
+        n2 = B.batch_size(inputs2, "inputs2")
+        x2 = B.prepare(inputs2, device, dtype)
+    split = B.call_convention(model, x1)
+
+    problem = Problem(model=model, split=split, output_fn=output_fn, mode=mode, dtype=dtype,
+                      device=device, params=params, constants=constants, x1=x1, n1=n1,
+                      cot1=torch.empty(0), num_outputs=0, x2=x2, n2=n2,
+                      param_owner=_owners(model))
+    # One plain batched forward: the output size, and a finiteness check that names the
+    # problem before any expensive work.
+    num_outputs = None
+    for x, name in ((x1, "inputs"), (x2, "inputs2")):
+        if x is None:
+            continue
+        with torch.no_grad():
+            try:
+                out = problem.forward(problem.tensors(), x)
+            except NTKError:
+                raise
+            except Exception as exc:
+                raise NTKError(f"calling the model on `{name}` failed: {type(exc).__name__}: "
+                               f"{exc}. `{name}` must be what `model({name})` accepts for a "
+                               "batch of probes (tuple batches are unpacked when forward takes "
+                               "several arguments; use `output_fn=` for non-tensor outputs).") from exc
+        if not torch.isfinite(out).all():
+            bad = int((~torch.isfinite(out)).any(dim=1).sum())
+            raise NTKError(f"the model's outputs on `{name}` are non-finite (NaN/inf) for {bad} "
+                           "probe(s); the NTK is undefined there. Check the weights for "
+                           "divergence (lower the learning rate) or the probes for NaNs.")
+        if num_outputs is None:
+            num_outputs = out.shape[1]
+        elif out.shape[1] != num_outputs:
+            raise NTKError("`inputs` and `inputs2` give outputs of different sizes "
+                           f"({num_outputs} vs {out.shape[1]}).")
+    problem.num_outputs = num_outputs
+    t1 = B.as_tensor_targets(targets, device)
+    problem.cot1 = _cotangents(mode, t1, n1, num_outputs, "targets", dtype, device)
+    if x2 is not None:
+        t2 = B.as_tensor_targets(targets2, device)
+        problem.cot2 = _cotangents(mode, t2, n2, num_outputs, "targets2", dtype, device)
+    return problem
+
+
+def output_shape(problem: Problem) -> tuple[int, ...]:
+    n2 = problem.n2 if problem.cross else problem.n1
+    if problem.mode == "full":
+        return (problem.n1, n2, problem.num_outputs, problem.num_outputs)
+    return (problem.n1, n2)
+
+
+def unsqueeze_batch(x: Any) -> Any:
+    return tree_map(lambda t: t.unsqueeze(0), x)
+
+
+def blocks(n: int, size: int) -> list[slice]:
+    size = max(1, int(size))
+    return [slice(s, min(n, s + size)) for s in range(0, n, size)]
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b) if b > 0 else a
+
+
+def numel(tensors: dict[str, torch.Tensor], names: list[str]) -> int:
+    return int(sum(tensors[n].numel() for n in names))
+
+
+__all__ = ["MODES", "DEFAULT_MEMORY_BUDGET", "Problem", "build_problem", "output_shape",
+           "unsqueeze_batch", "blocks", "ceil_div", "numel", "math"]
