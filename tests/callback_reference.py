@@ -209,3 +209,11 @@ def assert_close(logged: float, ref: float, rel: float = 1e-3, abs_: float = 0.0
     """``|logged - ref| <= rel * |ref| + abs_`` with a message naming the quantity."""
     err = abs(logged - ref)
     assert err <= rel * abs(ref) + abs_, f"{what}: logged {logged!r} vs reference {ref!r} (err {err:.3g})"
+
+
+def probes_from_state(state: Dict[str, Any]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The ``(inputs, targets)`` probes kept in the callback's ``state_dict``."""
+    probes = state["probes"]
+    if isinstance(probes, dict):
+        return probes["inputs"], probes["targets"]
+    return probes[0], probes[1]

@@ -125,7 +125,11 @@ def regression_data(n: int = 80, seed: int = 1) -> Tuple[torch.Tensor, torch.Ten
 
 
 class DictDataset(Dataset):
-    """Items are dicts: ``features`` (D,), ``label`` (int64), ``weight`` (float)."""
+    """Items are dicts: ``signal`` (D,), ``cls`` (int64), ``weight`` (float).
+
+    The key names are deliberately not ones a generic batch mapper would guess
+    (``x``/``features``/``label``...), so the callback needs ``batch_to_probe``.
+    """
 
     def __init__(self, n: int = 72, seed: int = 2) -> None:
         g = torch.Generator().manual_seed(seed)
@@ -137,12 +141,12 @@ class DictDataset(Dataset):
         return len(self.x)
 
     def __getitem__(self, i: int) -> Dict[str, torch.Tensor]:
-        return {"features": self.x[i], "label": self.y[i], "weight": self.w[i]}
+        return {"signal": self.x[i], "cls": self.y[i], "weight": self.w[i]}
 
 
 def dict_batch_to_probe(batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
     """The ``batch_to_probe`` for :class:`DictDataset` batches."""
-    return batch["features"], batch["label"]
+    return batch["signal"], batch["cls"]
 
 
 def indexed(x: torch.Tensor, y: torch.Tensor) -> TensorDataset:
@@ -251,9 +255,9 @@ class _DictBatchLogic(_Recorder):
         return self.net(x)
 
     def training_step(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        per = nn.functional.cross_entropy(self(batch["features"]), batch["label"], reduction="none")
+        per = nn.functional.cross_entropy(self(batch["signal"]), batch["cls"], reduction="none")
         loss = (per * batch["weight"]).mean()
-        self._record(batch["features"], -1, loss)
+        self._record(batch["signal"], -1, loss)
         self.log("train_loss", loss)
         return loss
 
