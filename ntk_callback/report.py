@@ -325,7 +325,7 @@ def _heatmap_lines(Ks: torch.Tensor, labels: Optional[np.ndarray], max_cells: in
         how = "probes in input order"
     width = max(len(name) for name in row_names)
     per_cell = f"{b}x{b} probes per cell" if b > 1 else "1 probe per cell"
-    lines = [f"|K| heatmap ({how}; {per_cell}; '{RAMP}' = 0 .. {vmax:.3e})"]
+    lines = [f"|K| heatmap ({how}; {per_cell}; '{RAMP}' = 0 .. {vmax:.3g})"]
     for name, row in zip(row_names, idx):
         lines.append(f"{name:>{width}} |" + "".join(RAMP[i] * 2 for i in row) + "|")
     return lines
@@ -347,5 +347,5 @@ def _histogram_lines(report: NTKReport, bins: int) -> List[str]:
     for i, c in enumerate(counts):
         bar = "#" * (0 if c == 0 else max(1, round(30 * c / top)))
         close = "]" if i == len(counts) - 1 else ")"
-        lines.append(f"  [{edges[i]:7.2f}, {edges[i + 1]:7.2f}{close} {bar:<30} {c}")
+        lines.append(f"  [{edges[i]:6.2f}, {edges[i + 1]:6.2f}{close} {bar:<30} {c}")
     return lines
