@@ -101,11 +101,9 @@ def call_model(model: nn.Module, batch: Any) -> torch.Tensor:
 
 
 def as_matrix_output(out: torch.Tensor, n: int) -> torch.Tensor:
-    """(N,) -> (N, 1); (N, O) stays."""
-    if out.dim() == 1:
-        return out.unsqueeze(1)
-    assert out.dim() == 2 and out.shape[0] == n, f"unexpected output shape {tuple(out.shape)}"
-    return out
+    """(N,) -> (N, 1); (N, O) stays; (N, d1, d2, ...) -> (N, d1*d2*...) (row-major)."""
+    assert out.shape[0] == n, f"unexpected output shape {tuple(out.shape)} for N = {n}"
+    return out.reshape(n, -1)
 
 
 def float64_eval_copy(model: nn.Module) -> nn.Module:
