@@ -51,13 +51,20 @@ def _check(problem: Problem, implementation: str, budget: int | None,
 
 
 def _kernels(problem: Problem, keys: dict[str, list[str]], implementation: str, budget: int,
-             chunk_size: int | None) -> dict[str, torch.Tensor]:
+             chunk_size: int | None,
+             layer_paths: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
     """Kernel of each key's parameters. Structured rules take the layers they support
     (unless implementation='generic'); the rest goes through torch.func."""
     out: dict[str, torch.Tensor] = {}
-    plan = structured.plan(problem, implementation)
+    plan = structured.plan(problem, implementation, layer_paths)
     try:
-        done = structured.compute(problem, plan, keys, budget) if plan else {}
+        try:
+            done = structured.compute(problem, plan, keys, budget) if plan else {}
+        except structured._Fallback:
+            # A layer's activations are not batched per probe (e.g. a reshape folds the
+            # probe dimension): the generic path handles every parameter exactly.
+            plan = structured.Plan()
+            done = {}
         for key, names in keys.items():
             rest = [n for n in names if n not in plan.handled]
             kernel = done.get(key)
@@ -82,7 +89,8 @@ def empirical_ntk(model: torch.nn.Module, inputs: Any, targets: Any = None, *,
                   inputs2: Any = None, targets2: Any = None,
                   memory_budget: int | None = None,
                   output_fn: Callable[[Any], torch.Tensor] | None = None,
-                  implementation: str = "auto") -> torch.Tensor:
+                  implementation: str = "auto",
+                  layer_paths: dict[str, str] | None = None) -> torch.Tensor:
     r"""Empirical Neural Tangent Kernel of ``model`` over a probe batch.
 
     With theta the parameters that have ``requires_grad=True`` (buffers are used, never
@@ -122,8 +130,14 @@ def empirical_ntk(model: torch.nn.Module, inputs: Any, targets: Any = None, *,
             problems are chunked over probes, outputs and parameter tensors.
         output_fn: maps the model's output to an (N, O) or (N,) tensor (e.g. for models
             returning dicts or tuples).
-        implementation: ``"auto"`` (structured per-layer rules where they apply, torch.func
-            elsewhere), ``"generic"`` (torch.func only) or ``"structured"``.
+        implementation: ``"auto"`` / ``"structured"`` (structured per-layer rules for the
+            layers that have one -- Linear, Conv1d/2d, BatchNorm (eval), LayerNorm,
+            GroupNorm, Embedding -- torch.func for every other parameter) or
+            ``"generic"`` (torch.func for every parameter).
+        layer_paths: per-module override, ``{module_name: "generic" | "gram" | "rows"}``:
+            force the generic path for a module, or one of the two structured routes
+            (Gram of inputs and cotangents, or materialised per-probe gradient rows)
+            instead of the cost model's choice.
 
     Returns:
         The kernel as a tensor of dtype ``dtype`` on the model's device.
@@ -136,7 +150,7 @@ def empirical_ntk(model: torch.nn.Module, inputs: Any, targets: Any = None, *,
     computation on CUDA.
     """
     return _run(model, inputs, targets, mode, dtype, chunk_size, eval_mode, inputs2,
-                targets2, memory_budget, output_fn, implementation, by_layer=False)[""]
+                targets2, memory_budget, output_fn, implementation, layer_paths, by_layer=False)[""]
 
 
 def layerwise_ntk(model: torch.nn.Module, inputs: Any, targets: Any = None, *,
@@ -145,7 +159,8 @@ def layerwise_ntk(model: torch.nn.Module, inputs: Any, targets: Any = None, *,
                   inputs2: Any = None, targets2: Any = None,
                   memory_budget: int | None = None,
                   output_fn: Callable[[Any], torch.Tensor] | None = None,
-                  implementation: str = "auto") -> dict[str, torch.Tensor]:
+                  implementation: str = "auto",
+                  layer_paths: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
     """Per-layer breakdown of :func:`empirical_ntk`: ``{name: K_name}`` with
     ``sum(K_name) == empirical_ntk(...)``.
 
@@ -157,11 +172,11 @@ def layerwise_ntk(model: torch.nn.Module, inputs: Any, targets: Any = None, *,
     shapes and side-effect guarantees are those of :func:`empirical_ntk`.
     """
     return _run(model, inputs, targets, mode, dtype, chunk_size, eval_mode, inputs2,
-                targets2, memory_budget, output_fn, implementation, by_layer=True)
+                targets2, memory_budget, output_fn, implementation, layer_paths, by_layer=True)
 
 
 def _run(model, inputs, targets, mode, dtype, chunk_size, eval_mode, inputs2, targets2,
-         memory_budget, output_fn, implementation, by_layer):
+         memory_budget, output_fn, implementation, layer_paths, by_layer):
     with frozen_measurement(model, eval_mode):
         problem = build_problem(model, inputs, targets, mode=mode, dtype=dtype,
                                 inputs2=inputs2, targets2=targets2, output_fn=output_fn)
@@ -170,4 +185,4 @@ def _run(model, inputs, targets, mode, dtype, chunk_size, eval_mode, inputs2, ta
         for name in problem.params:
             key = problem.param_owner.get(name, name) if by_layer else ""
             keys.setdefault(key, []).append(name)
-        return _kernels(problem, keys, implementation, budget, chunk_size)
+        return _kernels(problem, keys, implementation, budget, chunk_size, layer_paths)

@@ -192,7 +192,10 @@ def build_problem(model: torch.nn.Module, inputs: Any, targets: Any, *, mode: st
             continue
         with torch.no_grad():
             try:
-                out = problem.forward(problem.tensors(), x)
+                args, kwargs = problem.split(x)
+                raw = functional_call(model, problem.tensors(), args, kwargs, strict=False)
+                out = problem.as_matrix(raw)
+                raw_shape = out.shape if not isinstance(raw, torch.Tensor) else raw.shape
             except NTKError:
                 raise
             except Exception as exc:
@@ -200,6 +203,12 @@ def build_problem(model: torch.nn.Module, inputs: Any, targets: Any, *, mode: st
                                f"{exc}. `{name}` must be what `model({name})` accepts for a "
                                "batch of probes (tuple batches are unpacked when forward takes "
                                "several arguments; use `output_fn=` for non-tensor outputs).") from exc
+        n = problem.n1 if x is x1 else problem.n2
+        if out.shape[0] != n:
+            raise NTKError(f"the model's output on `{name}` has shape {tuple(raw_shape)} but "
+                           f"there are {n} probes; the output must have one row per probe, "
+                           f"shape ({n},) or ({n}, O). Do not reduce over the batch in forward "
+                           "(or wrap the model / pass `output_fn=`).")
         if not torch.isfinite(out).all():
             bad = int((~torch.isfinite(out)).any(dim=1).sum())
             raise NTKError(f"the model's outputs on `{name}` are non-finite (NaN/inf) for {bad} "

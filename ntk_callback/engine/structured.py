@@ -1,29 +1,452 @@
-"""Structured per-layer rules (placeholder-free minimal dispatch: no rule registered yet).
+r"""Structured per-layer rules: kernels from layer inputs and output cotangents.
 
-``plan`` decides which parameters a structured rule computes; ``compute`` returns their
-kernel contributions by layer key. With no rules every parameter takes the generic path.
+For a layer ``z = layer(a; w)`` inside the network, the per-probe gradient of a row
+``<v, f(x_i)>`` with respect to ``w`` depends only on the layer's input ``a_i`` and the
+cotangent ``D_i = d <v, f(x_i)> / d z_i`` at its output (Novak et al. 2022, "Fast Finite
+Width Neural Tangent Kernel", structured derivatives). One batched forward captures every
+``a``; one backward a cotangent row (batched with ``is_grads_batched``) gives every ``D``.
+The contributions, with ``s, t`` running over extra positions (sequence, spatial, or
+repeated calls of the same module):
+
+* weight of a linear map ``z_s = W a_s`` (``nn.Linear``; ``nn.Conv1d``/``Conv2d`` with
+  ``a_s`` the unfolded input patches, per group):
+  ``K_W[i,j] = sum_{s,t} (D_is . D_jt) (a_is . a_jt)`` -- the *Gram* route, which for no
+  extra positions is ``(D D^T) * (A A^T)``; or the *rows* route, materialising the
+  per-probe gradient ``sum_s D_is a_is^T`` and taking inner products. A cost model
+  (flops, then memory) picks the route per term.
+* bias: per-probe gradient ``sum_s D_is`` (rows route).
+* normalisation affine weight (BatchNorm in eval, LayerNorm, GroupNorm): per-probe
+  gradient ``sum_s D_is * xhat_is`` with ``xhat`` the normalised input (rows route).
+* ``nn.Embedding``: ``K[i,j] = sum_{s,t} [tok_is = tok_jt] (D_is . D_jt)`` (Gram route) or
+  the scattered per-probe gradient (rows route).
+
+Everything else -- other modules with parameters, free parameters used in ``forward``,
+tied weights, modules whose activations are not batched along dim 0 -- is left to the
+generic torch.func path. The rules assume probes do not interact in the forward pass,
+which holds in eval mode; with any BatchNorm/Dropout module in training mode the plan is
+empty.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-from .problem import Problem
+from . import batch as B
+from .errors import NTKError
+from .generic import contract
+from .problem import Problem, blocks, output_shape
+
+ROUTES = ("generic", "gram", "rows")
+_LINEAR = (nn.Linear,)
+_CONV = (nn.Conv1d, nn.Conv2d)
+_NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
+_STOCHASTIC = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd,
+               nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
+class _Fallback(Exception):
+    """A structural assumption failed at run time: use the generic path instead."""
 
 
 @dataclass
 class Plan:
-    handled: set[str] = field(default_factory=set)
+    """Which module computes which parameters, and by which route."""
+
+    modules: dict[str, nn.Module] = field(default_factory=dict)     # name -> module
+    params: dict[str, dict[str, str]] = field(default_factory=dict)  # module -> {attr: full name}
+    routes: dict[str, str] = field(default_factory=dict)             # term name -> route
+    forced: dict[str, str] = field(default_factory=dict)             # module name -> route
+
+    @property
+    def handled(self) -> set[str]:
+        return {full for attrs in self.params.values() for full in attrs.values()}
 
     def __bool__(self) -> bool:
-        return bool(self.handled)
+        return bool(self.modules)
 
 
-def plan(problem: Problem, implementation: str) -> Plan:
-    return Plan()
+def _supported(module: nn.Module) -> bool:
+    if isinstance(module, _LINEAR):
+        return True
+    if isinstance(module, _CONV):
+        return module.padding_mode in ("zeros", "reflect", "replicate", "circular")
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        # Eval-mode BatchNorm with running statistics is a per-channel affine map.
+        return module.track_running_stats and module.running_mean is not None
+    if isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
+        return True
+    if isinstance(module, nn.Embedding):
+        return module.max_norm is None  # max_norm renormalises the weight in place
+    return False
+
+
+def plan(problem: Problem, implementation: str,
+         layer_paths: dict[str, str] | None = None) -> Plan:
+    """Choose the modules the structured rules take.
+
+    ``layer_paths`` maps module names to ``"generic"``, ``"gram"`` or ``"rows"`` to force
+    a path (``"gram"``/``"rows"`` apply to weight terms that have both routes).
+    """
+    result = Plan()
+    layer_paths = dict(layer_paths or {})
+    for name, route in layer_paths.items():
+        if route not in ROUTES:
+            raise NTKError(f"layer_paths[{name!r}] = {route!r}; choose one of {ROUTES}.")
+    if implementation == "generic":
+        return result
+    model = problem.model
+    if any(isinstance(m, _STOCHASTIC) and m.training for m in model.modules()):
+        return result
+    uses: dict[int, int] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            uses[id(p)] = uses.get(id(p), 0) + 1
+    names = {id(p): n for n, p in model.named_parameters()}
+    for mname, module in model.named_modules():
+        if not _supported(module) or layer_paths.get(mname) == "generic":
+            continue
+        own = dict(module.named_parameters(recurse=False))
+        attrs = {}
+        for attr, p in own.items():
+            full = names.get(id(p))
+            if full in problem.params and uses[id(p)] == 1:
+                attrs[attr] = full
+        if attrs:
+            result.modules[mname] = module
+            result.params[mname] = attrs
+            if mname in layer_paths:
+                result.forced[mname] = layer_paths[mname]
+    return result
+
+
+# --------------------------------------------------------------------------- capture
+
+def _capture(problem: Problem, plan: Plan, x: Any, cot: torch.Tensor
+             ) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """One batched forward with hooks; returns, per module, a list (one per call) of
+    (input, D) with D the cotangents at the module output, shape (k, n, *out)."""
+    n = cot.shape[0]
+    calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {m: [] for m in plan.modules}
+    handles = []
+
+    def hook(mname: str):
+        def fn(module: nn.Module, args: tuple, out: Any) -> Any:
+            if not args or not isinstance(args[0], torch.Tensor) or not isinstance(out, torch.Tensor):
+                raise _Fallback(mname)
+            if args[0].shape[:1] != (n,) or out.shape[:1] != (n,):
+                raise _Fallback(mname)
+            calls[mname].append((args[0].detach(), out))
+            # A clone keeps `out` intact when a later op works in place on the result.
+            return out.clone()
+        return fn
+
+    for mname, module in plan.modules.items():
+        handles.append(module.register_forward_hook(hook(mname)))
+    try:
+        live = {name: t.requires_grad_(True) if t.is_floating_point() else t
+                for name, t in ((k, v.detach().clone()) for k, v in problem.params.items())}
+        tensors = problem.tensors(live)
+        out = problem.forward(tensors, x)
+    finally:
+        for h in handles:
+            h.remove()
+    targets = [z for lst in calls.values() for _, z in lst]
+    if not targets:
+        return {m: [] for m in calls}
+    k = cot.shape[1]
+    grad_out = cot.transpose(0, 1)  # (k, n, O)
+    if k == 1:
+        grads = torch.autograd.grad(out, targets, grad_out[0], allow_unused=True)
+        grads = [None if g is None else g.unsqueeze(0) for g in grads]
+    else:
+        try:
+            grads = torch.autograd.grad(out, targets, grad_out, allow_unused=True,
+                                        is_grads_batched=True, retain_graph=True)
+        except RuntimeError:
+            per_row = [torch.autograd.grad(out, targets, grad_out[a], allow_unused=True,
+                                           retain_graph=True) for a in range(k)]
+            grads = [None if rows[0] is None else torch.stack(rows)
+                     for rows in zip(*per_row)]
+    result: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    it = iter(grads)
+    for mname, lst in calls.items():
+        result[mname] = []
+        for a, z in lst:
+            d = next(it)
+            if d is None:
+                d = torch.zeros((k,) + tuple(z.shape), dtype=z.dtype, device=z.device)
+            result[mname].append((a, d.detach()))
+    return result
+
+
+# --------------------------------------------------------------------------- terms
+# A term is one parameter (or one conv group of it) in a normal form over positions s:
+#   ("outer", A (n, S, c), D (k, n, S, o))   gradient sum_s D_s a_s^T
+#   ("sum",   None,        D (k, n, S, o))   gradient sum_s D_s
+#   ("scale", X (n, S, o), D (k, n, S, o))   gradient sum_s D_s * x_s
+#   ("token", T (n, S),    D (k, n, S, o))   gradient scatters D_s into row T_s
+
+@dataclass
+class Term:
+    kind: str
+    key: str          # parameter full name (+ group suffix)
+    data: torch.Tensor | None
+    d: torch.Tensor
+    extra: int = 0    # vocabulary size for tokens
+
+
+def _channels_last(t: torch.Tensor, lead: int) -> torch.Tensor:
+    """(lead..., C, *spatial) -> (lead..., S, C)."""
+    c = t.shape[lead]
+    return t.reshape(t.shape[:lead + 1] + (-1,)).transpose(-1, -2).reshape(t.shape[:lead] + (-1, c))
+
+
+def _conv_patches(module: nn.Module, a: torch.Tensor) -> torch.Tensor:
+    """Unfolded input patches (n, L, C_in * prod(kernel)), padding as the module does."""
+    conv2d = isinstance(module, nn.Conv2d)
+    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    pad = module._reversed_padding_repeated_twice
+    if any(pad):
+        a = F.pad(a, pad, mode=mode)
+    if conv2d:
+        kernel, dil, stride = module.kernel_size, module.dilation, module.stride
+    else:
+        a = a.unsqueeze(2)
+        kernel = (1,) + tuple(module.kernel_size)
+        dil = (1,) + tuple(module.dilation)
+        stride = (1,) + tuple(module.stride)
+    return F.unfold(a, kernel, dilation=dil, padding=0, stride=stride).transpose(1, 2)
+
+
+def _terms(module: nn.Module, attrs: dict[str, str], a: torch.Tensor,
+           d: torch.Tensor) -> list[Term]:
+    k, n = d.shape[:2]
+    terms: list[Term] = []
+    if isinstance(module, nn.Linear):
+        dd = d.reshape(k, n, -1, d.shape[-1])
+        if "weight" in attrs:
+            terms.append(Term("outer", attrs["weight"], a.reshape(n, -1, a.shape[-1]), dd))
+        if "bias" in attrs:
+            terms.append(Term("sum", attrs["bias"], None, dd))
+    elif isinstance(module, _CONV):
+        dd = _channels_last(d, 2)  # (k, n, L, C_out)
+        if "weight" in attrs:
+            patches = _conv_patches(module, a)  # (n, L, C_in*kk)
+            g = module.groups
+            if g == 1:
+                terms.append(Term("outer", attrs["weight"], patches, dd))
+            else:
+                pg = patches.reshape(n, patches.shape[1], g, -1)
+                dg = dd.reshape(k, n, dd.shape[2], g, -1)
+                for gi in range(g):
+                    terms.append(Term("outer", f"{attrs['weight']}#{gi}", pg[:, :, gi], dg[:, :, :, gi]))
+        if "bias" in attrs:
+            terms.append(Term("sum", attrs["bias"], None, dd))
+    elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+        shape = (1, -1) + (1,) * (a.dim() - 2)
+        # The module's own buffers may be float32 while the kernel is computed in float64.
+        mean = module.running_mean.to(a.dtype).reshape(shape)
+        var = module.running_var.to(a.dtype).reshape(shape)
+        xhat = (a - mean) / torch.sqrt(var + module.eps)
+        dd = _channels_last(d, 2)
+        if "weight" in attrs:
+            terms.append(Term("scale", attrs["weight"], _channels_last(xhat, 1), dd))
+        if "bias" in attrs:
+            terms.append(Term("sum", attrs["bias"], None, dd))
+    elif isinstance(module, nn.GroupNorm):
+        xhat = F.group_norm(a, module.num_groups, None, None, module.eps)
+        dd = _channels_last(d, 2)
+        if "weight" in attrs:
+            terms.append(Term("scale", attrs["weight"], _channels_last(xhat, 1), dd))
+        if "bias" in attrs:
+            terms.append(Term("sum", attrs["bias"], None, dd))
+    elif isinstance(module, nn.LayerNorm):
+        xhat = F.layer_norm(a, module.normalized_shape, None, None, module.eps)
+        width = 1
+        for s in module.normalized_shape:
+            width *= s
+        dd = d.reshape(k, n, -1, width)
+        if "weight" in attrs:
+            terms.append(Term("scale", attrs["weight"], xhat.reshape(n, -1, width), dd))
+        if "bias" in attrs:
+            terms.append(Term("sum", attrs["bias"], None, dd))
+    elif isinstance(module, nn.Embedding):
+        tokens = a.reshape(n, -1).long()
+        dd = d.reshape(k, n, -1, d.shape[-1])
+        if module.padding_idx is not None:
+            dd = dd * (tokens != module.padding_idx).unsqueeze(0).unsqueeze(-1).to(dd.dtype)
+        terms.append(Term("token", attrs["weight"], tokens, dd, extra=module.num_embeddings))
+    return terms
+
+
+def _merge(terms: list[Term]) -> dict[str, Term]:
+    """Repeated calls of one module become extra positions of one term."""
+    merged: dict[str, Term] = {}
+    for t in terms:
+        if t.key not in merged:
+            merged[t.key] = t
+            continue
+        m = merged[t.key]
+        data = None if t.data is None else torch.cat([m.data, t.data], dim=1)
+        merged[t.key] = Term(t.kind, t.key, data, torch.cat([m.d, t.d], dim=2), t.extra)
+    return merged
+
+
+# --------------------------------------------------------------------------- routes
+
+def _rows(term: Term) -> torch.Tensor:
+    """Per-probe gradient rows of a term, (n, k, P_term)."""
+    d = term.d
+    k, n = d.shape[:2]
+    if term.kind == "sum":
+        r = d.sum(2)
+    elif term.kind == "scale":
+        r = torch.einsum("kiso,iso->kio", d, term.data)
+    elif term.kind == "outer":
+        r = torch.einsum("kiso,isc->kioc", d, term.data).reshape(k, n, -1)
+    else:  # token: scatter into (vocab, dim) rows
+        onehot = F.one_hot(term.data, term.extra).to(d.dtype)  # (n, S, V)
+        r = torch.einsum("kiso,isv->kivo", d, onehot).reshape(k, n, -1)
+    return r.transpose(0, 1)
+
+
+def _pair_grams(d1: torch.Tensor, d2: torch.Tensor, mode: str) -> torch.Tensor:
+    """Cotangent Grams over positions, (n1, S1, n2, S2) or (n1, S1, n2, S2, k, k) for full."""
+    k, n1, s1, o = d1.shape
+    _, n2, s2, _ = d2.shape
+    if mode == "full":
+        g = d1.permute(1, 2, 0, 3).reshape(n1 * s1 * k, o) @ d2.permute(1, 2, 0, 3).reshape(n2 * s2 * k, o).T
+        return g.reshape(n1, s1, k, n2, s2, k).permute(0, 1, 3, 4, 2, 5)
+    # target/sum have k = 1; trace sums over the rows a: concatenate them as features.
+    a = d1.permute(1, 2, 0, 3).reshape(n1 * s1, k * o)
+    b = d2.permute(1, 2, 0, 3).reshape(n2 * s2, k * o)
+    return (a @ b.T).reshape(n1, s1, n2, s2)
+
+
+def _gram(t1: Term, t2: Term, mode: str, budget: int, itemsize: int) -> torch.Tensor:
+    """Kernel of an outer/token term by the Gram route, blocked over probes of set 1."""
+    n1, n2 = t1.d.shape[1], t2.d.shape[1]
+    s1, s2 = t1.d.shape[2], t2.d.shape[2]
+    k = t1.d.shape[0]
+    per_row = n2 * s1 * s2 * itemsize * (3 + (k * k if mode == "full" else 0))
+    parts = []
+    for sl in blocks(n1, max(1, budget // max(1, per_row))):
+        dg = _pair_grams(t1.d[:, sl], t2.d, mode)
+        if t1.kind == "outer":
+            a1 = t1.data[sl]
+            ag = (a1.reshape(-1, a1.shape[-1]) @ t2.data.reshape(-1, t2.data.shape[-1]).T)
+            ag = ag.reshape(a1.shape[0], s1, n2, s2)
+        else:
+            ag = (t1.data[sl].reshape(-1, 1) == t2.data.reshape(1, -1)).to(dg.dtype)
+            ag = ag.reshape(-1, s1, n2, s2)
+        if mode == "full":
+            parts.append(torch.einsum("isjt,isjtab->ijab", ag, dg))
+        else:
+            parts.append((ag * dg).sum(dim=(1, 3)))
+    return torch.cat(parts)
+
+
+def _choose(term: Term, n1: int, n2: int, mode: str, budget: int, itemsize: int,
+            forced: str | None) -> str:
+    """Cost model: flops of each route (memory caps the rows route)."""
+    if term.kind in ("sum", "scale"):
+        return "rows"
+    k, _, s, o = term.d.shape
+    c = term.data.shape[-1] if term.kind == "outer" else 1
+    p = o * (term.extra if term.kind == "token" else c)
+    pairs = {"target": 1, "sum": 1, "trace": k, "full": k * k}[mode]
+    n_all = n1 + (n2 if n2 is not None else 0)
+    nn2 = n1 * (n2 if n2 is not None else n1)
+    rows_mem = n_all * k * p * itemsize
+    if forced in ("gram", "rows"):
+        return forced
+    build = k * n_all * s * (o * c if term.kind == "outer" else p)
+    rows_flops = 2 * build + 2 * pairs * nn2 * p
+    gram_flops = 2 * nn2 * s * s * ((c if term.kind == "outer" else 1) + k * o + pairs)
+    if rows_mem > budget:
+        return "gram"
+    return "rows" if rows_flops <= gram_flops else "gram"
+
+
+# --------------------------------------------------------------------------- driver
+
+def _probe_chunk(problem: Problem, plan: Plan, k: int, budget: int) -> int:
+    """Probes a capture pass may hold: a dry run on one probe measures the activations."""
+    x = B.take(problem.x1, slice(0, 1))
+    cot = problem.cot1[:1]
+    captured = _capture(problem, plan, x, cot)
+    per_probe = 0
+    for lst in captured.values():
+        for a, d in lst:
+            per_probe += a.numel() + d.numel() * 2
+    per_probe = max(1, per_probe * problem.itemsize() * 4)
+    return max(1, min(problem.n1 + (problem.n2 or 0), budget // per_probe))
 
 
 def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]],
             budget: int) -> dict[str, torch.Tensor]:
-    return {}
+    """Kernel contributions of the planned parameters, by layer key.
+
+    Raises ``_Fallback`` (caught by the caller) when a structural assumption fails.
+    """
+    mode = problem.mode
+    itemsize = problem.itemsize()
+    key_of = {name: key for key, names in keys.items() for name in names}
+    chunk = _probe_chunk(problem, plan, problem.cot1.shape[1], budget)
+
+    def collect(x: Any, cot: torch.Tensor, n: int) -> dict[str, Term]:
+        merged_chunks: list[dict[str, Term]] = []
+        for sl in blocks(n, chunk):
+            captured = _capture(problem, plan, B.take(x, sl), cot[sl])
+            terms: list[Term] = []
+            for mname, lst in captured.items():
+                for a, d in lst:
+                    terms.extend(_terms(plan.modules[mname], plan.params[mname], a, d))
+            merged_chunks.append(_merge(terms))
+        if len(merged_chunks) == 1:
+            return merged_chunks[0]
+        out: dict[str, Term] = {}
+        for name in merged_chunks[0]:
+            parts = [mc[name] for mc in merged_chunks]
+            data = None if parts[0].data is None else torch.cat([p.data for p in parts])
+            out[name] = Term(parts[0].kind, name, data, torch.cat([p.d for p in parts], dim=1),
+                             parts[0].extra)
+        return out
+
+    terms1 = collect(problem.x1, problem.cot1, problem.n1)
+    terms2 = collect(problem.x2, problem.cot2, problem.n2) if problem.cross else terms1
+    module_of = {full: m for m, attrs in plan.params.items() for full in attrs.values()}
+    result: dict[str, torch.Tensor] = {}
+    rows1: dict[str, list[torch.Tensor]] = {}
+    rows2: dict[str, list[torch.Tensor]] = {}
+    for name, t1 in terms1.items():
+        param = name.split("#")[0]
+        key = key_of[param]
+        t2 = terms2[name]
+        route = _choose(t1, problem.n1, problem.n2, mode, budget, itemsize,
+                        plan.forced.get(module_of[param]))
+        plan.routes[name] = route
+        if route == "gram" and t1.kind in ("outer", "token"):
+            part = _gram(t1, t2, mode, budget, itemsize)
+            result[key] = part if key not in result else result[key] + part
+        else:
+            rows1.setdefault(key, []).append(_rows(t1))
+            if problem.cross:
+                rows2.setdefault(key, []).append(_rows(t2))
+    for key, parts in rows1.items():
+        j1 = torch.cat(parts, dim=2)
+        j2 = torch.cat(rows2[key], dim=2) if problem.cross else j1
+        part = contract(mode, j1, j2)
+        result[key] = part if key not in result else result[key] + part
+    shape = output_shape(problem)
+    for key, value in result.items():
+        if tuple(value.shape) != shape:
+            raise _Fallback(key)
+    return result
+
+
+__all__ = ["Plan", "plan", "compute", "ROUTES"]
