@@ -1,0 +1,227 @@
+"""Per-logger dispatch of one NTK report: scalars to every logger, media where supported.
+
+Scalars go through ``logger.log_metrics`` (flat ``{"ntk/<key>": float}``; dict-valued
+metrics would make TensorBoard create one sub-run per key). Media differ per logger and
+are only written on global rank zero (on other ranks ``logger.experiment`` is a no-op
+dummy, and touching it on rank zero creates the run/writer):
+
+==============  ==============================================================
+TensorBoard     ``add_histogram("ntk/eigenvalues", log10 lambda)``, ``add_image`` of
+                ``ntk/kernel`` (heatmap), ``ntk/spectrum`` and ``ntk/drift``
+W&B             ``log_image`` of the same three pictures (+ a ``wandb.Histogram``)
+MLflow          ``experiment.log_image`` of the pictures, ``log_dict`` of the spectrum
+CSV             PNG and ``.npy`` files written into ``<log_dir>/ntk/``
+other           scalars only; warned once per logger class
+==============  ==============================================================
+
+Loggers of both Lightning flavours (``pytorch_lightning`` and ``lightning.pytorch``) are
+recognised by :func:`ntk_callback._lightning.logger_kind` without importing either.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from . import plotting
+from ._lightning import logger_kind, rank_zero_info, rank_zero_warn
+
+PREFIX = "ntk/"
+MEDIA_KINDS = frozenset({"tensorboard", "wandb", "mlflow", "csv"})
+
+
+def prefixed_scalars(flat: Mapping[str, Any]) -> Dict[str, float]:
+    """``{"ntk/" + key: float(value)}`` for every scalar of ``NTKReport.to_dict()``."""
+    out: Dict[str, float] = {}
+    for key, value in flat.items():
+        try:
+            out[PREFIX + str(key)] = float(value)
+        except (TypeError, ValueError):
+            continue  # not a scalar: never sent to a logger's scalar API
+    return out
+
+
+def log10_spectrum(eigenvalues: Any) -> np.ndarray:
+    """log10 of the (descending, clamped) eigenvalues, zeros floored at ``lambda_max * N * eps64``.
+
+    The floor is the level below which a float64 eigenvalue of the kernel is round-off
+    (the same threshold that makes the condition number infinite), so a singular kernel
+    gives a finite histogram instead of ``-inf`` or ``log10(tiny) = -308``.
+    """
+    lam = np.asarray(eigenvalues, dtype=np.float64).reshape(-1)
+    lam = lam[np.isfinite(lam)]
+    if lam.size == 0:
+        return lam
+    floor = max(float(lam.max()) * lam.size * np.finfo(np.float64).eps, np.finfo(np.float64).tiny)
+    return np.log10(np.maximum(lam, floor))
+
+
+@dataclass
+class ReportMedia:
+    """Everything one report may write besides scalars (all on CPU, numpy)."""
+
+    step: int
+    kernel: np.ndarray  # (N, N), probe order as drawn
+    labels: Optional[np.ndarray]  # (N,) integer labels or None
+    eigenvalues: np.ndarray  # (N,) descending, clamped at 0
+    history: Sequence[Mapping[str, Any]]  # every report so far, this one included
+    pictures: Tuple[str, ...] = ("kernel", "spectrum", "drift")  # which pictures to write
+    histogram: bool = True  # the log10-eigenvalue histogram
+    _cache: Dict[str, Optional[np.ndarray]] = field(default_factory=dict, repr=False)
+
+    def image(self, name: str) -> Optional[np.ndarray]:
+        """The (3, H, W) uint8 picture ``name`` in {"kernel", "spectrum", "drift"}, rendered once; None if unavailable."""
+        if name not in self._cache:
+            self._cache[name] = self._render(name)
+        return self._cache[name]
+
+    def names(self) -> List[str]:
+        return list(self.pictures)
+
+    @property
+    def figures(self) -> bool:
+        """Whether a matplotlib picture (spectrum / drift) is requested."""
+        return "spectrum" in self.pictures or "drift" in self.pictures
+
+    def _render(self, name: str) -> Optional[np.ndarray]:
+        if name == "kernel":
+            return plotting.kernel_heatmap_image(self.kernel, self.labels)
+        try:
+            fig = plotting.spectrum_figure(self.history) if name == "spectrum" else plotting.drift_figure(self.history)
+        except ImportError:
+            return None
+        return plotting.figure_to_image(fig)
+
+
+class LoggerDispatcher:
+    """Sends reports to ``trainer.loggers``; remembers which warnings it already gave."""
+
+    def __init__(self, *, log_images: bool = True, on_error: Optional[Callable[[str, BaseException], None]] = None):
+        self.log_images = log_images
+        self._warned: set = set()
+        self._on_error = on_error
+
+    # -- helpers -------------------------------------------------------------------
+    def _warn_once(self, key: str, message: str, info: bool = False) -> None:
+        if key in self._warned:
+            return
+        self._warned.add(key)
+        (rank_zero_info if info else rank_zero_warn)(message)
+
+    def _guard(self, what: str, fn: Callable[[], Any]) -> None:
+        # A logger failing (network, disk, a backend rejecting a value) must not stop training.
+        try:
+            fn()
+        except Exception as err:  # noqa: BLE001 - any logger error is reported, not raised
+            if self._on_error is not None:
+                self._on_error(what, err)
+            else:
+                raise
+
+    # -- scalars -------------------------------------------------------------------
+    def log_scalars(self, loggers: Sequence[Any], metrics: Mapping[str, float], step: int) -> None:
+        """``logger.log_metrics(metrics, step=step)`` for every logger (rank-zero-only inside Lightning)."""
+        for lg in loggers:
+            if logger_kind(lg) == "dummy":
+                continue
+            self._guard(f"{type(lg).__name__}.log_metrics", lambda lg=lg: lg.log_metrics(dict(metrics), step=step))
+
+    # -- media ---------------------------------------------------------------------
+    def wants_media(self, loggers: Sequence[Any]) -> bool:
+        return self.log_images and any(logger_kind(lg) in MEDIA_KINDS for lg in loggers)
+
+    def log_media(self, loggers: Sequence[Any], media: ReportMedia) -> None:
+        """Write histogram/images for every logger that supports them. Call on global rank zero only."""
+        if media.figures and media.image("spectrum" if "spectrum" in media.pictures else "drift") is None:
+            self._warn_once(
+                "matplotlib",
+                "NTKReportCallback: matplotlib is not installed, so the `ntk/spectrum` and `ntk/drift` pictures are "
+                "skipped (the kernel heatmap, histogram and scalars are still logged). Fix: pip install matplotlib.",
+                info=True,
+            )
+        for lg in loggers:
+            kind = logger_kind(lg)
+            if kind == "dummy":
+                continue
+            if not self.log_images:
+                continue
+            writer = getattr(self, f"_media_{kind}", None)
+            if writer is None:
+                self._warn_once(
+                    f"other:{type(lg).__qualname__}",
+                    f"NTKReportCallback: {type(lg).__name__} receives the `ntk/` scalars only; the kernel heatmap, "
+                    "spectrum and drift pictures are written for TensorBoard, W&B, MLflow and CSV loggers.",
+                )
+                continue
+            self._guard(f"{type(lg).__name__} media", lambda lg=lg, writer=writer: writer(lg, media))
+
+    def _images(self, media: ReportMedia) -> List[tuple]:
+        out = []
+        for name in media.names():
+            img = media.image(name)
+            if img is not None:
+                out.append((name, img))
+        return out
+
+    def _media_tensorboard(self, lg: Any, media: ReportMedia) -> None:
+        exp = lg.experiment  # torch.utils.tensorboard.SummaryWriter
+        hist = log10_spectrum(media.eigenvalues) if media.histogram else np.zeros(0)
+        if hist.size:
+            exp.add_histogram(PREFIX + "eigenvalues", hist, global_step=media.step)
+        for name, img in self._images(media):
+            exp.add_image(PREFIX + name, img, global_step=media.step, dataformats="CHW")
+
+    def _media_wandb(self, lg: Any, media: ReportMedia) -> None:
+        for name, img in self._images(media):
+            lg.log_image(key=PREFIX + name, images=[img.transpose(1, 2, 0)], step=media.step)
+        try:
+            import wandb  # noqa: PLC0415 - only present with the W&B logger
+        except ImportError:
+            return
+        hist = log10_spectrum(media.eigenvalues) if media.histogram else np.zeros(0)
+        if hist.size:
+            lg.log_metrics({PREFIX + "eigenvalues": wandb.Histogram(hist)}, step=media.step)
+
+    def _media_mlflow(self, lg: Any, media: ReportMedia) -> None:
+        exp, run_id = lg.experiment, lg.run_id  # an mlflow.tracking.MlflowClient
+        for name, img in self._images(media):
+            exp.log_image(run_id, img.transpose(1, 2, 0), artifact_file=f"ntk/{name}/step_{media.step:07d}.png")
+        if not media.histogram:
+            return
+        exp.log_dict(
+            run_id,
+            {"step": media.step, "eigenvalues": [float(v) for v in media.eigenvalues]},
+            f"ntk/eigenvalues/step_{media.step:07d}.json",
+        )
+
+    def _media_csv(self, lg: Any, media: ReportMedia) -> None:
+        out = os.path.join(lg.log_dir, "ntk")
+        os.makedirs(out, exist_ok=True)
+        tag = f"step_{media.step:07d}"
+        if media.histogram:  # a full report, not a figures-only refresh
+            np.save(os.path.join(out, f"kernel_{tag}.npy"), np.asarray(media.kernel, dtype=np.float64))
+            np.save(os.path.join(out, f"eigenvalues_{tag}.npy"), np.asarray(media.eigenvalues, dtype=np.float64))
+        if media.labels is not None and not os.path.exists(os.path.join(out, "probe_labels.npy")):
+            np.save(os.path.join(out, "probe_labels.npy"), np.asarray(media.labels))
+        for name, img in self._images(media):
+            # the heatmap is per report; spectrum and drift already show every report, keep the latest
+            fname = f"kernel_{tag}.png" if name == "kernel" else f"{name}.png"
+            plotting.save_png(os.path.join(out, fname), img)
+        with open(os.path.join(out, "history.json"), "w") as fh:
+            json.dump([_jsonable(rec) for rec in media.history], fh, allow_nan=True)
+
+
+def _jsonable(rec: Mapping[str, Any]) -> Dict[str, Any]:
+    return {
+        "tag": rec.get("tag"),
+        "epoch": rec.get("epoch"),
+        "step": rec.get("step"),
+        "metrics": {k: float(v) for k, v in rec.get("metrics", {}).items()},
+        "eigenvalues": [float(v) for v in rec.get("eigenvalues", [])],
+    }
+
+
+__all__ = ["LoggerDispatcher", "ReportMedia", "log10_spectrum", "prefixed_scalars"]

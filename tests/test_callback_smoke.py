@@ -1,0 +1,319 @@
+"""Smoke tests of NTKReportCallback with real Trainers of both Lightning flavours.
+
+The big behavioural suite (bit-identical training, TensorBoard read-back against float64
+references, DDP, resume, faults) lives in the other ``test_callback_*`` files; these are
+the fast end-to-end checks plus the unit pieces (probe drawing, logger dispatch, state).
+"""
+from __future__ import annotations
+
+import importlib
+import io
+import os
+import random
+from typing import Any, Tuple
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
+
+from ntk_callback import NTKReportCallback
+from ntk_callback._lightning import NTKCallbackConfigError, logger_kind, sharded_strategy_name
+from ntk_callback._probes import default_batch_to_probe, draw_probes, preserve_global_rng
+
+FLAVOURS = ["pytorch_lightning", "lightning.pytorch"]
+
+
+def _flavour(name: str) -> Any:
+    try:
+        return importlib.import_module(name)
+    except ImportError:  # pragma: no cover - depends on the environment
+        pytest.skip(f"{name} is not installed")
+
+
+def _data(n: int = 48, seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 3
+    x = torch.randn(n, 4, generator=g) + 2.0 * nn.functional.one_hot(y, 4).float()
+    return x, y
+
+
+def _module(pl: Any) -> Any:
+    class Tiny(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            return nn.functional.cross_entropy(self(x), y)
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.5)
+
+    return Tiny()
+
+
+def _trainer(pl: Any, **kw: Any) -> Any:
+    base = dict(
+        accelerator="cpu",
+        devices=1,
+        deterministic=True,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        log_every_n_steps=1,
+    )
+    base.update(kw)
+    return pl.Trainer(**base)
+
+
+def _float64_ntk(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+    """Independent reference: per-sample autograd loop in float64 on a copy of ``net``."""
+    import copy
+
+    ref = copy.deepcopy(net).double().eval()
+    params = [p for p in ref.parameters()]
+    rows = []
+    for i in range(len(x)):
+        out = ref(x[i : i + 1].double())[0, int(y[i])]
+        grads = torch.autograd.grad(out, params)
+        rows.append(torch.cat([g.reshape(-1) for g in grads]))
+    J = torch.stack(rows).numpy()
+    return J @ J.T
+
+
+def _kta(K: np.ndarray, y: np.ndarray) -> float:
+    Y = np.eye(int(y.max()) + 1)[y]
+    Y = Y - Y.mean(axis=0)
+    T = Y @ Y.T
+    Ks = (K + K.T) / 2
+    return float((Ks * T).sum() / (np.linalg.norm(Ks) * np.linalg.norm(T)))
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_fit_with_tensorboard_logs_reports_console_and_callback_metrics(flavour: str, tmp_path: Any, capsys: Any) -> None:
+    pl = _flavour(flavour)
+    loggers = importlib.import_module(f"{flavour}.loggers")
+    pl.seed_everything(0, verbose=False)
+    x, y = _data()
+    model = _module(pl)
+    cb = NTKReportCallback(num_probes=12, every_n_epochs=2, seed=3)
+    logger = loggers.TensorBoardLogger(str(tmp_path), name="tb", version=0)
+    trainer = _trainer(pl, max_epochs=3, logger=logger, callbacks=[cb])
+    trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True))
+
+    # init (step 0), after epoch 1 (step 6), final after the unreported epoch 2 (step 9)
+    assert [(h["tag"], h["epoch"], h["step"]) for h in cb.history] == [("init", 0, 0), ("epoch", 1, 6), ("final", 2, 9)]
+    # probes: drawn from the data, 4 per class, sorted by class
+    px, py = cb.probes
+    assert px.shape == (12, 4) and py.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    # the final report is on the final weights: compare with an independent float64 kernel
+    K = _float64_ntk(model.net, px, py)
+    last = cb.history[-1]["metrics"]
+    lam = np.linalg.eigvalsh(K)
+    assert last["lambda_max"] == pytest.approx(lam[-1], rel=1e-4)
+    assert last["kta"] == pytest.approx(_kta(K, py.numpy()), abs=1e-5)
+    # monitorable values
+    for key in ("ntk/kta", "ntk/lambda_max", "ntk/relative_change", "ntk/log10_condition_number"):
+        assert key in trainer.callback_metrics, key
+    assert float(trainer.callback_metrics["ntk/kta"]) == pytest.approx(last["kta"], rel=1e-12)
+    # console: one report per evaluation, on rank zero, through LightningModule.print
+    out = capsys.readouterr().out
+    assert out.count("NTK report") == 3 and "alignment" in out
+    # TensorBoard: scalars at the report steps, histogram and images
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(logger.log_dir, size_guidance={"images": 0, "histograms": 0, "scalars": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    assert [e.step for e in acc.Scalars("ntk/kta")] == [0, 6, 9]
+    assert [e.value for e in acc.Scalars("ntk/lambda_max")][-1] == pytest.approx(last["lambda_max"], rel=1e-6)
+    assert "ntk/eigenvalues" in tags["histograms"]
+    assert {"ntk/kernel", "ntk/spectrum", "ntk/drift"} <= set(tags["images"])
+    assert [e.step for e in acc.Images("ntk/kernel")] == [0, 6, 9]
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_csv_logger_gets_scalars_and_files(flavour: str, tmp_path: Any) -> None:
+    pl = _flavour(flavour)
+    loggers = importlib.import_module(f"{flavour}.loggers")
+    x, y = _data(24)
+    cb = NTKReportCallback(num_probes=6, log_console=False, log_figures=False)
+    logger = loggers.CSVLogger(str(tmp_path), name="csv", version=0)
+    trainer = _trainer(pl, max_epochs=1, logger=logger, callbacks=[cb])
+    trainer.fit(_module(pl), DataLoader(TensorDataset(x, y), batch_size=12))
+    files = set(os.listdir(os.path.join(logger.log_dir, "ntk")))
+    assert {"kernel_step_0000000.png", "kernel_step_0000000.npy", "kernel_step_0000002.npy", "history.json"} <= files
+    K = np.load(os.path.join(logger.log_dir, "ntk", "kernel_step_0000002.npy"))
+    np.testing.assert_allclose(K, cb.last_kernel.double().numpy())
+    with open(os.path.join(logger.log_dir, "metrics.csv")) as fh:
+        header = fh.readline()
+    assert "ntk/kta" in header and "ntk/lambda_max" in header
+
+
+def test_no_logger_prints_and_warns_once(tmp_path: Any, capsys: Any) -> None:
+    pl = _flavour("pytorch_lightning")
+    x, y = _data(24)
+    cb = NTKReportCallback(num_probes=6)
+    trainer = _trainer(pl, max_epochs=2, logger=False, callbacks=[cb], default_root_dir=str(tmp_path))
+    with pytest.warns(UserWarning, match="no logger") as rec:
+        trainer.fit(_module(pl), DataLoader(TensorDataset(x, y), batch_size=12))
+    assert sum("no logger" in str(w.message) for w in rec) == 1
+    assert capsys.readouterr().out.count("NTK report") == 3
+    assert "ntk/kta" in trainer.callback_metrics
+
+
+def test_logger_kind_recognises_both_flavours_without_instantiating_backends(tmp_path: Any) -> None:
+    seen = 0
+    for name in FLAVOURS:
+        try:
+            mod = importlib.import_module(f"{name}.loggers")
+        except ImportError:  # pragma: no cover
+            continue
+        seen += 1
+        assert logger_kind(mod.TensorBoardLogger(str(tmp_path))) == "tensorboard"
+        assert logger_kind(mod.CSVLogger(str(tmp_path))) == "csv"
+        # W&B / MLflow need their backends to construct; the class alone is enough here
+        assert logger_kind(object.__new__(mod.WandbLogger)) == "wandb"
+        assert logger_kind(object.__new__(mod.MLFlowLogger)) == "mlflow"
+
+        class MyTB(mod.TensorBoardLogger):  # a user subclass keeps its kind
+            pass
+
+        assert logger_kind(MyTB(str(tmp_path))) == "tensorboard"
+
+        class Custom(mod.Logger):
+            name = "custom"
+            version = 0
+
+            def log_metrics(self, metrics: Any, step: Any = None) -> None: ...
+
+            def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None: ...
+
+        assert logger_kind(Custom()) == "other"
+    assert seen >= 1
+
+    class TensorBoardLogger:  # same name, not Lightning's: not recognised
+        pass
+
+    assert logger_kind(TensorBoardLogger()) == "other"
+
+
+def test_sharded_strategy_detection() -> None:
+    strategies = importlib.import_module("pytorch_lightning.strategies")
+    assert sharded_strategy_name(object.__new__(strategies.FSDPStrategy)) == "FSDPStrategy"
+    assert sharded_strategy_name(object.__new__(strategies.DeepSpeedStrategy)) == "DeepSpeedStrategy"
+    assert sharded_strategy_name(object.__new__(strategies.DDPStrategy)) is None
+
+
+class _Imbalanced(Dataset):
+    """Dict items whose __getitem__ draws from the global RNG (a random augmentation)."""
+
+    def __init__(self) -> None:
+        self.y = torch.tensor([0] * 200 + [1] * 30 + [2] * 10)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> dict:
+        noise = torch.rand(1).item() + np.random.rand() + random.random()
+        return {"x": torch.full((3,), float(i)) + 0 * noise, "label": self.y[i], "extra": "meta"}
+
+
+def _rng_snapshot() -> tuple:
+    return torch.get_rng_state().clone(), np.random.get_state()[1].copy(), random.getstate()
+
+
+def test_draw_probes_is_class_balanced_reproducible_and_leaves_global_rng_alone() -> None:
+    ds = _Imbalanced()
+    loader = DataLoader(ds, batch_size=8, shuffle=True)
+    before = _rng_snapshot()
+    x1, y1 = draw_probes(loader, 15, torch.Generator().manual_seed(0))
+    after = _rng_snapshot()
+    assert torch.equal(before[0], after[0]) and np.array_equal(before[1], after[1]) and before[2] == after[2]
+    # all 10 of class 2 are rare; the pool (all 240 items here) gives 5 / 5 / 5
+    assert sorted(np.bincount(y1.numpy()).tolist()) == [5, 5, 5]
+    assert y1.tolist() == sorted(y1.tolist())
+    # inputs match the dataset items picked
+    idx = x1[:, 0].long()
+    assert torch.equal(ds.y[idx], y1)
+    x2, y2 = draw_probes(loader, 15, torch.Generator().manual_seed(0))
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    x3, _ = draw_probes(loader, 15, torch.Generator().manual_seed(1))
+    assert not torch.equal(x1, x3)
+    # more probes than the rarest class holds: the others fill in
+    _, y4 = draw_probes(loader, 60, torch.Generator().manual_seed(0))
+    assert len(y4) == 60 and np.bincount(y4.numpy()).tolist() == [25, 25, 10]
+
+
+def test_draw_probes_from_an_iterable_dataset_and_x_only_batches() -> None:
+    class Stream(IterableDataset):
+        def __iter__(self):
+            for i in range(50):
+                yield torch.full((2,), float(i)), torch.tensor(i % 2)
+
+    x, y = draw_probes(DataLoader(Stream(), batch_size=4, num_workers=0), 6, torch.Generator().manual_seed(0))
+    assert len(x) == 6 and np.bincount(y.numpy()).tolist() == [3, 3]
+    assert x[:, 0].tolist() == [0.0, 2.0, 4.0, 1.0, 3.0, 5.0]  # the first 8 items, balanced, sorted by class
+    xs = torch.arange(20.0).reshape(10, 2)
+    x, y = draw_probes(DataLoader(xs, batch_size=4), 4, torch.Generator().manual_seed(0))
+    assert y is None and x.shape == (4, 2)
+
+
+def test_default_batch_to_probe() -> None:
+    x, y = torch.zeros(3, 2), torch.tensor([0, 1, 2])
+    assert default_batch_to_probe((x, y))[1] is y
+    assert default_batch_to_probe([x, y, "extra"])[1] is y
+    assert default_batch_to_probe(x) == (x, None)
+    assert default_batch_to_probe({"inputs": x, "labels": y})[0] is x
+    with pytest.raises(ValueError, match="batch_to_probe"):
+        default_batch_to_probe({"image": x})
+
+
+def test_preserve_global_rng_restores_after_an_exception() -> None:
+    before = _rng_snapshot()
+    with pytest.raises(RuntimeError):
+        with preserve_global_rng():
+            torch.rand(3), np.random.rand(), random.random()
+            raise RuntimeError("boom")
+    after = _rng_snapshot()
+    assert torch.equal(before[0], after[0]) and np.array_equal(before[1], after[1]) and before[2] == after[2]
+
+
+def test_state_dict_roundtrip_weights_only_and_state_key() -> None:
+    x, y = _data(9)
+    cb = NTKReportCallback(probes=(x, y), every_n_epochs=2)
+    cb._init_kernel = torch.eye(9)
+    cb._history.append({"tag": "init", "epoch": 0, "step": 0, "metrics": {"kta": 0.5}, "eigenvalues": [1.0] * 9})
+    buf = io.BytesIO()
+    torch.save(cb.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    assert state["version"] == 1 and set(state["probes"]) == {"inputs", "targets"}
+    fresh = NTKReportCallback(probes=(x, y), every_n_epochs=2)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.probes[0], x) and torch.equal(fresh.probes[1], y)
+    assert torch.equal(fresh.init_kernel, torch.eye(9)) and fresh.history == cb.history
+    fresh.load_state_dict({})  # tolerant: nothing to restore is not an error
+    assert NTKReportCallback(every_n_epochs=2).state_key != NTKReportCallback(every_n_epochs=3).state_key
+    assert NTKReportCallback(mode="trace").state_key != NTKReportCallback().state_key
+
+
+def test_constructor_validation_messages() -> None:
+    from pytorch_lightning.utilities.exceptions import MisconfigurationException
+
+    with pytest.raises(NTKCallbackConfigError, match=r"num_probes=0"):
+        NTKReportCallback(num_probes=0)
+    with pytest.raises(MisconfigurationException, match="'trace' or 'sum'"):
+        NTKReportCallback(mode="full")
+    with pytest.raises(ValueError, match="dtype"):
+        NTKReportCallback(dtype=torch.int64)
+    with pytest.raises(ValueError, match=r"probes=\.\.\.\): expected a pair \(inputs, targets\)"):
+        NTKReportCallback(probes=(torch.zeros(3, 2),))
+    with pytest.raises(ValueError, match="strict"):
+        NTKReportCallback(strict="yes")  # type: ignore[arg-type]
