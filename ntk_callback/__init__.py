@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .engine import NTKError, empirical_ntk, layerwise_ntk
+from .engine import NTKError, empirical_ntk, finite_difference_ntk, layerwise_ntk
 from .report import NTKReport, analyze_ntk
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "NTKReportCallback",
     "analyze_ntk",
     "empirical_ntk",
+    "finite_difference_ntk",
     "layerwise_ntk",
 ]
 

@@ -6,5 +6,6 @@ structured per-layer rule (:mod:`.structured`) or to the exact generic torch.fun
 """
 from .api import empirical_ntk, layerwise_ntk
 from .errors import NTKError
+from .finite_step import finite_difference_ntk
 
-__all__ = ["NTKError", "empirical_ntk", "layerwise_ntk"]
+__all__ = ["NTKError", "empirical_ntk", "finite_difference_ntk", "layerwise_ntk"]
