@@ -126,8 +126,11 @@ def empirical_ntk(model: torch.nn.Module, inputs: Any, targets: Any = None, *,
             running statistics); every submodule's flag is restored afterwards.
         inputs2, targets2: a second probe set; the result is then the (N1, N2) (or
             (N1, N2, O, O)) cross kernel between ``inputs`` and ``inputs2``.
-        memory_budget: bytes of Jacobian rows held at once (default 1 GiB); larger
-            problems are chunked over probes, outputs and parameter tensors.
+        memory_budget: bytes of Jacobian rows (generic path) or of per-probe gradient
+            rows and activation Grams (structured path) held at once (default 1 GiB);
+            larger problems are chunked over probes, outputs and parameter tensors. The
+            peak memory of a call is this plus transient autograd buffers, in practice
+            below 2-4x the budget.
         output_fn: maps the model's output to an (N, O) or (N,) tensor (e.g. for models
             returning dicts or tuples).
         implementation: ``"auto"`` / ``"structured"`` (structured per-layer rules for the

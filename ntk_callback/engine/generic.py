@@ -85,7 +85,9 @@ def generic_kernel(problem: Problem, names: list[str], budget: int,
         cs = slice(c0, min(k_total, c0 + k_chunk))
         k = cs.stop - cs.start
         per_probe = k * p_g * itemsize
-        vchunk = chunk_size or max(1, budget // (2 * per_probe))
+        # vmap materialises each parameter's rows and then their concatenation, so a
+        # chunk holds ~2x its rows: keep chunks to a quarter of the budget.
+        vchunk = chunk_size or max(1, budget // (4 * per_probe))
 
         def rows(which: int, sl: slice) -> torch.Tensor:
             x = problem.x1 if which == 1 else problem.x2
