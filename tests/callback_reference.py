@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import glob
 import os
+import warnings
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -211,9 +212,18 @@ def assert_close(logged: float, ref: float, rel: float = 1e-3, abs_: float = 0.0
     assert err <= rel * abs(ref) + abs_, f"{what}: logged {logged!r} vs reference {ref!r} (err {err:.3g})"
 
 
-def probes_from_state(state: Dict[str, Any]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The ``(inputs, targets)`` probes kept in the callback's ``state_dict``."""
-    probes = state["probes"]
-    if isinstance(probes, dict):
-        return probes["inputs"], probes["targets"]
-    return probes[0], probes[1]
+def probes_from_state(state: Dict[str, Any]) -> Tuple[Any, Any]:
+    """The ``(inputs, targets)`` probes kept in a callback ``state_dict`` (the
+    checkpointed copy), read through the public API: loaded into a fresh
+    ``NTKReportCallback`` whose ``probes`` property returns them. Independent of the
+    state's key names, and it exercises the ``load_state_dict`` round trip."""
+    from ntk_callback import NTKReportCallback
+
+    fresh = NTKReportCallback()
+    with warnings.catch_warnings():
+        # a fresh default (target-mode) instance may warn that a trace-mode K0 is not
+        # comparable: irrelevant here, only the probes are read
+        warnings.simplefilter("ignore")
+        fresh.load_state_dict(state)
+    assert fresh.probes is not None, f"no probes in the callback state (keys {sorted(state)})"
+    return fresh.probes

@@ -9,7 +9,8 @@ The models are deliberately unlike ``examples/blobs.py`` (an MLP on Gaussian blo
   callback needs ``batch_to_probe``;
 * ``NaNAfterEpoch``: a classifier whose eval-mode output becomes NaN from a given epoch
   on (training itself stays finite), to test fault handling;
-* ``SequenceOutputNet``: returns an ``(N, T, O)`` output the NTK engine cannot handle.
+* ``DictOutputNet``: returns a dict of tensors, which the NTK engine cannot handle
+  without an ``output_fn``.
 
 Every model exists once per installed Lightning flavour (``pytorch_lightning`` and
 ``lightning.pytorch``): :func:`model_class` builds the class on the flavour's
@@ -301,21 +302,24 @@ class _NaNAfterEpochLogic(_Recorder):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
-class _SequenceOutputLogic(_Recorder):
-    """Returns ``(N, 2, 3)`` (a per-position output): not an (N, O) output, so the NTK
-    engine must refuse it; training uses the mean over positions."""
+class _DictOutputLogic(_Recorder):
+    """``forward`` returns ``{"logits": (N, 3), "hidden": (N, 8)}`` (a HuggingFace-style
+    output): not a tensor, so the NTK engine refuses it unless an ``output_fn`` picks
+    the logits."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 6))
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.Tanh())
+        self.head = nn.Linear(8, 3)
         self._init_records()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x).view(-1, 2, 3)
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        hidden = self.body(x)
+        return {"logits": self.head(hidden), "hidden": hidden}
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch[0], batch[1]
-        loss = nn.functional.cross_entropy(self(x).mean(dim=1), y)
+        loss = nn.functional.cross_entropy(self(x)["logits"], y)
         self._record(x, -1, loss)
         self.log("train_loss", loss)
         return loss
@@ -324,12 +328,17 @@ class _SequenceOutputLogic(_Recorder):
         return torch.optim.SGD(self.parameters(), lr=0.05)
 
 
+def logits_of(output: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """``output_fn`` for :class:`DictOutputNet`."""
+    return output["logits"]
+
+
 _LOGIC: Dict[str, type] = {
     "BNCNN": _BNCNNLogic,
     "Regressor": _RegressorLogic,
     "DictBatchNet": _DictBatchLogic,
     "NaNAfterEpoch": _NaNAfterEpochLogic,
-    "SequenceOutputNet": _SequenceOutputLogic,
+    "DictOutputNet": _DictOutputLogic,
 }
 _CLASSES: Dict[Tuple[str, str], type] = {}
 
@@ -372,7 +381,7 @@ def loaders(
     kind: str, batch_size: int = 16, shuffle: bool = True
 ) -> Tuple[DataLoader, Optional[DataLoader]]:
     """Train (shuffled, global-RNG driven) and validation loaders for ``kind``."""
-    if kind in ("BNCNN", "NaNAfterEpoch", "SequenceOutputNet"):
+    if kind in ("BNCNN", "NaNAfterEpoch", "DictOutputNet"):
         x, y = image_data()
         train = DataLoader(indexed(x[:80], y[:80]), batch_size=batch_size, shuffle=shuffle)
         val = DataLoader(TensorDataset(x[80:], y[80:]), batch_size=batch_size)

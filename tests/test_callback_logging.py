@@ -266,7 +266,50 @@ def test_console_report_once_per_evaluation(flavour: Flavour, tmp_path: Any, cap
     trainer.fit(model, train, val)
     out = capsys.readouterr().out
     assert len(cb.history) == 3
+    # NTKReport.format() once per report (its header line), with that report's KTA
+    assert out.count("NTK report") == 3, out[-3000:]
     for h in cb.history:
-        # the KTA of every report appears in the console text, rounded as printed
-        assert f"{h['metrics']['kta']:.3f}"[:-1] in out, (h["metrics"]["kta"], out[-2000:])
-    assert out.count("lambda_max") >= 3 or out.count("λ_max") >= 3 or out.lower().count("ntk") >= 3, out[-3000:]
+        assert f"KTA {h['metrics']['kta']:.4f}" in out, (h["metrics"]["kta"], out[-2000:])
+
+
+def test_other_logger_gets_scalars_and_one_warning(flavour: Flavour, tmp_path: Any) -> None:
+    """A logger without a known media API (a user's own ``Logger`` subclass) receives the
+    ``ntk/`` scalars at the report steps, and the callback warns once (not per report)."""
+    import warnings
+
+    from ntk_callback import NTKReportCallback
+
+    class RecordingLogger(flavour.loggers.Logger):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls: List[Tuple[Dict[str, float], Optional[int]]] = []
+
+        @property
+        def name(self) -> str:
+            return "recording"
+
+        @property
+        def version(self) -> int:
+            return 0
+
+        def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        def log_metrics(self, metrics: Dict[str, float], step: Optional[int] = None) -> None:
+            self.calls.append((dict(metrics), step))
+
+    model = make_model(flavour, "Regressor", seed=0)
+    train, _ = loaders("Regressor")
+    rec_logger = RecordingLogger()
+    cb = NTKReportCallback(num_probes=10, every_n_epochs=1)
+    trainer = flavour.Trainer(max_epochs=3, callbacks=[cb], **quiet_trainer_kwargs(logger=rec_logger))
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        trainer.fit(model, train)
+    ntk_calls = [(m, s) for m, s in rec_logger.calls if any(k.startswith("ntk/") for k in m)]
+    assert [s for _, s in ntk_calls] == [0, 5, 10, 15]
+    for m, _ in ntk_calls:
+        assert set(SCALAR_KEYS) <= set(m), sorted(m)
+        assert all(isinstance(v, float) for k, v in m.items() if k.startswith("ntk/"))
+    about_logger = [str(w.message) for w in rec if "RecordingLogger" in str(w.message)]
+    assert len(about_logger) == 1, about_logger

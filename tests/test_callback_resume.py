@@ -13,9 +13,9 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, Optional, Tuple
 
-import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
 from callback_reference import (
     SCALAR_KEYS,
@@ -46,8 +46,15 @@ def _fit(
     callbacks: list,
     max_epochs: int,
     ckpt_path: Optional[str] = None,
+    permute_data: bool = False,
 ) -> Tuple[Any, Any, Any]:
     train, val = loaders("BNCNN")
+    if permute_data:
+        # same samples in another order: a callback that drew its probes afresh would
+        # pick different ones, one that restored them from the checkpoint would not
+        ds = train.dataset
+        perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(1))
+        train = DataLoader(TensorDataset(*(t[perm] for t in ds.tensors)), batch_size=train.batch_size, shuffle=True)
     snaps = snapshot_callback(fl.Callback)
     ckpt = fl.callbacks.ModelCheckpoint(dirpath=str(root / "ckpt"), save_last=True, save_top_k=-1)
     logger = fl.loggers.TensorBoardLogger(str(root), name=name, version=0)
@@ -84,11 +91,13 @@ def test_resume_measures_drift_against_original_init(flavour: Flavour, tmp_path:
     ntk_keys = [k for k in ckpt["callbacks"] if "NTKReportCallback" in str(k)]
     assert len(ntk_keys) == 1, list(ckpt["callbacks"])
 
-    # a fresh model with OTHER weights, a fresh callback (other seed when drawing)
+    # a fresh model with OTHER weights, a fresh callback with the same settings (its
+    # state_key), and the training data in another order
     model2 = make_model(flavour, "BNCNN", seed=99, lr=0.05)
-    kw2 = dict(kw, seed=123) if not explicit_probes else dict(kw)
-    cb2 = NTKReportCallback(**kw2)
-    trainer2, snaps2, tb2 = _fit(flavour, tmp_path, "run2", model2, [cb2], max_epochs=4, ckpt_path=last)
+    cb2 = NTKReportCallback(**kw)
+    trainer2, snaps2, tb2 = _fit(
+        flavour, tmp_path, "run2", model2, [cb2], max_epochs=4, ckpt_path=last, permute_data=True
+    )
     assert trainer2.global_step == 4 * BATCHES_PER_EPOCH
 
     # same probes after resume
@@ -146,9 +155,9 @@ def test_two_instances_coexist_and_resume_separately(flavour: Flavour, tmp_path:
     assert [h["step"] for h in a1.history] == [0, 5, 10]
     assert [h["step"] for h in b1.history] == [0, 10]
 
-    a2, b2 = pair(50, 60)
+    a2, b2 = pair(1, 2)
     model2 = make_model(flavour, "BNCNN", seed=1)
-    _fit(flavour, tmp_path, "run2", model2, [a2, b2], max_epochs=4, ckpt_path=last)
+    _fit(flavour, tmp_path, "run2", model2, [a2, b2], max_epochs=4, ckpt_path=last, permute_data=True)
     for before, after in ((a1, a2), (b1, b2)):
         p0, p1 = probes_from_state(before.state_dict()), probes_from_state(after.state_dict())
         assert torch.equal(p0[0], p1[0]) and torch.equal(p0[1], p1[1])
