@@ -73,7 +73,8 @@ def test_ddp_two_cpu_processes_same_probes_logged_once(tmp_path: Any, flavour_na
     script = tmp_path / "ddp_fit.py"
     script.write_text(_SCRIPT.format(tests_dir=_HERE, flavour=flavour_name))
     env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1")
-    env.pop("LOCAL_RANK", None)
+    for var in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
+        env.pop(var, None)  # a clean launch: Lightning picks a free port and spawns rank 1
     t0 = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, str(script), str(tmp_path)],

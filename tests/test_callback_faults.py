@@ -131,6 +131,39 @@ def test_unmappable_dict_batch_warns_or_refuses_with_batch_to_probe_hint(flavour
     trainer2, _, tb2 = _tb_fit(flavour, tmp_path / "ok", "DictBatchNet", cb2, max_epochs=2)
     assert [h["step"] for h in cb2.history] == [0, 5, 10]
     assert len(tb2.series("ntk/kta")) == 3
+    # class-balanced draw: the data are 23 / 43 / 6 per class, the probes 4 / 4 / 4
+    # (a uniform draw of 12 would give about 4 / 7 / 1)
+    assert torch.bincount(cb2.probes[1], minlength=3).tolist() == [4, 4, 4]
+
+
+def test_out_of_memory_warns_skips_that_report_and_training_continues(
+    flavour: Flavour, tmp_path: Any, monkeypatch: Any
+) -> None:
+    """The engine running out of memory on one report (simulated: the real error type,
+    raised by the second kernel computation): a warning that names the cause and the
+    fixes, that one report skipped, the next ones made as usual."""
+    import ntk_callback.callback as callback_module
+    from ntk_callback import NTKReportCallback
+
+    real = callback_module.empirical_ntk
+    calls = {"n": 0}
+
+    def flaky(*args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(callback_module, "empirical_ntk", flaky)
+    cb = NTKReportCallback(num_probes=10, every_n_epochs=1)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        trainer, model, tb = _tb_fit(flavour, tmp_path, "Regressor", cb, max_epochs=3)
+    assert trainer.global_step == 15
+    assert [h["step"] for h in cb.history] == [0, 10, 15]
+    assert [s for s, _ in tb.series("ntk/kta")] == [0, 10, 15]
+    msgs = [m for m in _ntk_warnings(rec) if "memory" in m.lower()]
+    assert len(msgs) == 1 and "num_probes" in msgs[0], msgs
 
 
 # -------------------------------------------------------- constructor validation

@@ -313,3 +313,50 @@ def test_other_logger_gets_scalars_and_one_warning(flavour: Flavour, tmp_path: A
         assert all(isinstance(v, float) for k, v in m.items() if k.startswith("ntk/"))
     about_logger = [str(w.message) for w in rec if "RecordingLogger" in str(w.message)]
     assert len(about_logger) == 1, about_logger
+
+
+def test_max_steps_mid_epoch_gets_a_final_report(flavour: Flavour, tmp_path: Any) -> None:
+    """Training stopped by ``max_steps`` in the middle of epoch 1: the weights at the end
+    (step 7) are reported once, on top of the initial and the epoch-0 reports."""
+    from ntk_callback import NTKReportCallback
+
+    model = make_model(flavour, "Regressor", seed=0)
+    train, _ = loaders("Regressor")
+    cb = NTKReportCallback(num_probes=10, every_n_epochs=1)
+    snaps = snapshot_callback(flavour.Callback)
+    logger = flavour.loggers.TensorBoardLogger(str(tmp_path), name="tb", version=0)
+    trainer = flavour.Trainer(max_steps=7, callbacks=[cb, snaps], **quiet_trainer_kwargs(logger=logger))
+    trainer.fit(model, train)
+    assert trainer.global_step == 7
+    assert [h["step"] for h in cb.history] == [0, 5, 7]
+    assert [s for s, _ in TBContent(logger.log_dir).series("ntk/lambda_max")] == [0, 5, 7]
+    px, py = cb.probes
+    K = reference_kernel(model.net, snaps.states[7], px, py)
+    assert_close(cb.history[-1]["metrics"]["lambda_max"], metrics(K, py.numpy())["lambda_max"], what="lambda_max")
+
+
+def test_double_precision_trainer_matches_reference_to_1e9(flavour: Flavour, tmp_path: Any) -> None:
+    """``precision="64-true"``: model and probes in float64, so the callback's numbers
+    (its float64 history, not the float32 TensorBoard copy) agree with the independent
+    float64 computation to round-off: 1e-9 relative, on every report and every metric."""
+    from ntk_callback import NTKReportCallback
+
+    model = make_model(flavour, "Regressor", seed=3)
+    init_state = {k: v.clone().double() for k, v in model.state_dict().items()}
+    train, _ = loaders("Regressor")
+    cb = NTKReportCallback(num_probes=12, every_n_epochs=1)
+    snaps = snapshot_callback(flavour.Callback)
+    trainer = flavour.Trainer(
+        max_epochs=2, callbacks=[cb, snaps], **quiet_trainer_kwargs(precision="64-true")
+    )
+    trainer.fit(model, train)
+    assert next(model.parameters()).dtype == torch.float64
+    px, py = cb.probes
+    K0 = reference_kernel(model.net, init_state, px, py)
+    assert [h["step"] for h in cb.history] == [0, 5, 10]
+    for h in cb.history:
+        ref = metrics(reference_kernel(model.net, snaps.states[h["step"]], px, py), py.numpy(), K0)
+        for name, value in ref.items():
+            if name == "condition_number":
+                continue  # 1/lambda_min amplifies round-off; lambda_min itself is checked
+            assert_close(h["metrics"][name], value, rel=1e-9, abs_=1e-12, what=f"{name} @ {h['step']}")
