@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["NTKParamMLP", "relu_nngp", "relu_ntk"]
+__all__ = ["NTKLinear", "NTKParamMLP", "relu_nngp", "relu_ntk"]
 
 _PI = math.pi
 # Below this angle g(t) = sin t - t cos t is summed from its Taylor series: the direct
@@ -186,7 +186,7 @@ def relu_ntk(x1: Any, x2: Any = None, *, depth: int, w_std: float = 2**0.5,
 
     ``Sigma_l(x, x) = w_std^2 Sigma_{l-1}(x, x) / 2 + b_std^2``. With the default
     ``w_std = sqrt(2)`` (He scaling) and ``b_std = 0`` the diagonal stays
-    ``|x|^2 / d`` at every layer. A zero-norm pre-activation has an undefined angle;
+    ``2 |x|^2 / d`` at every layer and ``Theta(x, x) = 2 (depth + 1) |x|^2 / d``. A zero-norm pre-activation has an undefined angle;
     as in neural-tangents theta = pi/2 is used there (only reachable with
     ``b_std = 0`` and ``x = 0``, where the kernel row is 0 anyway).
 
@@ -220,23 +220,43 @@ def relu_nngp(x1: Any, x2: Any = None, *, depth: int, w_std: float = 2**0.5,
 
 
 class NTKLinear(nn.Module):
-    """``y = w_std / sqrt(in_features) * x W^T + b_std * b`` with ``W, b ~ N(0, 1)``:
-    ``stax.Dense`` in the NTK parameterisation. The bias parameter is omitted when
-    ``b_std == 0`` (it would contribute exactly zero to output and kernel)."""
+    """``y = w_std / sqrt(in_features) * W x + b_std * b`` with ``W, b ~ N(0, 1)``:
+    ``stax.Dense`` in the NTK parameterisation.
+
+    Implemented as a bias-free :class:`torch.nn.Linear` (``self.linear``) applied to the
+    augmented input ``[w_std / sqrt(in_features) * x, b_std]``: its weight is ``[W, b]``
+    (the last column is the bias ``b``), so output, gradients and kernel are exactly
+    those of the formula above, and the engine's fast structured rule for
+    ``nn.Linear`` applies. With ``b_std == 0`` the bias column is omitted (it would
+    contribute exactly zero to output and kernel).
+    """
 
     def __init__(self, in_features: int, out_features: int, w_std: float = 2**0.5,
                  b_std: float = 0.0) -> None:
         super().__init__()
-        self.in_features, self.out_features = in_features, out_features
+        self.in_features, self.out_features = int(in_features), int(out_features)
         self.w_std, self.b_std = float(w_std), float(b_std)
-        self.weight = nn.Parameter(torch.randn(out_features, in_features))
-        self.bias = nn.Parameter(torch.randn(out_features)) if b_std != 0 else None
+        self.has_bias = self.b_std != 0
+        self.linear = nn.Linear(self.in_features + int(self.has_bias), self.out_features,
+                                bias=False)
+        with torch.no_grad():
+            self.linear.weight.normal_()
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """``W``, shape (out_features, in_features) (a view of ``linear.weight``)."""
+        return self.linear.weight[:, : self.in_features]
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """``b``, shape (out_features,), or None when ``b_std == 0``."""
+        return self.linear.weight[:, -1] if self.has_bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = (x @ self.weight.T) * (self.w_std / math.sqrt(self.in_features))
-        if self.bias is not None:
-            y = y + self.b_std * self.bias
-        return y
+        x = x * (self.w_std / math.sqrt(self.in_features))
+        if self.has_bias:
+            x = torch.cat([x, x.new_full((*x.shape[:-1], 1), self.b_std)], dim=-1)
+        return self.linear(x)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
