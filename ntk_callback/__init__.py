@@ -11,9 +11,13 @@ from __future__ import annotations
 from typing import Any
 
 from .engine import NTKError, empirical_ntk, finite_difference_ntk, layerwise_ntk
+from . import analysis, dynamics, theory
 from .report import NTKReport, analyze_ntk
 
 __all__ = [
+    "analysis",
+    "dynamics",
+    "theory",
     "NTKError",
     "NTKReport",
     "NTKReportCallback",
