@@ -25,10 +25,9 @@ import pytest
 import torch
 
 from callback_reference import TBContent
-from lightning_models import (  # noqa: F401  (flavour is a fixture)
+from lightning_models import (
     Flavour,
     dict_batch_to_probe,
-    flavour,
     load_flavour,
     loaders,
     make_model,
