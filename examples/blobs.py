@@ -3,7 +3,7 @@
     python examples/blobs.py                     # trains ~10 s on a CPU, logs under logs/
     tensorboard --logdir logs                    # scalars ntk/*, images ntk/kernel, ntk/spectrum, ntk/drift
 
-Options: --epochs, --logdir, --num-probes, --every-n-epochs, --seed, and
+Options: --epochs, --logdir, --num-probes, --every-n-epochs, --seed, --threads, and
 --save-figures DIR to also write the last report's pictures (kernel heatmap, spectrum,
 drift) as PNG files into DIR (the images in docs/ come from ``--save-figures docs``).
 """
@@ -30,7 +30,7 @@ from ntk_callback import NTKReportCallback
 
 
 def make_blobs(
-    n_per_class: int = 1000, num_classes: int = 4, dim: int = 8, spread: float = 1.0, seed: int = 0
+    n_per_class: int = 4000, num_classes: int = 4, dim: int = 8, spread: float = 1.0, seed: int = 0
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``num_classes`` isotropic Gaussian blobs in ``dim`` dimensions.
 
@@ -147,7 +147,10 @@ def main(argv: Optional[list] = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save-figures", metavar="DIR", default=None,
                         help="also write kernel_heatmap.png, spectrum.png and drift.png into DIR")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: a model this small only loses time synchronising threads)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
 
     callback = NTKReportCallback(num_probes=args.num_probes, every_n_epochs=args.every_n_epochs, seed=args.seed)
     run = fit(epochs=args.epochs, logdir=args.logdir, seed=args.seed, callback=callback)

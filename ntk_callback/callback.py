@@ -24,7 +24,6 @@ console report and ``trainer.callback_metrics`` remain.
 """
 from __future__ import annotations
 
-import math
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
@@ -58,7 +57,7 @@ _MODES = ("target", "trace", "sum")
 _SOURCES = ("train", "val")
 STATE_VERSION = 1
 _HISTORY_PICTURES = ("spectrum", "drift")
-_FIGURE_REFRESH_S = 120.0
+_FIGURE_BUDGET = 0.02  # fraction of the training time the history pictures may take before the end
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
@@ -189,8 +188,10 @@ class NTKReportCallback(Callback):
         self.last_kernel: Optional[Tensor] = None
         self.last_report: Optional[NTKReport] = None
         self._disabled_reason: Optional[str] = None
-        self._figures_time = -math.inf  # time.monotonic() of the last spectrum/drift drawing
-        self._figures_step: Optional[int] = None
+        self._fit_start = time.perf_counter()
+        self._figures_spent = 0.0  # seconds spent drawing the history pictures in this fit
+        self._figures_estimate = 0.3  # seconds one drawing takes (updated after each)
+        self._figures_step: Optional[int] = None  # step of the last report drawn with them
         self._dispatcher = LoggerDispatcher(log_images=self.log_images, on_error=self._logger_failed)
 
     # ------------------------------------------------------------------ public state
@@ -321,6 +322,7 @@ class NTKReportCallback(Callback):
         if not self._active(trainer, need_probes=False):
             return
         self._warn_about_loggers(trainer)
+        self._fit_start, self._figures_spent, self._figures_step = time.perf_counter(), 0.0, None
         if self._probes is None or trainer.world_size > 1:
             self._probes = self._resolve_probes(trainer)
             if self._probes is None:
@@ -517,18 +519,22 @@ class NTKReportCallback(Callback):
             pl_module.print("\n" + report.format())
 
     def _figures_due(self, tag: str) -> bool:
-        """Whether the history pictures (spectrum, drift: matplotlib, ~10x a small NTK) are redrawn now.
+        """Whether the history pictures (spectrum, drift) are redrawn at this report.
 
-        They show every report so far, so redrawing them at each report is redundant and on
-        small models costs more than the kernel: they are drawn at the 1st, 2nd, 4th, 8th,
-        ... report, when ``_FIGURE_REFRESH_S`` seconds passed since the last drawing, and
-        for the last report of the run (from ``on_train_end``).
+        They show every report so far, so one drawing at the end of training holds all the
+        information; drawing them (matplotlib, ~0.1-0.3 s) at every report would cost more
+        than the kernel of a small model. They are therefore redrawn during training only
+        while the time spent drawing them stays within ``_FIGURE_BUDGET`` (2 %) of the
+        training time so far (so long runs get fresh pictures at every report and short
+        runs do not pay for them), and always for the last report (from ``on_train_end``).
+        The initial report alone draws none.
         """
-        if not self.log_figures:
+        if not self.log_figures or tag == "init":
             return False
-        n = len(self._history)
-        due = tag == "final" or (n & (n - 1)) == 0 or time.monotonic() - self._figures_time >= _FIGURE_REFRESH_S
-        return due
+        if tag == "final":
+            return True
+        elapsed = time.perf_counter() - self._fit_start
+        return self._figures_spent + self._figures_estimate <= _FIGURE_BUDGET * elapsed
 
     def _log_media(
         self,
@@ -551,9 +557,11 @@ class NTKReportCallback(Callback):
             pictures=pictures,
             histogram=histogram,
         )
+        start = time.perf_counter()
         self._dispatcher.log_media(loggers, media)
         if any(p in _HISTORY_PICTURES for p in pictures):
-            self._figures_time = time.monotonic()
+            self._figures_estimate = time.perf_counter() - start
+            self._figures_spent += self._figures_estimate
             self._figures_step = record["step"]
 
     def _refresh_figures(self, trainer: Any) -> None:

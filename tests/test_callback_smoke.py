@@ -317,3 +317,52 @@ def test_constructor_validation_messages() -> None:
         NTKReportCallback(probes=(torch.zeros(3, 2),))
     with pytest.raises(ValueError, match="strict"):
         NTKReportCallback(strict="yes")  # type: ignore[arg-type]
+
+
+_ISOLATED_FIT = r"""
+import sys
+sys.modules[{blocked!r}] = None  # as if this flavour were not installed
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+import {flavour} as pl
+from {flavour}.loggers import TensorBoardLogger
+import ntk_callback._lightning as shim
+from ntk_callback import NTKReportCallback
+assert shim.FLAVOUR == {flavour!r}, shim.FLAVOUR
+
+class M(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Linear(3, 2)
+    def forward(self, x):
+        return self.net(x)
+    def training_step(self, batch, i):
+        return nn.functional.cross_entropy(self(batch[0]), batch[1])
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+x, y = torch.randn(8, 3), torch.arange(8) % 2
+cb = NTKReportCallback(num_probes=4, log_console=False)
+trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=TensorBoardLogger({logdir!r}), callbacks=[cb],
+                     enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+trainer.fit(M(), DataLoader(TensorDataset(x, y), batch_size=4))
+assert [h["step"] for h in cb.history] == [0, 2], cb.history
+assert "ntk/kta" in trainer.callback_metrics
+assert sys.modules.get({blocked!r}) is None  # never imported behind our back
+print("ISOLATED-OK", shim.logger_kind(trainer.logger))
+"""
+
+
+@pytest.mark.parametrize(
+    "flavour,blocked", [("pytorch_lightning", "lightning"), ("lightning.pytorch", "pytorch_lightning")]
+)
+def test_works_with_only_one_flavour_installed(flavour: str, blocked: str, tmp_path: Any) -> None:
+    import subprocess
+    import sys
+
+    _flavour(flavour)
+    code = _ISOLATED_FIT.format(flavour=flavour, blocked=blocked, logdir=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ISOLATED-OK tensorboard" in proc.stdout
