@@ -96,8 +96,11 @@ class NTKReportCallback(Callback):
         dtype: dtype of the kernel computation (e.g. ``torch.float64`` for reference
             grade numbers); default the model's dtype.
         log_images: write the heatmap/histogram/pictures to loggers that support media.
-        log_figures: include the matplotlib pictures (``ntk/spectrum``, ``ntk/drift``)
-            among the images (needs matplotlib; the heatmap does not).
+        log_figures: include the matplotlib pictures ``ntk/spectrum`` (the spectrum of
+            every report on one plot) and ``ntk/drift`` (drift and alignment against the
+            step). They summarise the whole history, so they are always drawn for the last
+            report and, during training, only while drawing them takes at most 2 % of the
+            training time (needs matplotlib; the heatmap and histogram do not).
         log_console: print ``NTKReport.format()`` on global rank zero (via the progress bar).
         memory_budget: bytes for the engine's Jacobian blocks (engine default when None).
         output_fn: maps ``pl_module(inputs)`` to (N, O) logits / (N,) outputs when
@@ -108,8 +111,20 @@ class NTKReportCallback(Callback):
     ``trainer.callback_metrics``; TensorBoard also gets ``ntk/eigenvalues`` (histogram of
     log10 lambda) and the images ``ntk/kernel``, ``ntk/spectrum``, ``ntk/drift``.
 
-    Attributes after fitting: :attr:`history` (one record per report), :attr:`probes`,
-    :attr:`init_kernel`, :attr:`last_kernel`, :attr:`last_report`.
+    Faults (NaN/inf kernel, out-of-memory, an engine error, a failing logger) give a
+    warning that names the cause and the fix; the report is skipped and training goes on
+    (``strict=True`` raises instead). The callback never changes weights, buffers,
+    gradients, optimizer state, global RNG streams or the dataloader order: training with
+    it is bit-identical to training without it.
+
+    Distributed (``ddp``, ``ddp_spawn``): rank 0's probes are broadcast, every rank computes
+    the same kernel on its unwrapped module (no collective inside, so a failure on one rank
+    cannot deadlock the others) and fills ``callback_metrics``; loggers and the console get
+    it once, from global rank zero. Sharded strategies are refused in ``setup``.
+
+    Attributes after fitting: :attr:`history` (one record per report, the format of
+    :meth:`state_dict`), :attr:`probes`, :attr:`init_kernel`, :attr:`last_kernel`,
+    :attr:`last_report`.
     """
 
     def __init__(
@@ -309,6 +324,7 @@ class NTKReportCallback(Callback):
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
             return
+        self._disabled_reason = None  # a new fit gets a new chance to draw probes
         name = sharded_strategy_name(trainer.strategy)
         if name is not None:
             raise MisconfigurationException(
@@ -369,16 +385,14 @@ class NTKReportCallback(Callback):
 
     def _resolve_probes(self, trainer: Any) -> Optional[Probes]:
         """Probes for this run: given, restored or drawn on rank 0; broadcast so every rank uses rank 0's."""
-        probes, error = self._probes, None
+        probes, error, local_err = self._probes, None, None
         if probes is None and trainer.is_global_zero:
             try:
                 probes = self._draw(trainer)
             except Exception as err:  # noqa: BLE001 - reported below, after the collective
-                error = f"{type(err).__name__}: {err}"
-                if self.strict:
-                    raise
+                error, local_err = f"{type(err).__name__}: {err}", err
         if trainer.world_size > 1:
-            # every rank must call broadcast, even when rank 0 failed, or the others would hang
+            # every rank must reach broadcast, even when rank 0 failed, or the others would hang
             probes, error = trainer.strategy.broadcast((probes, error), src=0)
         if probes is None:
             self._disabled_reason = error or "no probes"
@@ -387,7 +401,7 @@ class NTKReportCallback(Callback):
                 "Fix: pass probes=(inputs, targets), or batch_to_probe=... for custom batches."
             )
             if self.strict:
-                raise ProbeError(msg)
+                raise ProbeError(msg) from local_err
             rank_zero_warn(msg)
             return None
         return probes
@@ -425,7 +439,6 @@ class NTKReportCallback(Callback):
 
     def _compute_kernel(self, trainer: Any, pl_module: Any) -> Optional[Tensor]:
         """K on the probes (CPU), or None after a reported fault (re-raised when strict)."""
-        n = len(self._history)
         try:
             inputs, targets = self._model_inputs(trainer, pl_module)
             kwargs: Dict[str, Any] = {"mode": self.mode, "dtype": self.dtype, "eval_mode": True}
@@ -444,13 +457,16 @@ class NTKReportCallback(Callback):
                 )
             return kernel
         except Exception as err:  # noqa: BLE001 - a measurement must never stop training
-            self._fault(trainer, err, where=f"report {n} (step {trainer.global_step})")
+            self._fault(trainer, err, where=f"report at step {trainer.global_step}")
             return None
 
-    def _fault(self, trainer: Any, err: BaseException, where: str) -> None:
+    def _fault(self, trainer: Any, err: BaseException, where: str, stage: str = "engine") -> None:
         if self.strict:
             raise err
-        if isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower():
+        if stage == "analysis":
+            cause = "the analysis of the kernel failed"
+            fix = "Fix: check the probe targets (shape (N,), int class labels or float regression targets)."
+        elif isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower():
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             fix = (
@@ -482,7 +498,7 @@ class NTKReportCallback(Callback):
         try:
             report = analyze_ntk(kernel, targets, init_kernel=init, title=f"NTK {where}, step {trainer.global_step}")
         except Exception as err:  # noqa: BLE001
-            self._fault(trainer, err, where=f"analysis at step {trainer.global_step}")
+            self._fault(trainer, err, where=f"report at step {trainer.global_step}", stage="analysis")
             return
         if tag == "init":
             self._init_kernel = kernel

@@ -192,7 +192,7 @@ def spectrum_figure(history: Sequence[Mapping[str, Any]], *, max_curves: int = 1
     ax.set_title("NTK spectrum")
     ax.grid(True, which="major", alpha=0.3)
     if chosen:
-        ax.legend(fontsize=6, loc="lower left", frameon=False)
+        ax.legend(fontsize=7, loc="lower left", frameon=False)
     # fixed margins: tight_layout would render the figure twice (the dominant cost)
     fig.subplots_adjust(left=0.14, right=0.97, bottom=0.14, top=0.91)
     return fig
