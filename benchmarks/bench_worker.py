@@ -5,9 +5,9 @@ has torch preloaded but has computed nothing, so every worker starts from the sa
 resident set. The worker loads the shared model/probe file, records its resident-set
 high-water mark (``ru_maxrss``) as the baseline, then:
 
-1. for the methods whose cost grows quickly with N, a *pilot* on the first ``n0`` probes
-   (also the warm-up) projects the time at N (linear in N, quadratic for the
-   NTK-vector products) and the method is reported as over the limit instead of run when
+1. for the methods whose cost grows quickly with N, *pilots* on the first 2, 4, ... ``n0`` probes
+   (the first is a warm-up) project the time at N (linear in N, up to quadratic for the
+   NTK-vector products and nngeometry) and the method is reported as over the limit instead of run when
    the projection exceeds ``max_seconds``;
 2. a full-size warm-up run when it is cheap (projected under a quarter of the limit);
 3. up to ``repeats`` timed runs, stopping early once their total passes ``max_seconds``
@@ -21,6 +21,7 @@ reference.
 from __future__ import annotations
 
 import gc
+import math
 import resource
 import statistics
 import time
@@ -38,7 +39,7 @@ OUR_METHODS = ("ours", "ours_generic")
 FLOOR_METHODS = ("floor_G", "floor_trace")
 # Methods with a pilot run, and the power of N their time grows with.
 SCALING = {"per_sample_loop": 1, "vmap_jacrev": 1, "vmap_grad": 1, "ntk_vps": 2,
-           "nngeometry_gram": 2}
+           "nngeometry_gram": 2, "ours_generic": 1}
 
 
 def supports(method: str, mode: str) -> bool:
@@ -77,6 +78,28 @@ def _load(path: str, config: str) -> tuple[torch.nn.Module, torch.Tensor, torch.
     return model, data["x"], data["t"]
 
 
+def _pilot(run: Callable[[torch.Tensor, torch.Tensor], tuple[float, Any]], x: torch.Tensor,
+           t: torch.Tensor, power: int, n0: int, limit: float) -> float:
+    """Projected time at N = len(x) from timed runs on the first 2, 4, 8, ... probes (up
+    to ``n0``, or until one takes limit / 20). The growth exponent is fitted on the last
+    two pilots and clamped to [1, ``power``] (so fixed overheads at tiny n do not inflate
+    a quadratic projection), then (N / n)^exponent scales the last pilot's time. The
+    first (2-probe) run is only a warm-up."""
+    n = x.shape[0]
+    run(x[:2], t[:2])
+    m, prev = 2, None
+    while True:
+        dt, _ = run(x[:m], t[:m])
+        exponent = float(power)
+        if prev is not None and prev[1] > 0 and dt > 0:
+            fitted = math.log(dt / prev[1]) / math.log(m / prev[0])
+            exponent = min(float(power), max(1.0, fitted))
+        if m >= min(n0, n) or dt > limit / 20:
+            return dt * (n / m) ** exponent
+        prev = (m, dt)
+        m = min(2 * m, n0, n)
+
+
 def measure(task: dict[str, Any]) -> dict[str, Any]:
     """Run one measurement; ``task`` keys: data, config, mode, method, threads, repeats,
     max_seconds, n0, kernel_out (path or None), num_outputs."""
@@ -98,11 +121,8 @@ def measure(task: dict[str, Any]) -> dict[str, Any]:
 
     limit = task["max_seconds"]
     projected = None
-    if method in SCALING and n > task["n0"]:
-        n0 = task["n0"]
-        fn(x[:n0], t[:n0])                      # warm the code paths up
-        t_pilot, _ = run(x[:n0], t[:n0])
-        projected = t_pilot * (n / n0) ** SCALING[method]
+    if method in SCALING and n > 2:
+        projected = _pilot(run, x, t, SCALING[method], task["n0"], limit)
         result["projected_s"] = projected
         if projected > limit:
             result["status"] = "over_limit"
