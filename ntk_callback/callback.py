@@ -526,6 +526,8 @@ class NTKReportCallback(Callback):
         trainer.callback_metrics.update({k: torch.tensor(v, dtype=torch.float64) for k, v in metrics.items()})
         loggers = list(trainer.loggers)
         self._dispatcher.log_scalars(loggers, metrics, step)
+        if trainer.is_global_zero:
+            self._dispatcher.warn_scalar_only(loggers)
         if trainer.is_global_zero and self._dispatcher.wants_media(loggers):
             pictures: Tuple[str, ...] = ("kernel",)
             if self._figures_due(record["tag"]):

@@ -133,6 +133,19 @@ class LoggerDispatcher:
     def wants_media(self, loggers: Sequence[Any]) -> bool:
         return self.log_images and any(logger_kind(lg) in MEDIA_KINDS for lg in loggers)
 
+    def warn_scalar_only(self, loggers: Sequence[Any]) -> None:
+        """Warn once per logger class that gets the scalars but no pictures."""
+        if not self.log_images:
+            return
+        for lg in loggers:
+            if logger_kind(lg) not in MEDIA_KINDS and logger_kind(lg) != "dummy":
+                self._warn_once(
+                    f"other:{type(lg).__module__}.{type(lg).__qualname__}",
+                    f"NTKReportCallback: {type(lg).__name__} receives the `ntk/` scalars only; the kernel heatmap, "
+                    "eigenvalue histogram, spectrum and drift pictures are written for TensorBoard, W&B, MLflow and "
+                    "CSV loggers.",
+                )
+
     def log_media(self, loggers: Sequence[Any], media: ReportMedia) -> None:
         """Write histogram/images for every logger that supports them. Call on global rank zero only."""
         if media.figures and media.image("spectrum" if "spectrum" in media.pictures else "drift") is None:
@@ -150,12 +163,7 @@ class LoggerDispatcher:
                 continue
             writer = getattr(self, f"_media_{kind}", None)
             if writer is None:
-                self._warn_once(
-                    f"other:{type(lg).__qualname__}",
-                    f"NTKReportCallback: {type(lg).__name__} receives the `ntk/` scalars only; the kernel heatmap, "
-                    "spectrum and drift pictures are written for TensorBoard, W&B, MLflow and CSV loggers.",
-                )
-                continue
+                continue  # scalars only: see warn_scalar_only
             self._guard(f"{type(lg).__name__} media", lambda lg=lg, writer=writer: writer(lg, media))
 
     def _images(self, media: ReportMedia) -> List[tuple]:

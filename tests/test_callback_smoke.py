@@ -366,3 +366,89 @@ def test_works_with_only_one_flavour_installed(flavour: str, blocked: str, tmp_p
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ISOLATED-OK tensorboard" in proc.stdout
+
+
+def test_media_dispatch_to_wandb_mlflow_and_scalar_only_loggers() -> None:
+    """W&B / MLflow media calls (their backends are not needed: the I/O methods are stubbed)."""
+    pytest.importorskip("matplotlib")
+    from pytorch_lightning.loggers import Logger, MLFlowLogger, WandbLogger
+
+    from ntk_callback.loggers import LoggerDispatcher, ReportMedia
+
+    class FakeWandb(WandbLogger):
+        def __init__(self) -> None:
+            self.images: list = []
+
+        def log_image(self, key: str, images: list, step: Any = None, **kwargs: Any) -> None:
+            self.images.append((key, images[0].shape, images[0].dtype, step))
+
+    class FakeClient:
+        def __init__(self) -> None:
+            self.calls: list = []
+
+        def log_image(self, run_id: str, image: np.ndarray, artifact_file: str) -> None:
+            self.calls.append(("image", run_id, image.shape, artifact_file))
+
+        def log_dict(self, run_id: str, d: dict, artifact_file: str) -> None:
+            self.calls.append(("dict", run_id, len(d["eigenvalues"]), artifact_file))
+
+    class FakeMLflow(MLFlowLogger):
+        def __init__(self) -> None:
+            self.client = FakeClient()
+
+        @property
+        def experiment(self) -> Any:
+            return self.client
+
+        @property
+        def run_id(self) -> str:
+            return "run-1"
+
+    class Plain(Logger):
+        name, version = "plain", 0
+
+        def log_metrics(self, metrics: Any, step: Any = None) -> None: ...
+
+        def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None: ...
+
+    K = torch.randn(6, 6, dtype=torch.float64)
+    K = K @ K.T
+    lam = torch.linalg.eigvalsh(K).flip(0)
+    hist = [{"tag": "init", "epoch": 0, "step": 0, "metrics": {"kta": 0.5}, "eigenvalues": lam.tolist()}]
+    media = ReportMedia(step=7, kernel=K.numpy(), labels=np.array([0, 0, 1, 1, 2, 2]), eigenvalues=lam.numpy(), history=hist)
+    wb, ml, plain = FakeWandb(), FakeMLflow(), Plain()
+    disp = LoggerDispatcher()
+    with pytest.warns(UserWarning, match="Plain receives the `ntk/` scalars only") as rec:
+        disp.warn_scalar_only([wb, ml, plain])
+        disp.warn_scalar_only([wb, ml, plain])
+    assert len([w for w in rec if "Plain" in str(w.message)]) == 1
+    disp.log_media([wb, ml, plain], media)
+    assert [(k, s[2], d, st) for k, s, d, st in wb.images] == [
+        ("ntk/kernel", 3, np.uint8, 7), ("ntk/spectrum", 3, np.uint8, 7), ("ntk/drift", 3, np.uint8, 7)
+    ]
+    assert wb.images[0][1] == (6 * 42, 6 * 42, 3)  # HWC for wandb.Image
+    assert ml.client.calls[0] == ("image", "run-1", (252, 252, 3), "ntk/kernel/step_0000007.png")
+    assert ml.client.calls[-1] == ("dict", "run-1", 6, "ntk/eigenvalues/step_0000007.json")
+
+
+def test_a_failing_logger_is_reported_not_raised() -> None:
+    from ntk_callback.loggers import LoggerDispatcher
+
+    class Broken:
+        def log_metrics(self, metrics: Any, step: Any = None) -> None:
+            raise OSError("disk full")
+
+    class Good:
+        def __init__(self) -> None:
+            self.got: list = []
+
+        def log_metrics(self, metrics: Any, step: Any = None) -> None:
+            self.got.append((metrics, step))
+
+    errors: list = []
+    good = Good()
+    LoggerDispatcher(on_error=lambda what, err: errors.append((what, str(err)))).log_scalars(
+        [Broken(), good], {"ntk/kta": 0.25}, 3
+    )
+    assert errors == [("Broken.log_metrics", "disk full")]
+    assert good.got == [({"ntk/kta": 0.25}, 3)]  # the next logger still gets its scalars
