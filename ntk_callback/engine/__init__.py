@@ -4,8 +4,8 @@
 structured per-layer rule (:mod:`.structured`) or to the exact generic torch.func path
 (:mod:`.generic`).
 """
-from .api import empirical_ntk, layerwise_ntk
+from .api import empirical_ntk, layerwise_ntk, model_outputs
 from .errors import NTKError
 from .finite_step import finite_difference_ntk
 
-__all__ = ["NTKError", "empirical_ntk", "finite_difference_ntk", "layerwise_ntk"]
+__all__ = ["NTKError", "empirical_ntk", "finite_difference_ntk", "layerwise_ntk", "model_outputs"]

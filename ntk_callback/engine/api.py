@@ -189,3 +189,15 @@ def _run(model, inputs, targets, mode, dtype, chunk_size, eval_mode, inputs2, ta
             key = problem.param_owner.get(name, name) if by_layer else ""
             keys.setdefault(key, []).append(name)
         return _kernels(problem, keys, implementation, budget, chunk_size, layer_paths)
+
+
+def model_outputs(model: torch.nn.Module, inputs: Any, *, dtype: torch.dtype | None = None,
+                  eval_mode: bool = True,
+                  output_fn: Callable[[Any], torch.Tensor] | None = None) -> torch.Tensor:
+    """The outputs f(x) the kernel is defined on, shape (N, O) (a (N,) output gives O = 1),
+    measured exactly like :func:`empirical_ntk` (same call convention, ``output_fn``,
+    eval mode and dtype; no gradient) and with the same guarantee of no side effects."""
+    with frozen_measurement(model, eval_mode), torch.no_grad():
+        problem = build_problem(model, inputs, None, mode="trace", dtype=dtype,
+                                output_fn=output_fn)
+        return problem.forward(problem.tensors(), problem.x1)
