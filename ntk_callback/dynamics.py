@@ -135,6 +135,14 @@ def mode_time_constants(K: ArrayLike, lr: float) -> torch.Tensor:
     return out
 
 
+def _mode_energies(K: ArrayLike, r: ArrayLike, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clamped eigenvalues (descending) and the residual energy (q_i . r)^2 of each mode
+    (summed over columns for an (N, O) residual)."""
+    lam, Q = A._eigh_desc(A._kernel(K))
+    c2 = (Q.T @ _f64(r, name)) ** 2
+    return lam.clamp_min(0.0), (c2 if c2.dim() == 1 else c2.sum(1))
+
+
 def steps_to_reduce(K: ArrayLike, r0: ArrayLike, lr: float, factor: float) -> float:
     """Fewest GD steps t with ``||r_t|| <= factor * ||r_0||`` under the linearised dynamics
     (:func:`ntk_callback.analysis.predicted_residual`); ``inf`` when it is never reached
@@ -142,12 +150,7 @@ def steps_to_reduce(K: ArrayLike, r0: ArrayLike, lr: float, factor: float) -> fl
     if not 0.0 < float(factor) <= 1.0:
         raise ValueError(f"factor must be in (0, 1]; got {factor!r}.")
     _check_lr_steps(lr, 0)
-    Ks = A._kernel(K)
-    r = _f64(r0, "r0")
-    lam, Q = A._eigh_desc(Ks)
-    lam = lam.clamp_min(0.0)
-    c2 = (Q.T @ r) ** 2
-    c2 = c2 if c2.dim() == 1 else c2.sum(1)
+    lam, c2 = _mode_energies(K, r0, "r0")
     total = float(c2.sum())
     if total == 0.0:
         return 0.0
@@ -178,16 +181,11 @@ def slowest_modes(K: ArrayLike, r: ArrayLike, lr: float, k: int = 3) -> list[dic
     """The ``k`` modes holding residual energy that decay slowest under linearised GD:
     ``[{"eigenvalue", "energy" (share of ||r||^2), "time_constant" (steps per e-fold)}]``,
     slowest first; modes with < 1e-12 of the energy are ignored."""
-    Ks = A._kernel(K)
-    rr = _f64(r, "r")
-    lam, Q = A._eigh_desc(Ks)
-    lam = lam.clamp_min(0.0)
-    c2 = (Q.T @ rr) ** 2
-    c2 = c2 if c2.dim() == 1 else c2.sum(1)
+    lam, c2 = _mode_energies(K, r, "r")
     total = float(c2.sum())
     if total == 0.0:
         return []
-    tau = mode_time_constants(Ks, lr)
+    tau = mode_time_constants(K, lr)
     idx = [i for i in range(lam.shape[0]) if float(c2[i]) / total > 1e-12]
     idx.sort(key=lambda i: (-float(tau[i]), float(lam[i])))
     return [{"eigenvalue": float(lam[i]), "energy": float(c2[i]) / total,

@@ -222,6 +222,28 @@ def _conv_patches(module: nn.Module, a: torch.Tensor) -> torch.Tensor:
     return F.unfold(a, kernel, dilation=dil, padding=0, stride=stride).transpose(1, 2)
 
 
+def _normalised(module: nn.Module, a: torch.Tensor, d: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised input of a norm layer as (n, S, C) and its cotangents as (k, n, S, C),
+    C being the size of the affine parameters."""
+    k, n = d.shape[:2]
+    if isinstance(module, nn.LayerNorm):
+        xhat = F.layer_norm(a, module.normalized_shape, None, None, module.eps)
+        width = 1
+        for s in module.normalized_shape:
+            width *= s
+        return xhat.reshape(n, -1, width), d.reshape(k, n, -1, width)
+    if isinstance(module, nn.GroupNorm):
+        xhat = F.group_norm(a, module.num_groups, None, None, module.eps)
+    else:  # BatchNorm in eval: a per-channel affine map of the running statistics
+        shape = (1, -1) + (1,) * (a.dim() - 2)
+        # The module's own buffers may be float32 while the kernel is computed in float64.
+        mean = module.running_mean.to(a.dtype).reshape(shape)
+        var = module.running_var.to(a.dtype).reshape(shape)
+        xhat = (a - mean) / torch.sqrt(var + module.eps)
+    return _channels_last(xhat, 1), _channels_last(d, 2)
+
+
 def _terms(module: nn.Module, attrs: dict[str, str], a: torch.Tensor,
            d: torch.Tensor) -> list[Term]:
     k, n = d.shape[:2]
@@ -246,32 +268,10 @@ def _terms(module: nn.Module, attrs: dict[str, str], a: torch.Tensor,
                     terms.append(Term("outer", f"{attrs['weight']}#{gi}", pg[:, :, gi], dg[:, :, :, gi]))
         if "bias" in attrs:
             terms.append(Term("sum", attrs["bias"], None, dd))
-    elif isinstance(module, nn.modules.batchnorm._BatchNorm):
-        shape = (1, -1) + (1,) * (a.dim() - 2)
-        # The module's own buffers may be float32 while the kernel is computed in float64.
-        mean = module.running_mean.to(a.dtype).reshape(shape)
-        var = module.running_var.to(a.dtype).reshape(shape)
-        xhat = (a - mean) / torch.sqrt(var + module.eps)
-        dd = _channels_last(d, 2)
+    elif isinstance(module, _NORM):
+        xhat, dd = _normalised(module, a, d)
         if "weight" in attrs:
-            terms.append(Term("scale", attrs["weight"], _channels_last(xhat, 1), dd))
-        if "bias" in attrs:
-            terms.append(Term("sum", attrs["bias"], None, dd))
-    elif isinstance(module, nn.GroupNorm):
-        xhat = F.group_norm(a, module.num_groups, None, None, module.eps)
-        dd = _channels_last(d, 2)
-        if "weight" in attrs:
-            terms.append(Term("scale", attrs["weight"], _channels_last(xhat, 1), dd))
-        if "bias" in attrs:
-            terms.append(Term("sum", attrs["bias"], None, dd))
-    elif isinstance(module, nn.LayerNorm):
-        xhat = F.layer_norm(a, module.normalized_shape, None, None, module.eps)
-        width = 1
-        for s in module.normalized_shape:
-            width *= s
-        dd = d.reshape(k, n, -1, width)
-        if "weight" in attrs:
-            terms.append(Term("scale", attrs["weight"], xhat.reshape(n, -1, width), dd))
+            terms.append(Term("scale", attrs["weight"], xhat, dd))
         if "bias" in attrs:
             terms.append(Term("sum", attrs["bias"], None, dd))
     elif isinstance(module, nn.Embedding):
