@@ -2,7 +2,8 @@
 
 * :func:`kernel_heatmap_image` needs numpy only and returns a ``uint8`` (3, H, W) image
   (the layout ``SummaryWriter.add_image`` takes by default).
-* :func:`spectrum_figure` and :func:`drift_figure` need matplotlib (optional dependency,
+* :func:`spectrum_figure`, :func:`drift_figure`, :func:`layers_figure` and
+  :func:`dynamics_figure` need matplotlib (optional dependency,
   ``pip install matplotlib``); they build figures without ``pyplot`` (no global figure
   state, no GUI backend) and :func:`figure_to_image` rasterises them to (3, H, W) uint8.
 * :func:`save_png` writes any of these to a PNG file with a tiny zlib encoder, so it
@@ -12,7 +13,8 @@ A *history* is a sequence of report records as kept by
 :class:`~ntk_callback.NTKReportCallback` (``callback.history``): mappings with ``"step"``
 (int, the trainer's global step), ``"tag"`` (``"init"``, ``"epoch"`` or ``"final"``),
 ``"epoch"``, ``"eigenvalues"`` (descending, clamped at 0) and ``"metrics"`` (the flat
-``NTKReport.to_dict()``).
+``NTKReport.to_dict()``, plus ``layer_share/<name>``, ``layer_drift/<name>`` and the
+dynamics keys of :class:`ntk_callback.insight.DynamicsTracker` when the callback logs them).
 """
 from __future__ import annotations
 
@@ -236,6 +238,132 @@ def drift_figure(history: Sequence[Mapping[str, Any]]) -> Any:
     return fig
 
 
+def _series(history: Sequence[Mapping[str, Any]], key: str) -> tuple[list, list]:
+    """(steps, values) of ``metrics[key]`` over the history, non-finite and missing left out."""
+    xs, ys = [], []
+    for rec in history:
+        v = rec.get("metrics", {}).get(key)
+        if v is not None and np.isfinite(v):
+            xs.append(rec.get("step", 0))
+            ys.append(float(v))
+    return xs, ys
+
+
+LAYER_SHARE = "layer_share/"
+LAYER_DRIFT = "layer_drift/"
+
+
+def layer_names(history: Sequence[Mapping[str, Any]], max_layers: Optional[int] = None) -> list[str]:
+    """Layers with a ``layer_share/<name>`` metric in ``history``, largest first.
+
+    Ranked by the largest share each layer reached in any report (ties: first seen),
+    truncated to ``max_layers`` when given.
+    """
+    best: dict[str, float] = {}
+    for rec in history:
+        for key, v in rec.get("metrics", {}).items():
+            if key.startswith(LAYER_SHARE):
+                name = key[len(LAYER_SHARE):]
+                v = float(v) if v is not None and np.isfinite(v) else -np.inf
+                best[name] = max(best.get(name, -np.inf), v)
+    names = sorted(best, key=lambda k: -best[k])  # stable: ties keep first-seen order
+    return names if max_layers is None else names[: int(max_layers)]
+
+
+def layers_figure(history: Sequence[Mapping[str, Any]], *, max_layers: int = 8) -> Any:
+    """Which layers make the kernel and which move it, against the global step; two panels.
+
+    1. ``layer_share/<name>`` = tr K_l / tr K (the layers' shares of the kernel trace; they
+       sum to 1 because the NTK is a sum over parameters);
+    2. ``layer_drift/<name>`` = ||K_l - K0_l||_F / ||K0_l||_F (each layer's own drift).
+
+    One line per layer for the ``max_layers`` layers with the largest share (at any
+    report), the same colour in both panels; the title says how many were left out.
+    Returns a matplotlib ``Figure``.
+    """
+    Figure = _require_matplotlib()
+    fig = Figure(figsize=(10.5, 3.2), dpi=100)
+    names = layer_names(history)
+    shown = names[: int(max_layers)]
+    colors = colormap(np.linspace(0.0, 0.9, max(len(shown), 1))) / 255.0
+    hidden = len(names) - len(shown)
+    panels = ((LAYER_SHARE, "share of the kernel trace tr K_l / tr K"),
+              (LAYER_DRIFT, "layer drift ||K_l - K0_l|| / ||K0_l||"))
+    for i, (prefix, title) in enumerate(panels):
+        ax = fig.add_subplot(1, 2, i + 1)
+        for c, name in zip(colors, shown):
+            xs, ys = _series(history, prefix + name)
+            if xs:
+                ax.plot(xs, ys, marker="o", ms=3, lw=1.4, color=c, label=name)
+        ax.set_xlabel("global step")
+        ax.set_title(title + (f" ({hidden} smaller layers not shown)" if hidden and i == 0 else ""), fontsize=9)
+        ax.grid(True, alpha=0.3)
+    if fig.axes[0].lines:
+        # outside the axes on the right: one legend serves both panels (same colours)
+        fig.axes[1].legend(*fig.axes[0].get_legend_handles_labels(), fontsize=7, frameon=False,
+                           loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.subplots_adjust(left=0.06, right=0.84, bottom=0.16, top=0.89, wspace=0.25)
+    return fig
+
+
+def dynamics_figure(history: Sequence[Mapping[str, Any]]) -> Any:
+    """What the kernel predicted against what the network did, over the global step.
+
+    1. ``residual_norm`` ||f(X) - y|| on the probes (observed) and
+       ``predicted_residual_norm``, the value linearised gradient descent under the
+       previous report's kernel predicted for this step (plotted at the step it predicts;
+       see :class:`ntk_callback.insight.DynamicsTracker`), on a log scale when the values
+       span more than a decade;
+    2. ``linearization_gap`` = ||f - f_lin|| / ||f - f_0|| on the held-out probes, f_lin
+       the network linearised at initialisation (~0: lazy / kernel regime; O(1): rich
+       regime).
+
+    Missing or non-finite values are left out. Returns a matplotlib ``Figure``.
+    """
+    Figure = _require_matplotlib()
+    fig = Figure(figsize=(10.5, 3.2), dpi=100)
+    ax = fig.add_subplot(1, 2, 1)
+    xs, ys = _series(history, "residual_norm")
+    px, py = _series(history, "predicted_residual_norm")
+    if xs:
+        ax.plot(xs, ys, marker="o", ms=4, lw=1.6, color="#2c728e", label="observed ||f - y||")
+    if px:
+        ax.plot(px, py, marker="x", ms=6, lw=1.2, ls="--", color="#d95f02", label="predicted by the kernel")
+    if ys + py and min(ys + py) > 0 and max(ys + py) > 10 * min(ys + py):  # log scale over > 1 decade
+        from matplotlib.ticker import FuncFormatter, NullFormatter
+
+        ax.set_yscale("log")
+        # plain tick labels: the default mathtext ones (6 x 10^0) are slow to draw and hard to read
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("global step")
+    ax.set_title("residual on the probes: observed vs NTK-predicted", fontsize=9)
+    ax.grid(True, alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=7, frameon=False)
+    ax = fig.add_subplot(1, 2, 2)
+    gx, gy = _series(history, "linearization_gap")
+    if gx:
+        ax.plot(gx, gy, marker="o", ms=4, lw=1.6, color="#5ec962")
+    else:
+        ax.text(0.5, 0.5, "no held-out probes\n(needs a validation dataloader)", ha="center", va="center",
+                transform=ax.transAxes, fontsize=9, color="0.4")
+    ax.set_xlabel("global step")
+    ax.set_title("linearisation gap ||f - f_lin|| / ||f - f_0|| (held-out)", fontsize=9)
+    ax.grid(True, alpha=0.3)
+    fig.subplots_adjust(left=0.07, right=0.99, bottom=0.16, top=0.89, wspace=0.22)
+    return fig
+
+
+FIGURES = {
+    "spectrum": spectrum_figure,
+    "drift": drift_figure,
+    "layers": layers_figure,
+    "dynamics": dynamics_figure,
+}
+"""The history pictures by name (each ``history -> Figure``), as logged under ``<prefix>/<name>``."""
+
+
 def figure_to_image(fig: Any) -> np.ndarray:
     """Rasterise a matplotlib figure (Agg, no GUI) to an RGB ``uint8`` array of shape (3, H, W)."""
     _require_matplotlib()
@@ -297,11 +425,15 @@ def save_png(path: Union[str, os.PathLike], image: Any) -> str:
 
 __all__ = [
     "BOUNDARY_COLOR",
+    "FIGURES",
     "class_order",
     "colormap",
     "drift_figure",
+    "dynamics_figure",
     "figure_to_image",
     "kernel_heatmap_image",
+    "layer_names",
+    "layers_figure",
     "png_bytes",
     "save_png",
     "spectrum_figure",

@@ -183,3 +183,75 @@ def test_log10_spectrum_floor() -> None:
     np.testing.assert_allclose(out[:2], [2.0, 0.0])
     assert out[2] == pytest.approx(math.log10(100.0 * 3 * np.finfo(float).eps))
     assert log10_spectrum(np.array([])).size == 0
+
+
+def _insight_history() -> list:
+    """Five reports of a model with 10 layers (shares from a fixed Dirichlet-like draw) and dynamics keys."""
+    rng = np.random.default_rng(5)
+    base = rng.uniform(0.1, 1.0, size=10)
+    out = []
+    for i in range(5):
+        w = base * (1.0 + 0.1 * i * np.arange(10) / 10)
+        m = {f"layer_share/layer{j}": float(v) for j, v in enumerate(w / w.sum())}
+        m.update({f"layer_drift/layer{j}": 0.01 * i * (j + 1) for j in range(10)})
+        m["residual_norm"] = 10.0 * 0.3 ** i
+        if i > 0:
+            m["predicted_residual_norm"] = 10.0 * 0.3 ** i * (1.0 + 0.05 * i)
+            m["linearization_gap"] = math.nan if i == 2 else 0.02 * i
+        out.append({"tag": "init" if i == 0 else "epoch", "epoch": max(i - 1, 0), "step": 7 * i, "metrics": m,
+                    "eigenvalues": [1.0]})
+    return out
+
+
+def test_layer_names_rank_by_largest_share_and_truncate() -> None:
+    hist = _insight_history()
+    best = {}
+    for rec in hist:
+        for k, v in rec["metrics"].items():
+            if k.startswith("layer_share/"):
+                best[k[12:]] = max(best.get(k[12:], -1.0), v)
+    expected = sorted(best, key=lambda k: -best[k])
+    assert plotting.layer_names(hist) == expected
+    assert plotting.layer_names(hist, max_layers=3) == expected[:3]
+    assert plotting.layer_names([{"metrics": {"kta": 0.3}}]) == []
+
+
+def test_layers_figure_draws_the_largest_layers_in_both_panels() -> None:
+    pytest.importorskip("matplotlib")
+    hist = _insight_history()
+    fig = plotting.layers_figure(hist, max_layers=4)
+    share_ax, drift_ax = fig.axes
+    top = plotting.layer_names(hist, 4)
+    assert [ln.get_label() for ln in share_ax.lines] == top
+    assert [ln.get_label() for ln in drift_ax.lines] == top
+    for ln, name in zip(share_ax.lines, top):
+        np.testing.assert_allclose(ln.get_xdata(), [0, 7, 14, 21, 28])
+        np.testing.assert_allclose(ln.get_ydata(), [r["metrics"][f"layer_share/{name}"] for r in hist])
+    for a, b in zip(share_ax.lines, drift_ax.lines):  # one colour per layer across the panels
+        np.testing.assert_array_equal(a.get_color(), b.get_color())
+    assert "6 smaller layers not shown" in share_ax.get_title()
+    assert drift_ax.get_legend() is not None
+    img = plotting.figure_to_image(fig)
+    assert img.shape == (3, 320, 1050) and img.std() > 5
+
+
+def test_dynamics_figure_observed_predicted_and_gap() -> None:
+    pytest.importorskip("matplotlib")
+    hist = _insight_history()
+    fig = plotting.dynamics_figure(hist)
+    res_ax, gap_ax = fig.axes
+    obs, pred = res_ax.lines
+    np.testing.assert_allclose(obs.get_xdata(), [0, 7, 14, 21, 28])
+    np.testing.assert_allclose(obs.get_ydata(), [10.0 * 0.3 ** i for i in range(5)])
+    np.testing.assert_allclose(pred.get_xdata(), [7, 14, 21, 28])  # no prediction at the first report
+    assert res_ax.get_yscale() == "log"  # > 1 decade
+    (gap,) = gap_ax.lines
+    np.testing.assert_allclose(gap.get_xdata(), [7, 21, 28])  # NaN at step 14 left out
+    np.testing.assert_allclose(gap.get_ydata(), [0.02, 0.06, 0.08])
+    assert plotting.figure_to_image(fig).shape == (3, 320, 1050)
+    # within one decade: linear axis (log ticks would have no labels); no held-out probes: a note
+    flat = [{"step": s, "metrics": {"residual_norm": 5.0 - s}} for s in range(3)]
+    fig = plotting.dynamics_figure(flat)
+    assert fig.axes[0].get_yscale() == "linear"
+    assert not fig.axes[1].lines and "no held-out" in fig.axes[1].texts[0].get_text()
+    assert set(plotting.FIGURES) == {"spectrum", "drift", "layers", "dynamics"}
