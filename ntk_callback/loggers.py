@@ -7,12 +7,17 @@ dummy, and touching it on rank zero creates the run/writer):
 
 ==============  ==============================================================
 TensorBoard     ``add_histogram("ntk/eigenvalues", log10 lambda)``, ``add_image`` of
-                ``ntk/kernel`` (heatmap), ``ntk/spectrum`` and ``ntk/drift``
-W&B             ``log_image`` of the same three pictures (+ a ``wandb.Histogram``)
+                ``ntk/kernel`` (heatmap) and the history pictures ``ntk/spectrum``,
+                ``ntk/drift``, ``ntk/layers``, ``ntk/dynamics``
+W&B             ``log_image`` of the same pictures (+ a ``wandb.Histogram``)
 MLflow          ``experiment.log_image`` of the pictures, ``log_dict`` of the spectrum
 CSV             PNG and ``.npy`` files written into ``<log_dir>/ntk/``
 other           scalars only; warned once per logger class
 ==============  ==============================================================
+
+``ntk`` is the default prefix; a dispatcher built with ``prefix="ntk_b"`` writes every
+key, media tag, artifact path and the CSV subfolder under ``ntk_b`` instead, so two
+callbacks can share one logger.
 
 Loggers of both Lightning flavours (``pytorch_lightning`` and ``lightning.pytorch``) are
 recognised by :func:`ntk_callback._lightning.logger_kind` without importing either.
@@ -29,16 +34,34 @@ import numpy as np
 from . import plotting
 from ._lightning import logger_kind, rank_zero_info, rank_zero_warn
 
-PREFIX = "ntk/"
+DEFAULT_PREFIX = "ntk"
+PREFIX = DEFAULT_PREFIX + "/"
 MEDIA_KINDS = frozenset({"tensorboard", "wandb", "mlflow", "csv"})
 
 
-def prefixed_scalars(flat: Mapping[str, Any]) -> Dict[str, float]:
-    """``{"ntk/" + key: float(value)}`` for every scalar of ``NTKReport.to_dict()``."""
+def check_prefix(prefix: Any) -> str:
+    """Validate a key prefix: a non-empty string without leading/trailing ``/``, whitespace
+    or ``.``/``..`` path parts (it also names a folder inside the CSV logger's directory).
+    Returns it; raises ``ValueError`` naming the problem otherwise."""
+    if not isinstance(prefix, str) or not prefix.strip():
+        raise ValueError(f"prefix={prefix!r}: expected a non-empty string such as 'ntk' or 'ntk_val'.")
+    if prefix.startswith("/") or prefix.endswith("/"):
+        raise ValueError(
+            f"prefix={prefix!r}: no leading or trailing '/' (keys are '<prefix>/<name>'); use e.g. "
+            f"{prefix.strip('/')!r}."
+        )
+    parts = prefix.split("/")
+    if any(p != p.strip() or p in ("", ".", "..") for p in parts):
+        raise ValueError(f"prefix={prefix!r}: empty, '.', '..' or space-padded path parts are not allowed.")
+    return prefix
+
+
+def prefixed_scalars(flat: Mapping[str, Any], prefix: str = DEFAULT_PREFIX) -> Dict[str, float]:
+    """``{prefix + "/" + key: float(value)}`` for every scalar of ``flat`` (non-scalars dropped)."""
     out: Dict[str, float] = {}
     for key, value in flat.items():
         try:
-            out[PREFIX + str(key)] = float(value)
+            out[f"{prefix}/{key}"] = float(value)
         except (TypeError, ValueError):
             continue  # not a scalar: never sent to a logger's scalar API
     return out
@@ -68,12 +91,14 @@ class ReportMedia:
     labels: Optional[np.ndarray]  # (N,) integer labels or None
     eigenvalues: np.ndarray  # (N,) descending, clamped at 0
     history: Sequence[Mapping[str, Any]]  # every report so far, this one included
-    pictures: Tuple[str, ...] = ("kernel", "spectrum", "drift")  # which pictures to write
+    # which pictures to write: "kernel" and any of plotting.FIGURES ("spectrum", "drift", "layers", "dynamics")
+    pictures: Tuple[str, ...] = ("kernel", "spectrum", "drift")
     histogram: bool = True  # the log10-eigenvalue histogram
     _cache: Dict[str, Optional[np.ndarray]] = field(default_factory=dict, repr=False)
 
     def image(self, name: str) -> Optional[np.ndarray]:
-        """The (3, H, W) uint8 picture ``name`` in {"kernel", "spectrum", "drift"}, rendered once; None if unavailable."""
+        """The (3, H, W) uint8 picture ``name`` ("kernel" or a key of ``plotting.FIGURES``), rendered once;
+        None if unavailable (matplotlib missing)."""
         if name not in self._cache:
             self._cache[name] = self._render(name)
         return self._cache[name]
@@ -82,15 +107,20 @@ class ReportMedia:
         return list(self.pictures)
 
     @property
+    def figure_names(self) -> List[str]:
+        """The requested matplotlib pictures (every picture but the numpy-only heatmap)."""
+        return [p for p in self.pictures if p != "kernel"]
+
+    @property
     def figures(self) -> bool:
-        """Whether a matplotlib picture (spectrum / drift) is requested."""
-        return "spectrum" in self.pictures or "drift" in self.pictures
+        """Whether a matplotlib picture (spectrum, drift, layers, dynamics) is requested."""
+        return bool(self.figure_names)
 
     def _render(self, name: str) -> Optional[np.ndarray]:
         if name == "kernel":
             return plotting.kernel_heatmap_image(self.kernel, self.labels)
         try:
-            fig = plotting.spectrum_figure(self.history) if name == "spectrum" else plotting.drift_figure(self.history)
+            fig = plotting.FIGURES[name](self.history)
         except ImportError:
             return None
         return plotting.figure_to_image(fig)
@@ -99,8 +129,15 @@ class ReportMedia:
 class LoggerDispatcher:
     """Sends reports to ``trainer.loggers``; remembers which warnings it already gave."""
 
-    def __init__(self, *, log_images: bool = True, on_error: Optional[Callable[[str, BaseException], None]] = None):
+    def __init__(
+        self,
+        *,
+        log_images: bool = True,
+        on_error: Optional[Callable[[str, BaseException], None]] = None,
+        prefix: str = DEFAULT_PREFIX,
+    ):
         self.log_images = log_images
+        self.prefix = check_prefix(prefix)
         self._warned: set = set()
         self._on_error = on_error
 
@@ -141,18 +178,19 @@ class LoggerDispatcher:
             if logger_kind(lg) not in MEDIA_KINDS and logger_kind(lg) != "dummy":
                 self._warn_once(
                     f"other:{type(lg).__module__}.{type(lg).__qualname__}",
-                    f"NTKReportCallback: {type(lg).__name__} receives the `ntk/` scalars only; the kernel heatmap, "
-                    "eigenvalue histogram, spectrum and drift pictures are written for TensorBoard, W&B, MLflow and "
-                    "CSV loggers.",
+                    f"NTKReportCallback: {type(lg).__name__} receives the `{self.prefix}/` scalars only; the kernel "
+                    "heatmap, eigenvalue histogram and the spectrum/drift/layers/dynamics pictures are written for "
+                    "TensorBoard, W&B, MLflow and CSV loggers.",
                 )
 
     def log_media(self, loggers: Sequence[Any], media: ReportMedia) -> None:
         """Write histogram/images for every logger that supports them. Call on global rank zero only."""
-        if media.figures and media.image("spectrum" if "spectrum" in media.pictures else "drift") is None:
+        if media.figures and media.image(media.figure_names[0]) is None:
             self._warn_once(
                 "matplotlib",
-                "NTKReportCallback: matplotlib is not installed, so the `ntk/spectrum` and `ntk/drift` pictures are "
-                "skipped (the kernel heatmap, histogram and scalars are still logged). Fix: pip install matplotlib.",
+                f"NTKReportCallback: matplotlib is not installed, so the `{self.prefix}/spectrum`, `/drift`, `/layers` "
+                "and `/dynamics` pictures are skipped (the kernel heatmap, histogram and scalars are still logged). "
+                "Fix: pip install matplotlib.",
                 info=True,
             )
         for lg in loggers:
@@ -178,35 +216,35 @@ class LoggerDispatcher:
         exp = lg.experiment  # torch.utils.tensorboard.SummaryWriter
         hist = log10_spectrum(media.eigenvalues) if media.histogram else np.zeros(0)
         if hist.size:
-            exp.add_histogram(PREFIX + "eigenvalues", hist, global_step=media.step)
+            exp.add_histogram(f"{self.prefix}/eigenvalues", hist, global_step=media.step)
         for name, img in self._images(media):
-            exp.add_image(PREFIX + name, img, global_step=media.step, dataformats="CHW")
+            exp.add_image(f"{self.prefix}/{name}", img, global_step=media.step, dataformats="CHW")
 
     def _media_wandb(self, lg: Any, media: ReportMedia) -> None:
         for name, img in self._images(media):
-            lg.log_image(key=PREFIX + name, images=[img.transpose(1, 2, 0)], step=media.step)
+            lg.log_image(key=f"{self.prefix}/{name}", images=[img.transpose(1, 2, 0)], step=media.step)
         try:
             import wandb  # noqa: PLC0415 - only present with the W&B logger
         except ImportError:
             return
         hist = log10_spectrum(media.eigenvalues) if media.histogram else np.zeros(0)
         if hist.size:
-            lg.log_metrics({PREFIX + "eigenvalues": wandb.Histogram(hist)}, step=media.step)
+            lg.log_metrics({f"{self.prefix}/eigenvalues": wandb.Histogram(hist)}, step=media.step)
 
     def _media_mlflow(self, lg: Any, media: ReportMedia) -> None:
         exp, run_id = lg.experiment, lg.run_id  # an mlflow.tracking.MlflowClient
         for name, img in self._images(media):
-            exp.log_image(run_id, img.transpose(1, 2, 0), artifact_file=f"ntk/{name}/step_{media.step:07d}.png")
+            exp.log_image(run_id, img.transpose(1, 2, 0), artifact_file=f"{self.prefix}/{name}/step_{media.step:07d}.png")
         if not media.histogram:
             return
         exp.log_dict(
             run_id,
             {"step": media.step, "eigenvalues": [float(v) for v in media.eigenvalues]},
-            f"ntk/eigenvalues/step_{media.step:07d}.json",
+            f"{self.prefix}/eigenvalues/step_{media.step:07d}.json",
         )
 
     def _media_csv(self, lg: Any, media: ReportMedia) -> None:
-        out = os.path.join(lg.log_dir, "ntk")
+        out = os.path.join(lg.log_dir, *self.prefix.split("/"))
         os.makedirs(out, exist_ok=True)
         tag = f"step_{media.step:07d}"
         if media.histogram:  # a full report, not a figures-only refresh
@@ -215,7 +253,7 @@ class LoggerDispatcher:
         if media.labels is not None and not os.path.exists(os.path.join(out, "probe_labels.npy")):
             np.save(os.path.join(out, "probe_labels.npy"), np.asarray(media.labels))
         for name, img in self._images(media):
-            # the heatmap is per report; spectrum and drift already show every report, keep the latest
+            # the heatmap is per report; the history pictures already show every report, keep the latest
             fname = f"kernel_{tag}.png" if name == "kernel" else f"{name}.png"
             plotting.save_png(os.path.join(out, fname), img)
         with open(os.path.join(out, "history.json"), "w") as fh:
@@ -232,4 +270,4 @@ def _jsonable(rec: Mapping[str, Any]) -> Dict[str, Any]:
     }
 
 
-__all__ = ["LoggerDispatcher", "ReportMedia", "log10_spectrum", "prefixed_scalars"]
+__all__ = ["DEFAULT_PREFIX", "LoggerDispatcher", "ReportMedia", "check_prefix", "log10_spectrum", "prefixed_scalars"]
