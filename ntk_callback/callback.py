@@ -9,8 +9,11 @@ Timeline of one ``trainer.fit``:
 * ``setup``: refuses sharded strategies (FSDP, DeepSpeed, model parallel): one rank's
   module does not hold all parameters, so its kernel would be silently wrong.
 * ``on_train_start`` (after the sanity check, before the first optimizer step): probes
-  are drawn (or taken from ``probes=`` / the restored state) and broadcast from rank 0,
-  then the initial kernel K0 is measured and reported (``tag="init"``).
+  are drawn (or taken from ``probes=`` / the restored state) and broadcast from rank 0;
+  when the training-dynamics metrics apply, held-out probes are drawn from the validation
+  data the same way; then the initial kernel K0 is measured and reported (``tag="init"``).
+* ``on_train_batch_start`` / ``on_train_batch_end`` (dynamics only): the learning rate of
+  each optimizer step is added up (read-only access to ``param_groups``).
 * ``on_train_epoch_end``: when ``(current_epoch + 1) % every_n_epochs == 0`` a report
   (``tag="epoch"``). It runs before ``ModelCheckpoint`` / ``EarlyStopping``, which can
   therefore monitor e.g. ``ntk/kta``.
@@ -24,8 +27,9 @@ console report and ``trainer.callback_metrics`` remain.
 """
 from __future__ import annotations
 
+import math
 import time
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -49,15 +53,18 @@ from ._probes import (
     to_cpu,
     validate_probes,
 )
-from .engine import NTKError, empirical_ntk
-from .loggers import LoggerDispatcher, ReportMedia, prefixed_scalars
+from .engine import NTKError, empirical_ntk, layerwise_ntk, model_outputs
+from .insight import DynamicsTracker, layer_drift, layer_shares
+from .loggers import DEFAULT_PREFIX, LoggerDispatcher, ReportMedia, check_prefix, prefixed_scalars
 from .report import NTKReport, analyze_ntk
 
 _MODES = ("target", "trace", "sum")
 _SOURCES = ("train", "val")
+_REDUCTIONS = ("mean", "sum", "half_sum")
 STATE_VERSION = 1
-_HISTORY_PICTURES = ("spectrum", "drift")
+_BASE_PICTURES = ("spectrum", "drift")  # history pictures always drawn; "layers" / "dynamics" when active
 _FIGURE_BUDGET = 0.02  # fraction of the training time the history pictures may take before the end
+_CONSOLE_LAYERS = 4  # layers named in the console line
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
@@ -105,11 +112,59 @@ class NTKReportCallback(Callback):
         memory_budget: bytes for the engine's Jacobian blocks (engine default when None).
         output_fn: maps ``pl_module(inputs)`` to (N, O) logits / (N,) outputs when
             ``forward`` returns something else (a dict, a tuple, a distribution).
+        layerwise: also compute the per-layer kernels (``ntk_callback.layerwise_ntk``; the
+            total kernel is their sum, so this costs little) and log each layer's share of
+            the trace ``ntk/layer_share/<layer>`` = tr K_l / tr K and its own drift
+            ``ntk/layer_drift/<layer>`` = ||K_l - K0_l||_F / ||K0_l||_F, plus the picture
+            ``ntk/layers``. Layer names are ``named_modules()`` names (``net.0``).
+        dynamics: the training-dynamics metrics of a regression model (see below):
+            ``"auto"`` turns them on when the model has one output per probe and the probe
+            targets are floating point, ``True`` asks for them (one warning when they
+            cannot apply), ``False`` turns them off.
+        num_heldout: held-out probes drawn at train start from the validation dataloader
+            (own generator, seed ``seed + 1``) for ``ntk/linearization_gap`` and the
+            held-out errors; 0, or no validation dataloader, skips those metrics.
+        loss_reduction: how the training loss reduces the squared errors, which fixes the
+            learning-rate convention (DESIGN.md ``predicted_residual`` uses the SUM loss
+            ``1/2 sum (f - y)^2``): ``"mean"`` (PyTorch ``mse_loss`` default; an optimizer
+            step ``lr`` counts as ``2 lr / n`` with n the number of probes, exact for
+            full-batch training on the probes and the Monte-Carlo estimate for mini-batches
+            drawn from the training set the probes come from), ``"sum"`` (``2 lr``) or
+            ``"half_sum"`` (``lr``); the last two are exact only when every batch is the
+            probe set (full-batch).
+        residual_top_k: k of ``ntk/residual_energy_top{k}``.
+        prefix: the first part of every logged name (``<prefix>/kta``), TensorBoard media
+            tag, MLflow artifact path and of the CSV logger's subfolder; give two callbacks
+            on one logger different prefixes. Default ``"ntk"`` (the DESIGN names).
 
     Logged per report (step = ``trainer.global_step``): every key of
     ``NTKReport.to_dict()`` as ``ntk/<key>`` to every logger and into
     ``trainer.callback_metrics``; TensorBoard also gets ``ntk/eigenvalues`` (histogram of
-    log10 lambda) and the images ``ntk/kernel``, ``ntk/spectrum``, ``ntk/drift``.
+    log10 lambda) and the images ``ntk/kernel``, ``ntk/spectrum``, ``ntk/drift``,
+    ``ntk/layers`` and (dynamics) ``ntk/dynamics``.
+
+    Training dynamics (regression, O = 1; Lee et al. 2019; Jacot et al. 2018), computed by
+    :class:`ntk_callback.insight.DynamicsTracker` from the kernel, the outputs on the probes
+    (``r = f - y``) and the learning rates actually used (``trainer.optimizers[0]``'s first
+    param group, read before each optimizer step, summed over steps)::
+
+        ntk/residual_norm                  ||r|| on the probes
+        ntk/residual_energy_top{k}         share of ||r||^2 in the k top eigenvectors of K
+        ntk/steps_to_halve_residual        linearised GD steps at the current lr until ||r|| halves
+        ntk/epochs_to_halve_residual       the same in epochs (optimizer steps per epoch)
+        ntk/slowest_mode_time_constant     steps per e-fold of the slowest mode holding residual
+        ntk/predicted_residual_norm        ||r|| predicted from the previous report: its residual
+                                           evolved by (I - lr K_prev)^steps with the mean lr since
+        ntk/predicted_vs_observed_residual predicted / observed (1: the kernel predicted the
+                                           progress; > 1: the network learned faster than it)
+        ntk/residual_prediction_error      ||r_pred - r|| / ||r||
+        ntk/linearization_gap              held-out ||f - f_lin|| / ||f - f_0||, f_lin the
+                                           network linearised at initialisation (0: lazy regime)
+        ntk/heldout_mse, ntk/linearized_heldout_mse   with held-out targets
+
+    Constant-lr plain SGD on a network in the lazy regime gives
+    ``predicted_vs_observed_residual`` ~ 1; momentum, Adam or a changing lr between reports
+    are outside the linear model (the mean lr between reports is used).
 
     Faults (NaN/inf kernel, out-of-memory, an engine error, a failing logger) give a
     warning that names the cause and the fix; the report is skipped and training goes on
@@ -143,6 +198,12 @@ class NTKReportCallback(Callback):
         log_console: bool = True,
         memory_budget: Optional[int] = None,
         output_fn: Optional[Callable[[Any], Tensor]] = None,
+        layerwise: bool = True,
+        dynamics: Union[bool, str] = "auto",
+        num_heldout: int = 32,
+        loss_reduction: str = "mean",
+        residual_top_k: int = 5,
+        prefix: str = DEFAULT_PREFIX,
     ) -> None:
         super().__init__()
         self.num_probes = _check_int("num_probes", num_probes, 1)
@@ -180,6 +241,22 @@ class NTKReportCallback(Callback):
         if memory_budget is not None:
             memory_budget = _check_int("memory_budget", memory_budget, 1)
         self.memory_budget = memory_budget
+        self.layerwise = _check_bool("layerwise", layerwise)
+        if dynamics not in (True, False, "auto") or not isinstance(dynamics, (bool, str)):
+            raise NTKCallbackConfigError(f"NTKReportCallback(dynamics={dynamics!r}): expected True, False or 'auto'.")
+        self.dynamics = dynamics
+        self.num_heldout = _check_int("num_heldout", num_heldout, 0)
+        if loss_reduction not in _REDUCTIONS:
+            raise NTKCallbackConfigError(
+                f"NTKReportCallback(loss_reduction={loss_reduction!r}): expected one of {_REDUCTIONS} "
+                "('mean' for F.mse_loss's default, 'sum' for reduction='sum', 'half_sum' for 1/2 sum (f - y)^2)."
+            )
+        self.loss_reduction = loss_reduction
+        self.residual_top_k = _check_int("residual_top_k", residual_top_k, 1)
+        try:
+            self.prefix = check_prefix(prefix)
+        except ValueError as err:
+            raise NTKCallbackConfigError(f"NTKReportCallback({err}") from None
 
         self._explicit = probes is not None
         self._probes: Optional[Probes] = None
@@ -199,26 +276,39 @@ class NTKReportCallback(Callback):
             self._probes = (to_cpu(inputs), to_cpu(targets) if targets is not None else None)
 
         self._init_kernel: Optional[Tensor] = None
+        self._init_layer_kernels: Optional[Dict[str, Tensor]] = None
         self._history: List[Dict[str, Any]] = []
         self.last_kernel: Optional[Tensor] = None
+        self.last_layer_kernels: Optional[Dict[str, Tensor]] = None
         self.last_report: Optional[NTKReport] = None
+        # training dynamics: held-out probes, the tracker and the cumulative learning rate
+        self._heldout: Optional[Probes] = None
+        self._tracker: Optional[DynamicsTracker] = None
+        self._tracker_state: Optional[Mapping[str, Any]] = None  # restored, loaded when the tracker is built
+        self._dynamics_on = False
+        self._lr_sum = 0.0  # sum of the learning rates of the optimizer steps taken so far
+        self._lr_step: Optional[int] = None  # global step _lr_sum is up to date with
+        self._lr_pending: Optional[float] = None  # lr read before the current batch's optimizer step
         self._disabled_reason: Optional[str] = None
         self._fit_start = time.perf_counter()
         self._figures_spent = 0.0  # seconds spent drawing the history pictures in this fit
         self._figures_estimate = 0.3  # seconds one drawing takes (updated after each)
         self._figures_step: Optional[int] = None  # step of the last report drawn with them
-        self._dispatcher = LoggerDispatcher(log_images=self.log_images, on_error=self._logger_failed)
+        self._dispatcher = LoggerDispatcher(log_images=self.log_images, on_error=self._logger_failed, prefix=self.prefix)
 
     # ------------------------------------------------------------------ public state
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(
+        settings: Dict[str, Any] = dict(
             num_probes=self.num_probes,
             every_n_epochs=self.every_n_epochs,
             mode=self.mode,
             probe_source="explicit" if self._explicit else self.probe_source,
             seed=self.seed,
         )
+        if self.prefix != DEFAULT_PREFIX:  # the default keeps the key of checkpoints written before `prefix`
+            settings["prefix"] = self.prefix
+        return self._generate_state_key(**settings)
 
     @property
     def history(self) -> List[Dict[str, Any]]:
@@ -235,6 +325,26 @@ class NTKReportCallback(Callback):
         """K0, the kernel measured before the first optimizer step (CPU), or None."""
         return self._init_kernel
 
+    @property
+    def init_layer_kernels(self) -> Optional[Dict[str, Tensor]]:
+        """``{layer: K0_l}`` (CPU), the per-layer kernels drift is measured against, or None."""
+        return self._init_layer_kernels
+
+    @property
+    def heldout(self) -> Optional[Probes]:
+        """The held-out probes ``(inputs, targets)`` of the dynamics metrics (CPU), or None."""
+        return self._heldout
+
+    @property
+    def dynamics_active(self) -> bool:
+        """Whether the training-dynamics metrics are computed in the current/last fit."""
+        return self._dynamics_on
+
+    @property
+    def lr_sum(self) -> float:
+        """Sum of the learning rates of all optimizer steps seen so far (dynamics only)."""
+        return self._lr_sum
+
     def batch_to_probe(self, batch: Any) -> Probes:
         """Map a batch to ``(inputs, targets)``; override for custom batch structures."""
         if self._batch_to_probe is not None:
@@ -246,17 +356,26 @@ class NTKReportCallback(Callback):
 
         ``{"version": 1, "probes": {"inputs": CPU tensor (or tuple/list/dict of tensors),
         "targets": CPU tensor or None} or None, "init_kernel": (N, N) CPU tensor or None,
-        "history": [record, ...], "settings": {...}}`` where each history record is
-        ``{"tag": "init" | "epoch" | "final", "epoch": int, "step": int, "metrics": {key:
-        float} (NTKReport.to_dict(), no prefix), "eigenvalues": [float, ...] (descending)}``.
+        "init_layer_kernels": {layer: (N, N) CPU tensor} or None, "dynamics": {"lr_sum":
+        float, "lr_step": int or None, "heldout": {"inputs", "targets"} or None, "tracker":
+        DynamicsTracker.state_dict() or None}, "history": [record, ...], "settings": {...}}``
+        where each history record is ``{"tag": "init" | "epoch" | "final", "epoch": int,
+        "step": int, "metrics": {key: float} (NTKReport.to_dict() plus the layer and
+        dynamics keys, no prefix), "eigenvalues": [float, ...] (descending)}``.
         """
         probes = None
         if self._probes is not None:
             probes = {"inputs": self._probes[0], "targets": self._probes[1]}
+        heldout = None
+        if self._heldout is not None:
+            heldout = {"inputs": self._heldout[0], "targets": self._heldout[1]}
+        tracker = self._tracker.state_dict() if self._tracker is not None else self._tracker_state
         return {
             "version": STATE_VERSION,
             "probes": probes,
             "init_kernel": self._init_kernel,
+            "init_layer_kernels": dict(self._init_layer_kernels) if self._init_layer_kernels is not None else None,
+            "dynamics": {"lr_sum": self._lr_sum, "lr_step": self._lr_step, "heldout": heldout, "tracker": tracker},
             "history": [
                 {
                     "tag": r["tag"],
@@ -274,6 +393,9 @@ class NTKReportCallback(Callback):
                 "probe_source": "explicit" if self._explicit else self.probe_source,
                 "seed": self.seed,
                 "dtype": str(self.dtype) if self.dtype is not None else None,
+                "prefix": self.prefix,
+                "layerwise": self.layerwise,
+                "dynamics": str(self.dynamics),
             },
         }
 
@@ -297,6 +419,12 @@ class NTKReportCallback(Callback):
             except ProbeError as err:
                 rank_zero_warn(f"NTKReportCallback: the saved probes are unusable ({err}); new probes will be drawn.")
         k0 = state_dict.get("init_kernel")
+        layers0 = state_dict.get("init_layer_kernels")
+        if isinstance(layers0, Mapping) and saved_mode == self.mode:
+            self._init_layer_kernels = {
+                str(k): v.detach().cpu() for k, v in layers0.items() if isinstance(v, Tensor)
+            } or None
+        self._load_dynamics_state(state_dict.get("dynamics"))
         if isinstance(k0, Tensor) and saved_mode == self.mode:
             self._init_kernel = k0.detach().cpu()
         elif k0 is not None:
@@ -320,11 +448,33 @@ class NTKReportCallback(Callback):
                 continue
         self._history = history
 
+    def _load_dynamics_state(self, saved: Any) -> None:
+        if not isinstance(saved, Mapping):
+            return
+        try:
+            self._lr_sum = float(saved.get("lr_sum", 0.0))
+            step = saved.get("lr_step")
+            self._lr_step = int(step) if step is not None else None
+        except (TypeError, ValueError):
+            self._lr_sum, self._lr_step = 0.0, None
+        held = saved.get("heldout")
+        if isinstance(held, Mapping) and held.get("inputs") is not None:
+            inputs, targets = held.get("inputs"), held.get("targets")
+            try:
+                validate_probes(inputs, targets)
+                self._heldout = (to_cpu(inputs), to_cpu(targets) if targets is not None else None)
+            except ProbeError as err:
+                rank_zero_warn(f"NTKReportCallback: the saved held-out probes are unusable ({err}); new ones will be drawn.")
+        tracker = saved.get("tracker")
+        if isinstance(tracker, Mapping):
+            self._tracker, self._tracker_state = None, tracker  # rebuilt with the probes' targets at train start
+
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
             return
         self._disabled_reason = None  # a new fit gets a new chance to draw probes
+        self._dynamics_on = False
         name = sharded_strategy_name(trainer.strategy)
         if name is not None:
             raise MisconfigurationException(
@@ -343,6 +493,7 @@ class NTKReportCallback(Callback):
             self._probes = self._resolve_probes(trainer)
             if self._probes is None:
                 return
+        self._setup_dynamics(trainer, pl_module)
         if self._init_kernel is None:
             if trainer.global_step > 0:
                 rank_zero_warn(
@@ -350,6 +501,24 @@ class NTKReportCallback(Callback):
                     "kernel; drift (ntk/relative_change, ntk/kernel_distance) is measured against the kernel now."
                 )
             self._report(trainer, pl_module, tag="init")
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        # Lightning steps "step"-interval LR schedulers *before* on_train_batch_end, so the
+        # lr of this batch's optimizer step is the one in param_groups now (read only).
+        if self._dynamics_on:
+            self._lr_pending = self._current_lr(trainer)
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if not self._dynamics_on:
+            return
+        step = trainer.global_step
+        if self._lr_step is None or step < self._lr_step:
+            self._lr_step = step
+        elif step > self._lr_step:  # optimizer step(s) taken in this batch (not while accumulating)
+            lr = self._lr_pending if self._lr_pending is not None else self._current_lr(trainer)
+            self._lr_sum += lr * (step - self._lr_step)
+            self._lr_step = step
+        self._lr_pending = None
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if not self._active(trainer):
@@ -426,9 +595,11 @@ class NTKReportCallback(Callback):
             rank_zero_warn(f"NTKReportCallback: only {got} probes available (num_probes={self.num_probes}); using {got}.")
         return inputs, targets
 
-    def _model_inputs(self, trainer: Any, pl_module: Any) -> Tuple[Any, Optional[Tensor]]:
-        assert self._probes is not None
-        inputs, targets = self._probes
+    def _model_inputs(self, trainer: Any, pl_module: Any, probes: Optional[Probes] = None) -> Tuple[Any, Optional[Tensor]]:
+        """``probes`` (default: the probe set) on the module's device, inputs converted like Lightning's batches."""
+        probes = self._probes if probes is None else probes
+        assert probes is not None
+        inputs, targets = probes
         device = pl_module.device
         inputs = apply_to_tensors(inputs, lambda t: t.to(device))
         # same input dtype conversion Lightning applies to batches ("64-true", "bf16-true", ...)
@@ -437,28 +608,209 @@ class NTKReportCallback(Callback):
             inputs = plugin.convert_input(inputs)
         return inputs, (targets.to(device) if targets is not None else None)
 
-    def _compute_kernel(self, trainer: Any, pl_module: Any) -> Optional[Tensor]:
-        """K on the probes (CPU), or None after a reported fault (re-raised when strict)."""
+    def _engine_kwargs(self) -> Dict[str, Any]:
+        kwargs: Dict[str, Any] = {"mode": self.mode, "dtype": self.dtype, "eval_mode": True}
+        if self.memory_budget is not None:
+            kwargs["memory_budget"] = self.memory_budget
+        if self.output_fn is not None:
+            kwargs["output_fn"] = self.output_fn
+        return kwargs
+
+    def _compute_kernel(self, trainer: Any, pl_module: Any) -> Optional[Tuple[Tensor, Optional[Dict[str, Tensor]]]]:
+        """``(K, {layer: K_l} or None)`` on the probes (CPU), or None after a reported fault
+        (re-raised when strict). With ``layerwise`` K is the sum of the layer kernels
+        (exactly ``empirical_ntk``: the NTK is a sum over parameters), added in float64."""
         try:
             inputs, targets = self._model_inputs(trainer, pl_module)
-            kwargs: Dict[str, Any] = {"mode": self.mode, "dtype": self.dtype, "eval_mode": True}
-            if self.memory_budget is not None:
-                kwargs["memory_budget"] = self.memory_budget
-            if self.output_fn is not None:
-                kwargs["output_fn"] = self.output_fn
+            kwargs = self._engine_kwargs()
+            layers: Optional[Dict[str, Tensor]] = None
             # hooks may run under no_grad/inference_mode (e.g. after validation): the kernel needs autograd
             with torch.inference_mode(False), torch.enable_grad():
-                kernel = empirical_ntk(pl_module, inputs, targets, **kwargs)
+                if self.layerwise:
+                    parts = layerwise_ntk(pl_module, inputs, targets, **kwargs)
+                    if not parts:
+                        raise NTKError(
+                            "the model has no trainable parameters (requires_grad=True), so its NTK is empty. "
+                            "Fix: unfreeze at least one layer."
+                        )
+                    layers = {name: k.detach().to("cpu") for name, k in parts.items()}
+                    first = next(iter(layers.values()))
+                    kernel = torch.stack([k.double() for k in layers.values()]).sum(0).to(first.dtype)
+                else:
+                    kernel = empirical_ntk(pl_module, inputs, targets, **kwargs)
             kernel = kernel.detach().to("cpu")
             if not bool(torch.isfinite(kernel).all()):
                 raise NTKError(
                     "the kernel has NaN/inf entries: the model's outputs or gradients overflowed on the probes. "
                     "Fix: check the loss and learning rate; dtype=torch.float64 helps when it is float32 overflow."
                 )
-            return kernel
+            return kernel, layers
         except Exception as err:  # noqa: BLE001 - a measurement must never stop training
             self._fault(trainer, err, where=f"report at step {trainer.global_step}")
             return None
+
+    # -------------------------------------------------------------- training dynamics
+    @staticmethod
+    def _current_lr(trainer: Any) -> float:
+        """The learning rate of the first param group of the first optimizer (0 without one)."""
+        try:
+            return float(trainer.optimizers[0].param_groups[0]["lr"])
+        except (AttributeError, IndexError, KeyError, TypeError, ValueError):
+            return 0.0
+
+    def _outputs(self, pl_module: Any, inputs: Any) -> Tensor:
+        """f(x) as the kernel sees it, (N, O) on CPU (no gradient, no side effects)."""
+        with torch.inference_mode(False):
+            out = model_outputs(pl_module, inputs, dtype=self.dtype, eval_mode=True, output_fn=self.output_fn)
+        return out.detach().to("cpu")
+
+    def _dynamics_blocker(self, trainer: Any, pl_module: Any) -> Optional[str]:
+        """Why the dynamics metrics cannot apply to this model and probe set, or None."""
+        assert self._probes is not None
+        inputs, targets = self._probes
+        n = num_samples(inputs)
+        if targets is None:
+            return "the probes have no targets (regression targets y are needed for the residual f - y)"
+        if not targets.is_floating_point():
+            return "the probe targets are not floating point (class labels: the residual f - y needs regression targets)"
+        if targets.numel() != n:
+            return f"the probe targets have shape {tuple(targets.shape)}, not one value per probe"
+        try:
+            outputs = self._outputs(pl_module, self._model_inputs(trainer, pl_module)[0])
+        except Exception as err:  # noqa: BLE001
+            if self.strict and self.dynamics is True:
+                raise
+            return f"the model's outputs on the probes could not be computed ({type(err).__name__}: {err})"
+        if outputs.ndim != 2 or outputs.shape[1] != 1:
+            return f"the model has {outputs.shape[1] if outputs.ndim == 2 else 'several'} outputs per probe, not 1"
+        return None
+
+    def _setup_dynamics(self, trainer: Any, pl_module: Any) -> None:
+        """Decide whether the dynamics metrics apply; build the tracker; draw the held-out probes."""
+        self._dynamics_on = False
+        if self.dynamics is False:
+            return
+        reason = self._dynamics_blocker(trainer, pl_module)
+        if reason is not None:
+            if self.dynamics is True:
+                self._dispatcher._warn_once(
+                    "dynamics-off",
+                    f"NTKReportCallback(dynamics=True): {reason}, so the training-dynamics metrics "
+                    f"({self.prefix}/predicted_vs_observed_residual, /linearization_gap, ...) are off. They apply to "
+                    "models with one output per probe trained on float regression targets (MSE loss).",
+                )
+            return
+        assert self._probes is not None
+        if self._tracker is None:
+            self._tracker = DynamicsTracker(
+                self._probes[1], residual_top_k=self.residual_top_k, loss_reduction=self.loss_reduction
+            )
+            if self._tracker_state is not None:
+                self._tracker.load_state_dict(self._tracker_state)
+                self._tracker_state = None
+        if self._lr_step is None or self._lr_step != trainer.global_step:
+            self._lr_step = trainer.global_step  # the lr sum is up to date with the step training starts at
+        self._lr_pending = None
+        if self.num_heldout > 0 and (self._heldout is None or trainer.world_size > 1):
+            self._heldout = self._resolve_heldout(trainer)
+        self._dynamics_on = True
+
+    def _resolve_heldout(self, trainer: Any) -> Optional[Probes]:
+        """Held-out probes from the validation data, drawn on rank 0 and broadcast (like the probes)."""
+        heldout, error, missing, local_err = self._heldout, None, False, None
+        if heldout is None and trainer.is_global_zero:
+            loader = find_dataloader(trainer.val_dataloaders)
+            if loader is None:
+                missing = True
+            else:
+                try:
+                    generator = torch.Generator().manual_seed(self.seed + 1)
+                    heldout = draw_probes(loader, self.num_heldout, generator, self.batch_to_probe)
+                except Exception as err:  # noqa: BLE001 - reported below, after the collective
+                    error, local_err = f"{type(err).__name__}: {err}", err
+        if trainer.world_size > 1:
+            heldout, error, missing = trainer.strategy.broadcast((heldout, error, missing), src=0)
+        if heldout is not None:
+            return heldout
+        if missing:
+            self._dispatcher._warn_once(
+                "no-heldout",
+                f"NTKReportCallback: no validation dataloader is loaded at train start, so the held-out metrics "
+                f"({self.prefix}/linearization_gap, /heldout_mse) are skipped; the other dynamics metrics are logged. "
+                "Fix: pass val_dataloaders to trainer.fit (validated in the first epoch, or with the sanity check on).",
+                info=True,
+            )
+        elif error is not None:
+            msg = (
+                f"NTKReportCallback: could not draw held-out probes from the validation data ({error}); the held-out "
+                "dynamics metrics are skipped. Fix: batch_to_probe=... for custom batches, or num_heldout=0."
+            )
+            if self.strict:
+                raise ProbeError(msg) from local_err
+            rank_zero_warn(msg)
+        return None
+
+    def _dynamics_metrics(self, trainer: Any, pl_module: Any, kernel: Tensor) -> Dict[str, float]:
+        """The tracker's metrics at this report (empty when off or after a reported fault)."""
+        if not self._dynamics_on or self._tracker is None:
+            return {}
+        step = int(trainer.global_step)
+        try:
+            inputs, targets = self._model_inputs(trainer, pl_module)
+            outputs = self._outputs(pl_module, inputs)
+            kwargs: Dict[str, Any] = {}
+            if self._heldout is not None:
+                h_inputs, h_targets = self._model_inputs(trainer, pl_module, self._heldout)
+                kwargs["heldout_outputs"] = self._outputs(pl_module, h_inputs)
+                if h_targets is not None and h_targets.is_floating_point() and h_targets.numel() == len(h_targets):
+                    kwargs["heldout_targets"] = h_targets.cpu()
+                if self._tracker.init is None:
+                    # K0(held-out, probes): with K0 and f0 it defines the network linearised at initialisation
+                    with torch.inference_mode(False), torch.enable_grad():
+                        cross = empirical_ntk(
+                            pl_module, h_inputs, None, inputs2=inputs, targets2=targets, **self._engine_kwargs()
+                        )
+                    kwargs["cross_kernel"] = cross.detach().to("cpu")
+            checks = {
+                "the model's outputs on the probes": outputs,
+                "the model's outputs on the held-out probes": kwargs.get("heldout_outputs"),
+                "the cross kernel K0(held-out, probes)": kwargs.get("cross_kernel"),
+            }
+            for name, t in checks.items():
+                if t is not None and not bool(torch.isfinite(t).all()):
+                    raise NTKError(f"{name} contain NaN/inf entries.")
+            out = self._tracker.update(kernel, outputs, step, self._lr_sum, self._current_lr(trainer), **kwargs)
+        except Exception as err:  # noqa: BLE001 - a measurement must never stop training
+            self._fault(trainer, err, where=f"training-dynamics metrics at step {step}", stage="dynamics")
+            return {}
+        per_epoch = self._steps_per_epoch(trainer)
+        if per_epoch and "steps_to_halve_residual" in out:
+            out["epochs_to_halve_residual"] = out["steps_to_halve_residual"] / per_epoch
+        return out
+
+    @staticmethod
+    def _steps_per_epoch(trainer: Any) -> Optional[float]:
+        """Optimizer steps per epoch, ceil(batches / accumulate_grad_batches); None when unknown."""
+        try:
+            batches = float(trainer.num_training_batches)
+            accumulate = int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
+        except (AttributeError, TypeError, ValueError):
+            return None
+        if not math.isfinite(batches) or batches <= 0:
+            return None
+        return float(math.ceil(batches / accumulate))  # Lightning also steps on an epoch's last, partial accumulation
+
+    def _layer_metrics(self, layers: Dict[str, Tensor], step: int) -> Dict[str, float]:
+        """``layer_share/<l>`` and ``layer_drift/<l>``; a layer first seen now (K0 not measured, or
+        unfrozen later) gets this kernel as its reference."""
+        if self._init_layer_kernels is None:
+            self._init_layer_kernels = {}
+        new = [k for k in layers if k not in self._init_layer_kernels]
+        for k in new:
+            self._init_layer_kernels[k] = layers[k]
+        out = {f"layer_share/{k}": v for k, v in layer_shares(layers).items()}
+        out.update({f"layer_drift/{k}": v for k, v in layer_drift(layers, self._init_layer_kernels).items()})
+        return out
 
     def _fault(self, trainer: Any, err: BaseException, where: str, stage: str = "engine") -> None:
         if self.strict:
@@ -466,6 +818,12 @@ class NTKReportCallback(Callback):
         if stage == "analysis":
             cause = "the analysis of the kernel failed"
             fix = "Fix: check the probe targets (shape (N,), int class labels or float regression targets)."
+        elif stage == "dynamics" and not ("out of memory" in str(err).lower()):
+            cause = "the training-dynamics metrics could not be computed"
+            fix = (
+                "Fix: forward() (or output_fn=...) must give one finite output per probe; dynamics=False turns "
+                "these metrics off."
+            )
         elif isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower():
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -488,21 +846,42 @@ class NTKReportCallback(Callback):
         )
 
     def _report(self, trainer: Any, pl_module: Any, tag: str) -> None:
-        kernel = self._compute_kernel(trainer, pl_module)
-        if kernel is None:
+        measured = self._compute_kernel(trainer, pl_module)
+        if measured is None:
             return
+        kernel, layers = measured
         _, targets = self._probes  # type: ignore[misc]
-        init = kernel if tag == "init" else self._init_kernel
+        step = int(trainer.global_step)
+        # K0 failed (NaN, OOM, ...) at the initial report: the first kernel measured becomes the reference
+        fallback = tag != "init" and self._init_kernel is None
+        init = kernel if (tag == "init" or fallback) else self._init_kernel
         epoch = max(trainer.current_epoch - 1 if tag == "final" else trainer.current_epoch, 0)
         where = {"init": "initial kernel", "final": "end of training"}.get(tag, f"after epoch {epoch}")
         try:
-            report = analyze_ntk(kernel, targets, init_kernel=init, title=f"NTK {where}, step {trainer.global_step}")
+            report = analyze_ntk(kernel, targets, init_kernel=init, title=f"NTK {where}, step {step}")
         except Exception as err:  # noqa: BLE001
-            self._fault(trainer, err, where=f"report at step {trainer.global_step}", stage="analysis")
+            self._fault(trainer, err, where=f"report at step {step}", stage="analysis")
             return
-        if tag == "init":
+        if tag == "init" or fallback:
             self._init_kernel = kernel
+        if fallback:
+            self._dispatcher._warn_once(
+                "k0-fallback",
+                f"NTKReportCallback: the initial kernel could not be measured, so drift ({self.prefix}/relative_change, "
+                f"/kernel_distance, /layer_drift/...) is measured against the kernel at step {step} (the first "
+                "successful report) from now on.",
+            )
+        elif layers is not None and self._init_layer_kernels is None and tag != "init":
+            self._dispatcher._warn_once(
+                "layer-k0-fallback",
+                f"NTKReportCallback: no initial per-layer kernels (an older checkpoint, or layerwise was off), so "
+                f"{self.prefix}/layer_drift/... is measured against the kernels at step {step}.",
+            )
         flat = {str(k): float(v) for k, v in report.to_dict().items()}
+        if layers is not None:
+            flat.update(self._layer_metrics(layers, step))
+            self.last_layer_kernels = layers
+        flat.update(self._dynamics_metrics(trainer, pl_module, kernel))
         eig = report.eigenvalues.detach().cpu().double() if isinstance(report.eigenvalues, Tensor) else torch.as_tensor(
             np.asarray(report.eigenvalues, dtype=np.float64)
         )
@@ -520,7 +899,7 @@ class NTKReportCallback(Callback):
     def _publish(
         self, trainer: Any, pl_module: Any, record: Dict[str, Any], report: NTKReport, kernel: Tensor, targets: Any
     ) -> None:
-        metrics = prefixed_scalars(record["metrics"])
+        metrics = prefixed_scalars(record["metrics"], self.prefix)
         step = record["step"]
         # monitorable by ModelCheckpoint / EarlyStopping (set on every rank: they agree across ranks)
         trainer.callback_metrics.update({k: torch.tensor(v, dtype=torch.float64) for k, v in metrics.items()})
@@ -531,10 +910,19 @@ class NTKReportCallback(Callback):
         if trainer.is_global_zero and self._dispatcher.wants_media(loggers):
             pictures: Tuple[str, ...] = ("kernel",)
             if self._figures_due(record["tag"]):
-                pictures += _HISTORY_PICTURES
+                pictures += self._history_pictures()
             self._log_media(loggers, record, kernel, targets, pictures, histogram=True)
         if self.log_console and trainer.is_global_zero:
-            pl_module.print("\n" + report.format())
+            pl_module.print("\n" + report.format() + _insight_lines(record["metrics"]))
+
+    def _history_pictures(self) -> Tuple[str, ...]:
+        """The pictures drawn from the whole history: spectrum, drift, layers, dynamics."""
+        pictures = _BASE_PICTURES
+        if self.layerwise:
+            pictures += ("layers",)
+        if self._dynamics_on:
+            pictures += ("dynamics",)
+        return pictures
 
     def _figures_due(self, tag: str) -> bool:
         """Whether the history pictures (spectrum, drift) are redrawn at this report.
@@ -577,7 +965,7 @@ class NTKReportCallback(Callback):
         )
         start = time.perf_counter()
         self._dispatcher.log_media(loggers, media)
-        if any(p in _HISTORY_PICTURES for p in pictures):
+        if any(p != "kernel" for p in pictures):
             self._figures_estimate = time.perf_counter() - start
             self._figures_spent += self._figures_estimate
             self._figures_step = record["step"]
@@ -591,14 +979,52 @@ class NTKReportCallback(Callback):
         if self._figures_step == last["step"] or not self._dispatcher.wants_media(loggers):
             return
         targets = self._probes[1] if self._probes is not None else None
-        self._log_media(loggers, last, self.last_kernel, targets, _HISTORY_PICTURES, histogram=False)
+        self._log_media(loggers, last, self.last_kernel, targets, self._history_pictures(), histogram=False)
 
     def __repr__(self) -> str:
         src = "explicit" if self._explicit else self.probe_source
+        extra = f", prefix={self.prefix!r}" if self.prefix != DEFAULT_PREFIX else ""
         return (
             f"{type(self).__name__}(num_probes={self.num_probes}, every_n_epochs={self.every_n_epochs}, "
-            f"mode={self.mode!r}, probe_source={src!r}, seed={self.seed})"
+            f"mode={self.mode!r}, probe_source={src!r}, seed={self.seed}{extra})"
         )
+
+
+def _fmt(v: Optional[float], spec: str = ".3g") -> str:
+    return "n/a" if v is None or not math.isfinite(v) else format(v, spec)
+
+
+def _insight_lines(metrics: Mapping[str, float]) -> str:
+    """Console lines for the per-layer shares and the dynamics metrics ("" when neither is present)."""
+    lines = []
+    shares = {k[len("layer_share/"):]: v for k, v in metrics.items() if k.startswith("layer_share/")}
+    if shares:
+        top = sorted(shares, key=lambda k: -shares[k] if math.isfinite(shares[k]) else math.inf)
+        cells = [
+            f"{k} {_fmt(100 * shares[k], '.0f')}% (drift {_fmt(metrics.get('layer_drift/' + k))})"
+            for k in top[:_CONSOLE_LAYERS]
+        ]
+        more = f"  +{len(top) - _CONSOLE_LAYERS} more" if len(top) > _CONSOLE_LAYERS else ""
+        lines.append("layers     " + "  ".join(cells) + more)
+    if "residual_norm" in metrics:
+        cells = [f"residual {_fmt(metrics['residual_norm'])}"]
+        if "predicted_residual_norm" in metrics:
+            cells[0] += (
+                f" (predicted {_fmt(metrics['predicted_residual_norm'])}, "
+                f"ratio {_fmt(metrics.get('predicted_vs_observed_residual'))})"
+            )
+        energy = next((k for k in metrics if k.startswith("residual_energy_top")), None)
+        if energy is not None:
+            cells.append(f"top-{energy[len('residual_energy_top'):]} energy {_fmt(metrics[energy], '.2f')}")
+        if "steps_to_halve_residual" in metrics:
+            halve = f"halves in {_fmt(metrics['steps_to_halve_residual'], '.0f')} steps"
+            if "epochs_to_halve_residual" in metrics:
+                halve += f" ({_fmt(metrics['epochs_to_halve_residual'])} epochs)"
+            cells.append(halve)
+        if "linearization_gap" in metrics:
+            cells.append(f"lin. gap {_fmt(metrics['linearization_gap'])}")
+        lines.append("dynamics   " + "  ".join(cells))
+    return "".join("\n" + line for line in lines)
 
 
 __all__ = ["NTKReportCallback"]
