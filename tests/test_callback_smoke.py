@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import io
+import math
 import os
 import random
 from typing import Any, Tuple
@@ -125,6 +126,8 @@ def test_fit_with_tensorboard_logs_reports_console_and_callback_metrics(flavour:
     # console: one report per evaluation, on rank zero, through LightningModule.print
     out = capsys.readouterr().out
     assert out.count("NTK report") == 3 and "alignment" in out
+    # the per-layer line (largest share first); a classifier has no dynamics line
+    assert out.count("\nlayers     net.") == 3 and "\ndynamics" not in out
     # TensorBoard: scalars at the report steps, histogram and images
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -452,3 +455,57 @@ def test_a_failing_logger_is_reported_not_raised() -> None:
     )
     assert errors == [("Broken.log_metrics", "disk full")]
     assert good.got == [({"ntk/kta": 0.25}, 3)]  # the next logger still gets its scalars
+
+
+def test_regression_console_lines_prefix_helpers_and_state_round_trip(capsys: Any) -> None:
+    """A regressor prints a dynamics line; prefix helpers; the dynamics state survives
+    ``torch.save``/``torch.load(weights_only=True)``."""
+    from ntk_callback.callback import _insight_lines
+    from ntk_callback.loggers import check_prefix, prefixed_scalars
+
+    pl = _flavour("pytorch_lightning")
+
+    class Reg(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)  # (N, 1): O = 1
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return nn.functional.mse_loss(self(batch[0]).squeeze(-1), batch[1])
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    x = torch.randn(24, 4, generator=torch.Generator().manual_seed(0))
+    y = torch.tanh(x[:, 0])
+    cb = NTKReportCallback(num_probes=8, residual_top_k=3)
+    trainer = _trainer(pl, max_epochs=2, logger=False, callbacks=[cb])
+    with pytest.warns(UserWarning, match="no logger"):
+        trainer.fit(Reg(), DataLoader(TensorDataset(x, y), batch_size=12))
+    out = capsys.readouterr().out
+    assert out.count("\ndynamics   residual") == 3 and out.count("ratio") == 2 and "top-3 energy" in out
+    assert "lin. gap" not in out  # no validation data: no held-out probes
+    assert cb.dynamics_active and cb.heldout is None and cb.lr_sum == pytest.approx(0.1 * 4)
+    m = cb.history[-1]["metrics"]
+    assert {"residual_energy_top3", "predicted_vs_observed_residual", "layer_share/net.0"} <= set(m)
+    buf = io.BytesIO()
+    torch.save(cb.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    assert state["dynamics"]["lr_sum"] == cb.lr_sum and state["dynamics"]["tracker"]["prev"]["step"] == 4
+    assert state["settings"]["prefix"] == "ntk" and set(state["init_layer_kernels"]) == {"net.0", "net.2"}
+
+    lines = _insight_lines({"layer_share/a": 0.25, "layer_share/b": 0.75, "layer_drift/b": 0.5,
+                            "residual_norm": 2.0, "predicted_residual_norm": 2.2,
+                            "predicted_vs_observed_residual": 1.1, "steps_to_halve_residual": math.inf})
+    assert lines == ("\nlayers     b 75% (drift 0.5)  a 25% (drift n/a)"
+                     "\ndynamics   residual 2 (predicted 2.2, ratio 1.1)  halves in n/a steps")
+    assert _insight_lines({"kta": 0.5}) == ""
+    assert prefixed_scalars({"kta": 0.5, "bad": "x"}, "run/ntk") == {"run/ntk/kta": 0.5}
+    assert check_prefix("a/b") == "a/b"
+    for bad in ("", "a/", "/a", "a/../b", "a/ b"):
+        with pytest.raises(ValueError, match="prefix"):
+            check_prefix(bad)
