@@ -196,7 +196,8 @@ def model_outputs(model: torch.nn.Module, inputs: Any, *, dtype: torch.dtype | N
                   output_fn: Callable[[Any], torch.Tensor] | None = None) -> torch.Tensor:
     """The outputs f(x) the kernel is defined on, shape (N, O) (a (N,) output gives O = 1),
     measured exactly like :func:`empirical_ntk` (same call convention, ``output_fn``,
-    eval mode and dtype; no gradient) and with the same guarantee of no side effects."""
+    eval mode and dtype; no gradient) and with the same guarantee of no side effects.
+    Non-finite outputs are returned as they are (the kernel functions refuse them)."""
     with frozen_measurement(model, eval_mode), torch.no_grad():
         problem = build_problem(model, inputs, None, mode="trace", dtype=dtype,
                                 output_fn=output_fn)

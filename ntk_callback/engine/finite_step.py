@@ -51,6 +51,7 @@ def finite_difference_ntk(model: torch.nn.Module, inputs: Any, targets: Any = No
                 return problem.forward(problem.tensors(live), problem.x1)
 
         base = outputs(None, 0.0)
+        problem.check_outputs(base, "inputs")
         kernel = torch.zeros(n, n, dtype=problem.dtype, device=problem.device)
         for j in range(n):
             xj = B.take(problem.x1, slice(j, j + 1))

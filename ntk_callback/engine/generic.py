@@ -24,25 +24,29 @@ from .problem import Problem, blocks, numel, output_shape, unsqueeze_batch
 
 
 def _rows(problem: Problem, names: list[str], x: Any, cot: torch.Tensor,
-          chunk: int) -> torch.Tensor:
+          chunk: int, name: str = "inputs") -> torch.Tensor:
     """Per-probe gradient rows, shape (n, k, P_g) for a batch ``x`` of n probes and
     cotangents ``cot`` of shape (n, k, O)."""
     base = problem.tensors()
     live0 = {n: problem.params[n] for n in names}
 
-    def per_probe(xi: Any, vi: torch.Tensor) -> torch.Tensor:
+    def per_probe(xi: Any, vi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         def f(live: dict[str, torch.Tensor]) -> torch.Tensor:
             tensors = dict(base)
             tensors.update(live)
             return problem.forward(tensors, unsqueeze_batch(xi))[0]
 
-        _, pullback = vjp(f, live0)
+        value, pullback = vjp(f, live0)
         (grads,) = vmap(pullback)(vi)
         k = vi.shape[0]
-        return torch.cat([grads[n].reshape(k, -1) for n in names], dim=1)
+        return torch.cat([grads[n].reshape(k, -1) for n in names], dim=1), value
 
     n = cot.shape[0]
-    out = [vmap(per_probe)(B.take(x, sl), cot[sl]) for sl in blocks(n, chunk)]
+    out = []
+    for sl in blocks(n, chunk):
+        rows, values = vmap(per_probe)(B.take(x, sl), cot[sl])
+        problem.check_outputs(values, name)
+        out.append(rows)
     return out[0] if len(out) == 1 else torch.cat(out)
 
 
@@ -92,7 +96,8 @@ def generic_kernel(problem: Problem, names: list[str], budget: int,
         def rows(which: int, sl: slice) -> torch.Tensor:
             x = problem.x1 if which == 1 else problem.x2
             cot = problem.cot1 if which == 1 else problem.cot2
-            return _rows(problem, names, B.take(x, sl), cot[sl, cs], vchunk)
+            return _rows(problem, names, B.take(x, sl), cot[sl, cs], vchunk,
+                         "inputs" if which == 1 else "inputs2")
 
         if n_all * per_probe <= budget:
             j1 = rows(1, slice(0, n1))

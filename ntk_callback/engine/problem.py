@@ -67,6 +67,32 @@ class Problem:
         out = functional_call(self.model, tensors, args, kwargs, strict=False)
         return self.as_matrix(out)
 
+    def trial_forward(self, x: Any, name: str) -> tuple[torch.Tensor, tuple]:
+        """Forward without gradient; a failing call becomes an NTKError naming the fix."""
+        with torch.no_grad():
+            try:
+                args, kwargs = self.split(x)
+                raw = functional_call(self.model, self.tensors(), args, kwargs, strict=False)
+                out = self.as_matrix(raw)
+            except NTKError:
+                raise
+            except Exception as exc:
+                raise NTKError(f"calling the model on `{name}` failed: {type(exc).__name__}: "
+                               f"{exc}. `{name}` must be what `model({name})` accepts for a "
+                               "batch of probes (tuple batches are unpacked when forward takes "
+                               "several arguments; use `output_fn=` for non-tensor outputs).") from exc
+        return out, tuple(raw.shape) if isinstance(raw, torch.Tensor) else tuple(out.shape)
+
+    @staticmethod
+    def check_outputs(out: torch.Tensor, name: str) -> None:
+        """Non-finite outputs make the NTK undefined: refuse with the likely causes."""
+        finite = torch.isfinite(out.detach())
+        if not bool(finite.all()):
+            bad = int((~finite).reshape(out.shape[0], -1).any(dim=1).sum())
+            raise NTKError(f"the model's outputs on `{name}` are non-finite (NaN/inf) for {bad} "
+                           "probe(s); the NTK is undefined there. Check the weights for "
+                           "divergence (lower the learning rate) or the probes for NaNs.")
+
     def as_matrix(self, out: Any) -> torch.Tensor:
         if self.output_fn is not None:
             out = self.output_fn(out)
@@ -184,36 +210,23 @@ def build_problem(model: torch.nn.Module, inputs: Any, targets: Any, *, mode: st
                       device=device, params=params, constants=constants, x1=x1, n1=n1,
                       cot1=torch.empty(0), num_outputs=0, x2=x2, n2=n2,
                       param_owner=_owners(model))
-    # One plain batched forward: the output size, and a finiteness check that names the
-    # problem before any expensive work.
+    # Small forwards (1 and up to 3 probes) give the output size and catch models whose
+    # output is not one row per probe before any expensive work. The full batches are
+    # checked for non-finite outputs where their outputs are computed anyway
+    # (:meth:`Problem.check_outputs`), which saves a whole forward pass.
     num_outputs = None
-    for x, name in ((x1, "inputs"), (x2, "inputs2")):
+    for x, name, n in ((x1, "inputs", n1), (x2, "inputs2", n2)):
         if x is None:
             continue
-        with torch.no_grad():
-            try:
-                args, kwargs = problem.split(x)
-                raw = functional_call(model, problem.tensors(), args, kwargs, strict=False)
-                out = problem.as_matrix(raw)
-                raw_shape = out.shape if not isinstance(raw, torch.Tensor) else raw.shape
-            except NTKError:
-                raise
-            except Exception as exc:
-                raise NTKError(f"calling the model on `{name}` failed: {type(exc).__name__}: "
-                               f"{exc}. `{name}` must be what `model({name})` accepts for a "
-                               "batch of probes (tuple batches are unpacked when forward takes "
-                               "several arguments; use `output_fn=` for non-tensor outputs).") from exc
-        n = problem.n1 if x is x1 else problem.n2
-        if out.shape[0] != n:
-            raise NTKError(f"the model's output on `{name}` has shape {tuple(raw_shape)} but "
-                           f"there are {n} probes; the output must have one row per probe, "
-                           f"shape ({n},) or ({n}, O). Do not reduce over the batch in forward "
-                           "(or wrap the model / pass `output_fn=`).")
-        if not torch.isfinite(out).all():
-            bad = int((~torch.isfinite(out)).any(dim=1).sum())
-            raise NTKError(f"the model's outputs on `{name}` are non-finite (NaN/inf) for {bad} "
-                           "probe(s); the NTK is undefined there. Check the weights for "
-                           "divergence (lower the learning rate) or the probes for NaNs.")
+        for m in sorted({1, min(n, 3)}):
+            out, raw_shape = problem.trial_forward(B.take(x, slice(0, m)), name)
+            if out.shape[0] != m:
+                raise NTKError(f"the model's output on {m} of the {n} probes in `{name}` has "
+                               f"shape {tuple(raw_shape)}; the output must have one row per "
+                               f"probe, shape ({n},) or ({n}, O) for all {n} probes. Do not "
+                               "reduce over the batch in forward (and squeeze with "
+                               "`.squeeze(-1)`, not `.squeeze()`), or pass `output_fn=`.")
+            problem.check_outputs(out, name)
         if num_outputs is None:
             num_outputs = out.shape[1]
         elif out.shape[1] != num_outputs:

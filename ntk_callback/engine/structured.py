@@ -125,7 +125,7 @@ def plan(problem: Problem, implementation: str,
 
 # --------------------------------------------------------------------------- capture
 
-def _capture(problem: Problem, plan: Plan, x: Any, cot: torch.Tensor
+def _capture(problem: Problem, plan: Plan, x: Any, cot: torch.Tensor, name: str = "inputs"
              ) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
     """One batched forward with hooks; returns, per module, a list (one per call) of
     (input, D) with D the cotangents at the module output, shape (k, n, *out)."""
@@ -154,6 +154,9 @@ def _capture(problem: Problem, plan: Plan, x: Any, cot: torch.Tensor
     finally:
         for h in handles:
             h.remove()
+    if out.shape[0] != n:
+        raise _Fallback("output rows")
+    problem.check_outputs(out, name)
     targets = [z for lst in calls.values() for _, z in lst]
     if not targets:
         return {m: [] for m in calls}
@@ -197,6 +200,7 @@ class Term:
     data: torch.Tensor | None
     d: torch.Tensor
     extra: int = 0    # vocabulary size for tokens
+    module: nn.Module | None = None  # the conv layer of a "conv" term
 
 
 def _channels_last(t: torch.Tensor, lead: int) -> torch.Tensor:
@@ -255,19 +259,11 @@ def _terms(module: nn.Module, attrs: dict[str, str], a: torch.Tensor,
         if "bias" in attrs:
             terms.append(Term("sum", attrs["bias"], None, dd))
     elif isinstance(module, _CONV):
-        dd = _channels_last(d, 2)  # (k, n, L, C_out)
         if "weight" in attrs:
-            patches = _conv_patches(module, a)  # (n, L, C_in*kk)
-            g = module.groups
-            if g == 1:
-                terms.append(Term("outer", attrs["weight"], patches, dd))
-            else:
-                pg = patches.reshape(n, patches.shape[1], g, -1)
-                dg = dd.reshape(k, n, dd.shape[2], g, -1)
-                for gi in range(g):
-                    terms.append(Term("outer", f"{attrs['weight']}#{gi}", pg[:, :, gi], dg[:, :, :, gi]))
+            # Kept as (input, cotangent) maps: the rows route never unfolds the input.
+            terms.append(Term("conv", attrs["weight"], a, d, module=module))
         if "bias" in attrs:
-            terms.append(Term("sum", attrs["bias"], None, dd))
+            terms.append(Term("sum", attrs["bias"], None, _channels_last(d, 2)))
     elif isinstance(module, _NORM):
         xhat, dd = _normalised(module, a, d)
         if "weight" in attrs:
@@ -283,8 +279,57 @@ def _terms(module: nn.Module, attrs: dict[str, str], a: torch.Tensor,
     return terms
 
 
+def _conv_outer(term: Term) -> list[Term]:
+    """A conv weight term as linear maps on unfolded input patches, one a group:
+    ``z_l = W_g p_l`` with p_l the patch under output position l."""
+    module, d = term.module, term.d
+    k, n = d.shape[:2]
+    patches = _conv_patches(module, term.data)  # (n, L, C_in * kk)
+    dd = _channels_last(d, 2)  # (k, n, L, C_out)
+    g = module.groups
+    if g == 1:
+        return [Term("outer", term.key, patches, dd)]
+    pg = patches.reshape(n, patches.shape[1], g, -1)
+    dg = dd.reshape(k, n, dd.shape[2], g, -1)
+    return [Term("outer", f"{term.key}#{gi}", pg[:, :, gi], dg[:, :, :, gi]) for gi in range(g)]
+
+
+def _conv_rows(term: Term) -> torch.Tensor:
+    """Per-probe conv weight gradients, (n, k, P), as one grouped convolution backward
+    (the probes become groups): much faster than unfolding the input."""
+    module, a, d = term.module, term.data, term.d
+    k, n = d.shape[:2]
+    dims = a.dim() - 2
+    if module.padding_mode == "zeros" and not isinstance(module.padding, str):
+        padding = list(module.padding)
+    else:
+        pad = module._reversed_padding_repeated_twice
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        a = F.pad(a, pad, mode=mode) if any(pad) else a
+        padding = [0] * dims
+    c_in, c_out, g = a.shape[1], d.shape[2], module.groups
+    x = a.reshape((1, n * c_in) + tuple(a.shape[2:]))
+    # only the shape of the weight matters for the weight gradient
+    w = a.new_empty((n * c_out, c_in // g) + tuple(module.kernel_size))
+    rows = []
+    for j in range(k):
+        go = d[j].reshape((1, n * c_out) + tuple(d.shape[3:]))
+        gw = torch.ops.aten.convolution_backward(
+            go, x, w, None, list(module.stride), padding, list(module.dilation), False,
+            [0] * dims, n * g, [False, True, False])[1]
+        rows.append(gw.reshape(n, -1))
+    return torch.stack(rows, dim=1)
+
+
 def _merge(terms: list[Term]) -> dict[str, Term]:
     """Repeated calls of one module become extra positions of one term."""
+    counts: dict[str, int] = {}
+    for t in terms:
+        counts[t.key] = counts.get(t.key, 0) + 1
+    flat: list[Term] = []
+    for t in terms:
+        flat.extend(_conv_outer(t) if t.kind == "conv" and counts[t.key] > 1 else [t])
+    terms = flat
     merged: dict[str, Term] = {}
     for t in terms:
         if t.key not in merged:
@@ -300,6 +345,8 @@ def _merge(terms: list[Term]) -> dict[str, Term]:
 
 def _rows(term: Term) -> torch.Tensor:
     """Per-probe gradient rows of a term, (n, k, P_term)."""
+    if term.kind == "conv":
+        return _conv_rows(term)
     d = term.d
     k, n = d.shape[:2]
     if term.kind == "sum":
@@ -355,18 +402,31 @@ def _choose(term: Term, n1: int, n2: int, mode: str, budget: int, itemsize: int,
     """Cost model: flops of each route (memory caps the rows route)."""
     if term.kind in ("sum", "scale"):
         return "rows"
-    k, _, s, o = term.d.shape
-    c = term.data.shape[-1] if term.kind == "outer" else 1
-    p = o * (term.extra if term.kind == "token" else c)
+    if term.kind == "conv":
+        m = term.module
+        k = term.d.shape[0]
+        s = 1
+        for size in term.d.shape[3:]:
+            s *= size
+        o = term.d.shape[2]
+        c = term.data.shape[1] // m.groups
+        for size in m.kernel_size:
+            c *= size
+        p = o * c
+    else:
+        k, _, s, o = term.d.shape
+        c = term.data.shape[-1] if term.kind == "outer" else 1
+        p = o * (term.extra if term.kind == "token" else c)
     pairs = {"target": 1, "sum": 1, "trace": k, "full": k * k}[mode]
     n_all = n1 + (n2 if n2 is not None else 0)
     nn2 = n1 * (n2 if n2 is not None else n1)
     rows_mem = n_all * k * p * itemsize
     if forced in ("gram", "rows"):
         return forced
-    build = k * n_all * s * (o * c if term.kind == "outer" else p)
+    linear = term.kind in ("outer", "conv")
+    build = k * n_all * s * (o * c if linear else p)
     rows_flops = 2 * build + 2 * pairs * nn2 * p
-    gram_flops = 2 * nn2 * s * s * ((c if term.kind == "outer" else 1) + k * o + pairs)
+    gram_flops = 2 * nn2 * s * s * ((c if linear else 1) + k * o + pairs)
     if rows_mem > budget:
         return "gram"
     return "rows" if rows_flops <= gram_flops else "gram"
@@ -398,10 +458,10 @@ def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]],
     key_of = {name: key for key, names in keys.items() for name in names}
     chunk = _probe_chunk(problem, plan, problem.cot1.shape[1], budget)
 
-    def collect(x: Any, cot: torch.Tensor, n: int) -> dict[str, Term]:
+    def collect(x: Any, cot: torch.Tensor, n: int, name: str) -> dict[str, Term]:
         merged_chunks: list[dict[str, Term]] = []
         for sl in blocks(n, chunk):
-            captured = _capture(problem, plan, B.take(x, sl), cot[sl])
+            captured = _capture(problem, plan, B.take(x, sl), cot[sl], name)
             terms: list[Term] = []
             for mname, lst in captured.items():
                 for a, d in lst:
@@ -414,11 +474,11 @@ def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]],
             parts = [mc[name] for mc in merged_chunks]
             data = None if parts[0].data is None else torch.cat([p.data for p in parts])
             out[name] = Term(parts[0].kind, name, data, torch.cat([p.d for p in parts], dim=1),
-                             parts[0].extra)
+                             parts[0].extra, parts[0].module)
         return out
 
-    terms1 = collect(problem.x1, problem.cot1, problem.n1)
-    terms2 = collect(problem.x2, problem.cot2, problem.n2) if problem.cross else terms1
+    terms1 = collect(problem.x1, problem.cot1, problem.n1, "inputs")
+    terms2 = collect(problem.x2, problem.cot2, problem.n2, "inputs2") if problem.cross else terms1
     module_of = {full: m for m, attrs in plan.params.items() for full in attrs.values()}
     result: dict[str, torch.Tensor] = {}
     rows1: dict[str, list[torch.Tensor]] = {}
@@ -430,9 +490,12 @@ def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]],
         route = _choose(t1, problem.n1, problem.n2, mode, budget, itemsize,
                         plan.forced.get(module_of[param]))
         plan.routes[name] = route
-        if route == "gram" and t1.kind in ("outer", "token"):
-            part = _gram(t1, t2, mode, budget, itemsize)
-            result[key] = part if key not in result else result[key] + part
+        if route == "gram" and t1.kind in ("outer", "token", "conv"):
+            pairs = (zip(_conv_outer(t1), _conv_outer(t2)) if t1.kind == "conv"
+                     else [(t1, t2)])
+            for a1, a2 in pairs:
+                part = _gram(a1, a2, mode, budget, itemsize)
+                result[key] = part if key not in result else result[key] + part
         else:
             rows1.setdefault(key, []).append(_rows(t1))
             if problem.cross:
