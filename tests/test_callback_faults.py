@@ -145,16 +145,20 @@ def test_out_of_memory_warns_skips_that_report_and_training_continues(
     import ntk_callback.callback as callback_module
     from ntk_callback import NTKReportCallback
 
-    real = callback_module.empirical_ntk
     calls = {"n": 0}
 
-    def flaky(*args: Any, **kwargs: Any) -> Any:
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-        return real(*args, **kwargs)
+    def flaky(real: Any) -> Any:
+        def engine(*args: Any, **kwargs: Any) -> Any:
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+            return real(*args, **kwargs)
 
-    monkeypatch.setattr(callback_module, "empirical_ntk", flaky)
+        return engine
+
+    # the callback computes the kernel with layerwise_ntk (layerwise=True, the default) or empirical_ntk
+    for name in ("empirical_ntk", "layerwise_ntk"):
+        monkeypatch.setattr(callback_module, name, flaky(getattr(callback_module, name)))
     cb = NTKReportCallback(num_probes=10, every_n_epochs=1)
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
