@@ -70,7 +70,8 @@ class DynamicsTracker:
     ``residual_prediction_error`` = ||r_pred - r_obs|| / ||r_obs||, where r_pred evolves
     the previous report's residual under the previous report's kernel. With held-out
     probes: ``linearization_gap`` = ||f - f_lin|| / ||f - f_0|| on them, f_lin being the
-    network linearised at initialisation (K0) trained for the same steps, and
+    network linearised at initialisation (K0) trained for the same steps (advanced one
+    report interval at a time at that interval's mean learning rate), and
     ``linearized_heldout_mse`` / ``heldout_mse`` when held-out targets are given.
     """
 
@@ -86,7 +87,10 @@ class DynamicsTracker:
         self.prev: Optional[_Snapshot] = None
         self.f0_heldout: Optional[torch.Tensor] = None
         self.k0_cross: Optional[torch.Tensor] = None
-        self.f0_probes: Optional[torch.Tensor] = None
+        # the linearised network, advanced one report interval at a time so that a learning
+        # rate that changes between reports is followed exactly: (probe outputs, held-out
+        # outputs, step, cumulative lr)
+        self.lin: Optional[tuple] = None
 
     def _rate(self, lr: float) -> float:
         return D.sum_loss_lr(lr, self.num_train, 1, self.loss_reduction)
@@ -117,15 +121,18 @@ class DynamicsTracker:
             out["residual_prediction_error"] = float((pred - r).norm()) / norm if norm > 0 else float("nan")
         if self.init is None:
             self.init = snap
-            self.f0_probes = f
             if heldout_outputs is not None and cross_kernel is not None:
                 self.f0_heldout = heldout_outputs.detach().double().cpu().reshape(-1)
                 self.k0_cross = cross_kernel.detach().double().cpu()
-        elif heldout_outputs is not None and self.f0_heldout is not None and step > self.init.step:
-            steps = step - self.init.step
-            mean_rate = self._rate((lr_sum - self.init.lr_sum) / steps)
-            f_lin = D.linearized_predictions(self.init.kernel, self.k0_cross, self.f0_probes,
-                                             self.f0_heldout, self.y, lr=mean_rate, steps=steps)
+                self.lin = (f, self.f0_heldout, int(step), float(lr_sum))
+        elif heldout_outputs is not None and self.lin is not None and step > self.lin[2]:
+            lin_train, lin_heldout, lin_step, lin_lr_sum = self.lin
+            steps = step - lin_step
+            mean_rate = self._rate((lr_sum - lin_lr_sum) / steps)
+            f_lin = D.linearized_predictions(self.init.kernel, self.k0_cross, lin_train,
+                                             lin_heldout, self.y, lr=mean_rate, steps=steps)
+            r_lin = A.predicted_residual(self.init.kernel, lin_train - self.y, mean_rate, steps)
+            self.lin = (self.y + r_lin, f_lin, int(step), float(lr_sum))
             f_h = heldout_outputs.detach().double().cpu().reshape(-1)
             out["linearization_gap"] = D.linearization_gap(f_h, f_lin, self.f0_heldout)
             if heldout_targets is not None:
@@ -139,15 +146,21 @@ class DynamicsTracker:
         def snap(s: Optional[_Snapshot]):
             return None if s is None else {"kernel": s.kernel, "residual": s.residual,
                                            "step": s.step, "lr_sum": s.lr_sum}
+        lin = None
+        if self.lin is not None:
+            lin = {"train": self.lin[0], "heldout": self.lin[1], "step": self.lin[2],
+                   "lr_sum": self.lin[3]}
         return {"init": snap(self.init), "prev": snap(self.prev), "f0_heldout": self.f0_heldout,
-                "k0_cross": self.k0_cross, "f0_probes": self.f0_probes}
+                "k0_cross": self.k0_cross, "lin": lin}
 
     def load_state_dict(self, state: Mapping) -> None:
         def snap(d):
             return None if not d else _Snapshot(d["kernel"], d["residual"], int(d["step"]), float(d["lr_sum"]))
         self.init, self.prev = snap(state.get("init")), snap(state.get("prev"))
         self.f0_heldout, self.k0_cross = state.get("f0_heldout"), state.get("k0_cross")
-        self.f0_probes = state.get("f0_probes")
+        lin = state.get("lin")
+        self.lin = None if not lin else (lin["train"], lin["heldout"], int(lin["step"]),
+                                         float(lin["lr_sum"]))
 
 
 __all__ = ["DynamicsTracker", "layer_drift", "layer_shares"]
