@@ -4,7 +4,7 @@ For a layer ``z = layer(a; w)`` inside the network, the per-probe gradient of a 
 ``<v, f(x_i)>`` with respect to ``w`` depends only on the layer's input ``a_i`` and the
 cotangent ``D_i = d <v, f(x_i)> / d z_i`` at its output (Novak et al. 2022, "Fast Finite
 Width Neural Tangent Kernel", structured derivatives). One batched forward captures every
-``a``; one backward a cotangent row (batched with ``is_grads_batched``) gives every ``D``.
+``a``; one backward a cotangent row gives every ``D``.
 The contributions, with ``s, t`` running over extra positions (sequence, spatial, or
 repeated calls of the same module):
 
@@ -162,18 +162,11 @@ def _capture(problem: Problem, plan: Plan, x: Any, cot: torch.Tensor, name: str 
         return {m: [] for m in calls}
     k = cot.shape[1]
     grad_out = cot.transpose(0, 1)  # (k, n, O)
-    if k == 1:
-        grads = torch.autograd.grad(out, targets, grad_out[0], allow_unused=True)
-        grads = [None if g is None else g.unsqueeze(0) for g in grads]
-    else:
-        try:
-            grads = torch.autograd.grad(out, targets, grad_out, allow_unused=True,
-                                        is_grads_batched=True, retain_graph=True)
-        except RuntimeError:
-            per_row = [torch.autograd.grad(out, targets, grad_out[a], allow_unused=True,
-                                           retain_graph=True) for a in range(k)]
-            grads = [None if rows[0] is None else torch.stack(rows)
-                     for rows in zip(*per_row)]
+    # One backward a cotangent row. (``is_grads_batched`` would vmap the backward, but
+    # convolution backward has no batching rule and falls back to a slow per-example loop.)
+    per_row = [torch.autograd.grad(out, targets, grad_out[a], allow_unused=True,
+                                   retain_graph=a < k - 1) for a in range(k)]
+    grads = [None if rows[0] is None else torch.stack(rows) for rows in zip(*per_row)]
     result: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     it = iter(grads)
     for mname, lst in calls.items():
@@ -397,114 +390,149 @@ def _gram(t1: Term, t2: Term, mode: str, budget: int, itemsize: int) -> torch.Te
     return torch.cat(parts)
 
 
-def _choose(term: Term, n1: int, n2: int, mode: str, budget: int, itemsize: int,
-            forced: str | None) -> str:
-    """Cost model: flops of each route (memory caps the rows route)."""
-    if term.kind in ("sum", "scale"):
-        return "rows"
+def _term_size(term: Term) -> tuple[int, int, int, int, int]:
+    """(k rows, S positions, o outputs, c inputs, P parameters) of a term."""
     if term.kind == "conv":
         m = term.module
-        k = term.d.shape[0]
+        k, o = term.d.shape[0], term.d.shape[2]
         s = 1
         for size in term.d.shape[3:]:
             s *= size
-        o = term.d.shape[2]
         c = term.data.shape[1] // m.groups
         for size in m.kernel_size:
             c *= size
-        p = o * c
-    else:
-        k, _, s, o = term.d.shape
-        c = term.data.shape[-1] if term.kind == "outer" else 1
-        p = o * (term.extra if term.kind == "token" else c)
+        return k, s, o, c, o * c
+    k, _, s, o = term.d.shape
+    if term.kind == "outer":
+        c = term.data.shape[-1]
+        return k, s, o, c, o * c
+    if term.kind == "token":
+        return k, s, o, 1, o * term.extra
+    return k, s, o, 1, o
+
+
+def _rows_bytes(term: Term, n_all: int, itemsize: int) -> int:
+    k, _, _, _, p = _term_size(term)
+    return n_all * k * p * itemsize
+
+
+def _choose(term: Term, n1: int, n2: int | None, mode: str, budget: int, itemsize: int,
+            forced: str | None) -> str:
+    """Cost model: flops of each route; the rows route only while its rows fit ``budget``."""
+    if term.kind in ("sum", "scale"):
+        return "rows"
+    k, s, o, c, p = _term_size(term)
     pairs = {"target": 1, "sum": 1, "trace": k, "full": k * k}[mode]
     n_all = n1 + (n2 if n2 is not None else 0)
     nn2 = n1 * (n2 if n2 is not None else n1)
-    rows_mem = n_all * k * p * itemsize
     if forced in ("gram", "rows"):
         return forced
     linear = term.kind in ("outer", "conv")
     build = k * n_all * s * (o * c if linear else p)
     rows_flops = 2 * build + 2 * pairs * nn2 * p
     gram_flops = 2 * nn2 * s * s * ((c if linear else 1) + k * o + pairs)
-    if rows_mem > budget:
+    if _rows_bytes(term, n_all, itemsize) > budget:
         return "gram"
     return "rows" if rows_flops <= gram_flops else "gram"
 
 
 # --------------------------------------------------------------------------- driver
 
-def _probe_chunk(problem: Problem, plan: Plan, k: int, budget: int) -> int:
-    """Probes a capture pass may hold: a dry run on one probe measures the activations."""
-    x = B.take(problem.x1, slice(0, 1))
-    cot = problem.cot1[:1]
-    captured = _capture(problem, plan, x, cot)
-    per_probe = 0
-    for lst in captured.values():
+def _captured_terms(problem: Problem, plan: Plan, x: Any, cot: torch.Tensor,
+                    name: str) -> dict[str, Term]:
+    captured = _capture(problem, plan, x, cot, name)
+    terms: list[Term] = []
+    for mname, lst in captured.items():
         for a, d in lst:
-            per_probe += a.numel() + d.numel() * 2
-    per_probe = max(1, per_probe * problem.itemsize() * 4)
-    return max(1, min(problem.n1 + (problem.n2 or 0), budget // per_probe))
+            terms.extend(_terms(plan.modules[mname], plan.params[mname], a, d))
+    return _merge(terms)
+
+
+def _join_chunks(parts: list[Term]) -> Term:
+    first = parts[0]
+    if len(parts) == 1:
+        return first
+    data = None if first.data is None else torch.cat([p.data for p in parts])
+    return Term(first.kind, first.key, data, torch.cat([p.d for p in parts], dim=1),
+                first.extra, first.module)
 
 
 def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]],
             budget: int) -> dict[str, torch.Tensor]:
     """Kernel contributions of the planned parameters, by layer key.
 
-    Raises ``_Fallback`` (caught by the caller) when a structural assumption fails.
+    A dry run on one probe measures the activations (so the capture passes can be chunked
+    over probes within the budget) and fixes every term's route. Rows-route terms are
+    turned into per-probe gradient rows chunk by chunk, so their activations and
+    cotangents never exist for all probes at once; Gram-route terms keep theirs (small
+    for the layers where that route wins). Raises ``_Fallback`` (caught by the caller)
+    when a structural assumption fails.
     """
     mode = problem.mode
     itemsize = problem.itemsize()
+    n_all = problem.n1 + (problem.n2 or 0)
     key_of = {name: key for key, names in keys.items() for name in names}
-    chunk = _probe_chunk(problem, plan, problem.cot1.shape[1], budget)
-
-    def collect(x: Any, cot: torch.Tensor, n: int, name: str) -> dict[str, Term]:
-        merged_chunks: list[dict[str, Term]] = []
-        for sl in blocks(n, chunk):
-            captured = _capture(problem, plan, B.take(x, sl), cot[sl], name)
-            terms: list[Term] = []
-            for mname, lst in captured.items():
-                for a, d in lst:
-                    terms.extend(_terms(plan.modules[mname], plan.params[mname], a, d))
-            merged_chunks.append(_merge(terms))
-        if len(merged_chunks) == 1:
-            return merged_chunks[0]
-        out: dict[str, Term] = {}
-        for name in merged_chunks[0]:
-            parts = [mc[name] for mc in merged_chunks]
-            data = None if parts[0].data is None else torch.cat([p.data for p in parts])
-            out[name] = Term(parts[0].kind, name, data, torch.cat([p.d for p in parts], dim=1),
-                             parts[0].extra, parts[0].module)
-        return out
-
-    terms1 = collect(problem.x1, problem.cot1, problem.n1, "inputs")
-    terms2 = collect(problem.x2, problem.cot2, problem.n2, "inputs2") if problem.cross else terms1
     module_of = {full: m for m, attrs in plan.params.items() for full in attrs.values()}
+
+    dry = _captured_terms(problem, plan, B.take(problem.x1, slice(0, 1)), problem.cot1[:1],
+                          "inputs")
+    per_probe = sum((t.data.numel() if t.data is not None else 0) + 3 * t.d.numel()
+                    for t in dry.values()) * itemsize
+    chunk = max(1, min(n_all, budget // max(1, 2 * per_probe)))
+    routes: dict[str, str] = {}
+    rows_left = budget
+
+    def route(name: str, term: Term) -> str:
+        nonlocal rows_left
+        if name not in routes:
+            param = name.split("#")[0]
+            routes[name] = _choose(term, problem.n1, problem.n2, mode, rows_left, itemsize,
+                                   plan.forced.get(module_of[param]))
+            if routes[name] == "rows":
+                rows_left -= _rows_bytes(term, n_all, itemsize)
+        return routes[name]
+
+    for name, term in dry.items():
+        route(name, term)
+
+    def collect(x: Any, cot: torch.Tensor, n: int, label: str
+                ) -> tuple[dict[str, torch.Tensor], dict[str, Term]]:
+        rows: dict[str, list[torch.Tensor]] = {}
+        gram: dict[str, list[Term]] = {}
+        layout: list[str] | None = None
+        for sl in blocks(n, chunk):
+            terms = _captured_terms(problem, plan, B.take(x, sl), cot[sl], label)
+            if layout is None:
+                layout = list(terms)
+            elif list(terms) != layout:
+                raise _Fallback("data-dependent layers")
+            chunk_rows: dict[str, list[torch.Tensor]] = {}
+            for name, term in terms.items():
+                if route(name, term) == "rows" or term.kind in ("sum", "scale"):
+                    chunk_rows.setdefault(key_of[name.split("#")[0]], []).append(_rows(term))
+                else:
+                    gram.setdefault(name, []).append(term)
+            for key, parts in chunk_rows.items():
+                rows.setdefault(key, []).append(torch.cat(parts, dim=2))
+        return ({key: torch.cat(parts) for key, parts in rows.items()},
+                {name: _join_chunks(parts) for name, parts in gram.items()})
+
+    rows1, gram1 = collect(problem.x1, problem.cot1, problem.n1, "inputs")
+    rows2, gram2 = (collect(problem.x2, problem.cot2, problem.n2, "inputs2")
+                    if problem.cross else (rows1, gram1))
+    plan.routes.update(routes)
     result: dict[str, torch.Tensor] = {}
-    rows1: dict[str, list[torch.Tensor]] = {}
-    rows2: dict[str, list[torch.Tensor]] = {}
-    for name, t1 in terms1.items():
-        param = name.split("#")[0]
-        key = key_of[param]
-        t2 = terms2[name]
-        route = _choose(t1, problem.n1, problem.n2, mode, budget, itemsize,
-                        plan.forced.get(module_of[param]))
-        plan.routes[name] = route
-        if route == "gram" and t1.kind in ("outer", "token", "conv"):
-            pairs = (zip(_conv_outer(t1), _conv_outer(t2)) if t1.kind == "conv"
-                     else [(t1, t2)])
-            for a1, a2 in pairs:
-                part = _gram(a1, a2, mode, budget, itemsize)
-                result[key] = part if key not in result else result[key] + part
-        else:
-            rows1.setdefault(key, []).append(_rows(t1))
-            if problem.cross:
-                rows2.setdefault(key, []).append(_rows(t2))
-    for key, parts in rows1.items():
-        j1 = torch.cat(parts, dim=2)
-        j2 = torch.cat(rows2[key], dim=2) if problem.cross else j1
-        part = contract(mode, j1, j2)
+
+    def add(key: str, part: torch.Tensor) -> None:
         result[key] = part if key not in result else result[key] + part
+
+    for key, j1 in rows1.items():
+        add(key, contract(mode, j1, rows2[key]))
+    for name, t1 in gram1.items():
+        t2 = gram2[name]
+        pairs = zip(_conv_outer(t1), _conv_outer(t2)) if t1.kind == "conv" else [(t1, t2)]
+        for a1, a2 in pairs:
+            add(key_of[name.split("#")[0]], _gram(a1, a2, mode, budget, itemsize))
     shape = output_shape(problem)
     for key, value in result.items():
         if tuple(value.shape) != shape:
