@@ -45,6 +45,11 @@ class Problem:
     n2: int | None = None
     cot2: torch.Tensor | None = None         # (N2, k, O)
     param_owner: dict[str, str] = field(default_factory=dict)
+    # every tensor already has the compute dtype: the model can be called as it is
+    native: bool = False
+    # entries of all module outputs for one probe (measured by the trial forward): sizes
+    # the probe chunks of the structured path
+    activation_numel: int = 0
 
     @property
     def cross(self) -> bool:
@@ -67,12 +72,28 @@ class Problem:
         out = functional_call(self.model, tensors, args, kwargs, strict=False)
         return self.as_matrix(out)
 
-    def trial_forward(self, x: Any, name: str) -> tuple[torch.Tensor, tuple]:
-        """Forward without gradient; a failing call becomes an NTKError naming the fix."""
+    def call(self, x: Any) -> Any:
+        """The model on a batch with theta and the constants (the raw output)."""
+        args, kwargs = self.split(x)
+        if self.native:
+            return self.model(*args, **kwargs)
+        return functional_call(self.model, self.tensors(), args, kwargs, strict=False)
+
+    def trial_forward(self, x: Any, name: str, measure: bool = False) -> tuple[torch.Tensor, tuple]:
+        """Forward without gradient; a failing call becomes an NTKError naming the fix.
+        ``measure`` records the entries of every module output in ``activation_numel``."""
+        handles = []
+        if measure:
+            self.activation_numel = 0
+
+            def count(module: torch.nn.Module, args: tuple, out: Any) -> None:
+                if isinstance(out, torch.Tensor):
+                    self.activation_numel += out.numel()
+
+            handles = [m.register_forward_hook(count) for m in self.model.modules()]
         with torch.no_grad():
             try:
-                args, kwargs = self.split(x)
-                raw = functional_call(self.model, self.tensors(), args, kwargs, strict=False)
+                raw = self.call(x)
                 out = self.as_matrix(raw)
             except NTKError:
                 raise
@@ -81,6 +102,9 @@ class Problem:
                                f"{exc}. `{name}` must be what `model({name})` accepts for a "
                                "batch of probes (tuple batches are unpacked when forward takes "
                                "several arguments; use `output_fn=` for non-tensor outputs).") from exc
+            finally:
+                for h in handles:
+                    h.remove()
         return out, tuple(raw.shape) if isinstance(raw, torch.Tensor) else tuple(out.shape)
 
     @staticmethod
@@ -194,6 +218,8 @@ def build_problem(model: torch.nn.Module, inputs: Any, targets: Any, *, mode: st
         t = t.detach()
         return t.to(dtype) if t.is_floating_point() else t
 
+    native = all(t.dtype == dtype and t.device == device
+                 for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point())
     params = {n: cast(p) for n, p in trainable.items()}
     constants = {n: cast(p) for n, p in named.items() if not p.requires_grad}
     constants.update({n: cast(b) for n, b in model.named_buffers()})
@@ -209,7 +235,7 @@ def build_problem(model: torch.nn.Module, inputs: Any, targets: Any, *, mode: st
     problem = Problem(model=model, split=split, output_fn=output_fn, mode=mode, dtype=dtype,
                       device=device, params=params, constants=constants, x1=x1, n1=n1,
                       cot1=torch.empty(0), num_outputs=0, x2=x2, n2=n2,
-                      param_owner=_owners(model))
+                      param_owner=_owners(model), native=native)
     # Small forwards (1 and up to 3 probes) give the output size and catch models whose
     # output is not one row per probe before any expensive work. The full batches are
     # checked for non-finite outputs where their outputs are computed anyway
@@ -219,7 +245,8 @@ def build_problem(model: torch.nn.Module, inputs: Any, targets: Any, *, mode: st
         if x is None:
             continue
         for m in sorted({1, min(n, 3)}):
-            out, raw_shape = problem.trial_forward(B.take(x, slice(0, m)), name)
+            out, raw_shape = problem.trial_forward(B.take(x, slice(0, m)), name,
+                                                   measure=(m == 1 and x is x1))
             if out.shape[0] != m:
                 raise NTKError(f"the model's output on {m} of the {n} probes in `{name}` has "
                                f"shape {tuple(raw_shape)}; the output must have one row per "

@@ -147,10 +147,14 @@ def _capture(problem: Problem, plan: Plan, x: Any, cot: torch.Tensor, name: str 
     for mname, module in plan.modules.items():
         handles.append(module.register_forward_hook(hook(mname)))
     try:
-        live = {name: t.requires_grad_(True) if t.is_floating_point() else t
-                for name, t in ((k, v.detach().clone()) for k, v in problem.params.items())}
-        tensors = problem.tensors(live)
-        out = problem.forward(tensors, x)
+        if problem.native:
+            # the module's own parameters carry the graph; autograd.grad below asks only for
+            # the cotangents of the captured outputs, so no .grad is ever written
+            out = problem.as_matrix(problem.call(x))
+        else:
+            live = {name: t.detach().requires_grad_(True) if t.is_floating_point() else t
+                    for name, t in problem.params.items()}
+            out = problem.forward(problem.tensors(live), x)
     finally:
         for h in handles:
             h.remove()
@@ -461,8 +465,8 @@ def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]],
             budget: int) -> dict[str, torch.Tensor]:
     """Kernel contributions of the planned parameters, by layer key.
 
-    A dry run on one probe measures the activations (so the capture passes can be chunked
-    over probes within the budget) and fixes every term's route. Rows-route terms are
+    The trial forward's activation size chunks the capture passes over probes within the
+    budget; the first chunk fixes every term's route. Rows-route terms are
     turned into per-probe gradient rows chunk by chunk, so their activations and
     cotangents never exist for all probes at once; Gram-route terms keep theirs (small
     for the layers where that route wins). Raises ``_Fallback`` (caught by the caller)
@@ -474,11 +478,10 @@ def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]],
     key_of = {name: key for key, names in keys.items() for name in names}
     module_of = {full: m for m, attrs in plan.params.items() for full in attrs.values()}
 
-    dry = _captured_terms(problem, plan, B.take(problem.x1, slice(0, 1)), problem.cot1[:1],
-                          "inputs")
-    per_probe = sum((t.data.numel() if t.data is not None else 0) + 3 * t.d.numel()
-                    for t in dry.values()) * itemsize
-    chunk = max(1, min(n_all, budget // max(1, 2 * per_probe)))
+    # a capture pass holds the graph's activations plus a cotangent per row and per output
+    k = problem.cot1.shape[1]
+    per_probe = max(1, problem.activation_numel * (3 * k + 4) * itemsize)
+    chunk = max(1, min(n_all, budget // (2 * per_probe)))
     routes: dict[str, str] = {}
     rows_left = budget
 
@@ -491,9 +494,6 @@ def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]],
             if routes[name] == "rows":
                 rows_left -= _rows_bytes(term, n_all, itemsize)
         return routes[name]
-
-    for name, term in dry.items():
-        route(name, term)
 
     def collect(x: Any, cot: torch.Tensor, n: int, label: str
                 ) -> tuple[dict[str, torch.Tensor], dict[str, Term]]:
