@@ -34,9 +34,6 @@ import baselines as B
 import bench_configs as C
 from ntk_callback import empirical_ntk
 
-BASELINE_METHODS = ("per_sample_loop", "vmap_jacrev", "vmap_grad", "ntk_vps", "nngeometry_gram")
-OUR_METHODS = ("ours", "ours_generic")
-FLOOR_METHODS = ("floor_G", "floor_trace")
 # Methods with a pilot run, and the power of N their time grows with.
 SCALING = {"per_sample_loop": 1, "vmap_jacrev": 1, "vmap_grad": 1, "ntk_vps": 2,
            "nngeometry_gram": 2, "ours_generic": 1}
@@ -81,23 +78,26 @@ def _load(path: str, config: str) -> tuple[torch.nn.Module, torch.Tensor, torch.
 def _pilot(run: Callable[[torch.Tensor, torch.Tensor], tuple[float, Any]], x: torch.Tensor,
            t: torch.Tensor, power: int, n0: int, limit: float) -> float:
     """Projected time at N = len(x) from timed runs on the first 2, 4, 8, ... probes (up
-    to ``n0``, or until one takes limit / 20). The growth exponent is fitted on the last
-    two pilots and clamped to [1, ``power``] (so fixed overheads at tiny n do not inflate
-    a quadratic projection), then (N / n)^exponent scales the last pilot's time. The
-    first (2-probe) run is only a warm-up."""
+    to ``n0``, or until one takes limit / 20; at least two sizes when N > 2). The growth
+    exponent is fitted on the last two pilots and clamped to [1, ``power``], so fixed
+    per-call overheads at tiny n do not inflate a quadratic projection; (N / n)^exponent
+    then scales the last pilot's time. A first 2-probe run is only a warm-up."""
     n = x.shape[0]
     run(x[:2], t[:2])
     m, prev = 2, None
     while True:
         dt, _ = run(x[:m], t[:m])
-        exponent = float(power)
+        exponent = 1.0
         if prev is not None and prev[1] > 0 and dt > 0:
             fitted = math.log(dt / prev[1]) / math.log(m / prev[0])
             exponent = min(float(power), max(1.0, fitted))
-        if m >= min(n0, n) or dt > limit / 20:
+        if dt > limit:                       # over at any growth exponent >= 1
+            return dt * (n / m) ** exponent
+        enough = prev is not None or m >= n
+        if enough and (m >= min(n0, n) or dt > limit / 20):
             return dt * (n / m) ** exponent
         prev = (m, dt)
-        m = min(2 * m, n0, n)
+        m = min(2 * m, max(n0, 4), n)
 
 
 def measure(task: dict[str, Any]) -> dict[str, Any]:
@@ -175,5 +175,4 @@ def entry(task: dict[str, Any], conn: Any) -> None:
     conn.close()
 
 
-__all__ = ["BASELINE_METHODS", "FLOOR_METHODS", "OUR_METHODS", "entry", "measure",
-           "method_fn", "reference", "supports"]
+__all__ = ["entry", "measure", "method_fn", "reference", "supports"]

@@ -28,6 +28,7 @@ sys.path.insert(0, str(BENCH))
 import baselines as B  # noqa: E402
 import bench_configs as C  # noqa: E402
 import bench_ntk as BN  # noqa: E402
+import bench_report as R  # noqa: E402
 
 
 def _tiny() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
@@ -109,22 +110,26 @@ def test_tutorial_cnn_shape() -> None:
 
 def test_summary_verdicts() -> None:
     """Target bookkeeping: ratios, pass/fail per issue-5 goal, and a missing baseline."""
-    rows = [BN.Row("mlp_wide", 64, "target", "floor_G", "ok", time_s=1.0),
-            BN.Row("mlp_wide", 64, "target", "vmap_grad", "ok", time_s=4.0),
-            BN.Row("mlp_wide", 64, "target", "per_sample_loop", "ok", time_s=3.0),
-            BN.Row("mlp_wide", 64, "target", "ours", "ok", time_s=2.5, peak_bytes=10.0, err=1e-7),
-            BN.Row("mlp_wide", 64, "trace", "floor_G", "ok", time_s=1.0),
-            BN.Row("mlp_wide", 64, "trace", "vmap_jacrev", "skipped_memory"),
-            BN.Row("mlp_wide", 64, "trace", "ntk_vps", "over_limit", extra={"projected_s": 500.0}),
-            BN.Row("mlp_wide", 64, "trace", "ours", "ok", time_s=40.0, peak_bytes=2e9, err=1e-7)]
-    target, trace = BN.summarise(rows)
+    rows = [R.Row("mlp_wide", 64, "target", "floor_G", "ok", time_s=1.0),
+            R.Row("mlp_wide", 64, "target", "vmap_grad", "ok", time_s=4.0),
+            R.Row("mlp_wide", 64, "target", "per_sample_loop", "ok", time_s=3.0),
+            R.Row("mlp_wide", 64, "target", "ours", "ok", time_s=2.5, peak_bytes=10.0, err=1e-7),
+            R.Row("mlp_wide", 64, "trace", "floor_G", "ok", time_s=1.0),
+            R.Row("mlp_wide", 64, "trace", "floor_trace", "ok", time_s=10.0),
+            R.Row("mlp_wide", 64, "trace", "vmap_jacrev", "skipped_memory"),
+            R.Row("mlp_wide", 64, "trace", "ntk_vps", "over_limit", extra={"projected_s": 500.0}),
+            R.Row("mlp_wide", 64, "trace", "ours", "ok", time_s=40.0, peak_bytes=2e9, err=1e-7)]
+    target, trace = R.summarise(rows)
     assert target["fastest"] == "per_sample_loop" and target["vs_fastest"] == pytest.approx(2.5 / 3)
     assert target["vs_G"] == pytest.approx(2.5)
     assert target["pass_fastest"] is True and target["pass_G"] is False   # 2.5x G > 2x
     assert target["pass_memory"] is True
+    assert R.missed_reasons(target) == ["2.5x G > 2x"]
     assert trace["fastest"] is None and trace["vs_fastest_upper"] == pytest.approx(40 / 500)
+    assert trace["vs_floor_trace"] == pytest.approx(4.0)
     assert trace["pass_fastest"] is True                                   # 0.08 <= 0.1
     assert trace["pass_memory"] is False                                   # 2e9 B > 1 GiB
+    assert R.missed_reasons(trace) == ["peak 1907 MiB > 1 GiB"]
 
 
 def test_smoke_run_end_to_end(tmp_path: Path) -> None:
@@ -153,3 +158,32 @@ def test_smoke_run_end_to_end(tmp_path: Path) -> None:
     text = md.read_text()
     assert "## Headline" in text and "## Full table" in text
     assert "| MLP 2-64-64-3 | 16 | trace | **ours** empirical_ntk (auto) |" in text
+    # The saved raw run re-renders to the same markdown.
+    again = tmp_path / "again.md"
+    assert BN.main(["--render", str(js), "--output", str(again)]) == 0
+    assert again.read_text() == text
+
+
+def test_pilot_projection() -> None:
+    """The time projection behind `> limit`: exact for a pure power law, never more
+    than linear scaling when fixed overheads dominate, and it stops piloting at once
+    when a pilot alone passes the limit."""
+    import bench_worker as W
+
+    x, t = torch.zeros(256, 1), torch.zeros(256, dtype=torch.long)
+    calls: list[int] = []
+
+    def fake(cost):  # type: ignore[no-untyped-def]
+        def run(xs: torch.Tensor, ts: torch.Tensor) -> tuple[float, None]:
+            calls.append(xs.shape[0])
+            return cost(xs.shape[0]), None
+        return run
+
+    quad = W._pilot(fake(lambda m: 1e-3 * m * m), x, t, power=2, n0=16, limit=120.0)
+    assert quad == pytest.approx(1e-3 * 256 ** 2)
+    assert calls == [2, 2, 4, 8, 16]                      # warm-up, then doubling to n0
+    overhead = W._pilot(fake(lambda m: 0.1 + 1e-3 * m), x, t, power=2, n0=16, limit=120.0)
+    assert 0.1 + 0.256 <= overhead <= (0.1 + 0.016) * 16 + 1e-12
+    calls.clear()
+    slow = W._pilot(fake(lambda m: 200.0 * m), x, t, power=2, n0=16, limit=120.0)
+    assert slow > 120.0 and calls == [2, 2]
