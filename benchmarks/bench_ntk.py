@@ -44,7 +44,7 @@ from bench_report import Row  # noqa: E402
 GiB = R.GiB
 FULL_PLAN = {"mlp_small": (64, 256, 512), "mlp_wide": (64, 256, 512), "cnn": (64, 256),
              "resnet": (64, 256)}
-QUICK_PLAN = {"mlp_small": (256,), "mlp_wide": (64,), "cnn": (64,), "resnet": (64,)}
+QUICK_PLAN = {"mlp_small": (64,), "mlp_wide": (64,), "cnn": (64,), "resnet": (64,)}
 SMOKE_PLAN = {"mlp_small": (16,)}
 
 
@@ -230,14 +230,15 @@ def measure_one(runner: Runner, args: argparse.Namespace, base_task: dict[str, A
 def parse_args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     size = ap.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="one N per model, < 2 minutes")
+    size.add_argument("--quick", action="store_true",
+                      help="N=64 of each model, 2 runs, 3 s limit, 4 GiB cap: < 2 minutes")
     size.add_argument("--smoke", action="store_true", help="tiny run for the tests (seconds)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker (1)")
-    ap.add_argument("--repeats", type=int, help="timed runs per method (5; quick 3; smoke 1)")
+    ap.add_argument("--repeats", type=int, help="timed runs per method (5; quick 2; smoke 1)")
     ap.add_argument("--max-seconds", type=float,
                     help="per-method time limit (120; quick 3; smoke 20)")
-    ap.add_argument("--max-memory-gb", type=float, default=16.0,
-                    help="skip methods estimated to need more (GiB, default 16)")
+    ap.add_argument("--max-memory-gb", type=float,
+                    help="skip methods estimated to need more (GiB; 16, quick 4)")
     ap.add_argument("--configs", help=f"comma list of {', '.join(C.CONFIGS)}")
     ap.add_argument("--sizes", help="comma list of N overriding the plan's sizes")
     ap.add_argument("--modes", default="target,trace", help="comma list (target,trace)")
@@ -268,8 +269,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     bad = [m for m in args.methods if m not in R.METHODS]
     if bad:
         ap.error(f"unknown method(s) {bad}; choose from {list(R.METHODS)}")
-    args.repeats = args.repeats or (1 if args.smoke else 3 if args.quick else 5)
+    args.repeats = args.repeats or (1 if args.smoke else 2 if args.quick else 5)
     args.max_seconds = args.max_seconds or (20.0 if args.smoke else 3.0 if args.quick else 120.0)
+    args.max_memory_gb = args.max_memory_gb or (4.0 if args.quick else 16.0)
     args.max_memory = args.max_memory_gb * GiB
     args.check_bytes = 2 * GiB
     if not (args.quick or args.smoke or args.render):
