@@ -181,12 +181,27 @@ def machine_info(threads: int, torch_version: str) -> dict[str, str]:
         nng = "not installed"
     with open("/proc/loadavg") as fh:
         load = " ".join(fh.read().split()[:3])
-    return {"cpu": cpu, "cores": str(os.cpu_count()), "threads": str(threads),
+    return {"engine": _engine_version(),"cpu": cpu, "cores": str(os.cpu_count()), "threads": str(threads),
             "memory": f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / GiB:.1f} GiB",
             "python": platform.python_version(), "torch": torch_version,
             "numpy": numpy.__version__, "nngeometry": nng, "os": platform.platform(),
             "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
             "loadavg": load}
+
+
+def _engine_version() -> str:
+    """The commit of the measured code, marked dirty when ``ntk_callback`` has local
+    changes (what the workers import is the working tree)."""
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "ntk_callback"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (head or "unknown") + (" + local changes to ntk_callback" if dirty else "")
 
 
 # --------------------------------------------------------------------------- text
@@ -271,7 +286,7 @@ def render_markdown(run: dict[str, Any]) -> str:
     add(f"- Load average at start / end: {info['loadavg']} / {info_end['loadavg']} "
         "(the machine is shared; timings are medians to damp the noise)")
     add(f"- python {info['python']}, torch {info['torch']}, numpy {info['numpy']}, "
-        f"nngeometry {info['nngeometry']}")
+        f"nngeometry {info['nngeometry']}; ntk_callback at commit {info.get('engine', 'unknown')}")
     add(f"- Timing: warm-up, then the median of up to {s['repeats']} runs "
         f"(fewer when their total passes the {s['max_seconds']:.0f} s per-method limit). "
         f"The baselines and ours-generic first run pilots on 2, 4, ... {s['n0']} probes; "
