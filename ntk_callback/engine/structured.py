@@ -170,7 +170,8 @@ def _capture(problem: Problem, plan: Plan, x: Any, cot: torch.Tensor, name: str 
     # convolution backward has no batching rule and falls back to a slow per-example loop.)
     per_row = [torch.autograd.grad(out, targets, grad_out[a], allow_unused=True,
                                    retain_graph=a < k - 1) for a in range(k)]
-    grads = [None if rows[0] is None else torch.stack(rows) for rows in zip(*per_row)]
+    grads = [None if rows[0] is None else (rows[0].unsqueeze(0) if k == 1 else torch.stack(rows))
+             for rows in zip(*per_row)]
     result: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     it = iter(grads)
     for mname, lst in calls.items():
@@ -241,7 +242,7 @@ def _normalised(module: nn.Module, a: torch.Tensor, d: torch.Tensor
         # The module's own buffers may be float32 while the kernel is computed in float64.
         mean = module.running_mean.to(a.dtype).reshape(shape)
         var = module.running_var.to(a.dtype).reshape(shape)
-        xhat = (a - mean) / torch.sqrt(var + module.eps)
+        xhat = (a - mean) * torch.rsqrt(var + module.eps)
     return _channels_last(xhat, 1), _channels_last(d, 2)
 
 
