@@ -221,12 +221,7 @@ def drift_figure(history: Sequence[Mapping[str, Any]]) -> Any:
     for i, (keys, title) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)
         for key in keys:
-            xs, ys = [], []
-            for rec in history:
-                v = rec.get("metrics", {}).get(key)
-                if v is not None and np.isfinite(v):
-                    xs.append(rec.get("step", 0))
-                    ys.append(float(v))
+            xs, ys = _series(history, key)
             if xs:
                 ax.plot(xs, ys, marker="o", ms=3, lw=1.4, label=key)
         ax.set_xlabel("global step")
