@@ -224,3 +224,68 @@ def test_float32_structured_close_to_float64() -> None:
     got = empirical_ntk(model, x, y, mode="trace")
     assert got.dtype == torch.float32
     assert rel(got.double(), ref) <= 1e-5
+
+
+class InPlaceResidual(nn.Module):
+    """torchvision's BasicBlock pattern: ``out += identity`` on a BatchNorm output and an
+    in-place ReLU on a conv output, both after the capture hooks saw those tensors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.c2 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.relu = nn.ReLU(inplace=True)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.relu(self.c1(x))
+        out = self.bn(self.c2(h))
+        out += h
+        return self.fc(self.relu(out).mean((2, 3)))
+
+
+class ViewFlatten(nn.Module):
+    """``.view(n, -1)`` after a conv (valid only on contiguous activations)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4 * 3 * 2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.c(x))
+        return self.fc(h.view(h.shape[0], -1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("mode", ["target", "trace"])
+@pytest.mark.parametrize("name", ["inplace_residual", "view_flatten"])
+def test_capture_layout_and_inplace_fallbacks(name: str, mode: str, dtype: torch.dtype) -> None:
+    """The capture pass uses activations without copies; an in-place op on a captured
+    tensor switches to copies (remembered in the plan) and the kernel is still exact;
+    channels-last inputs give the same kernel."""
+    from ntk_callback.engine.problem import build_problem
+    from ntk_callback.engine.state import frozen_measurement
+
+    torch.manual_seed(0)
+    model, x = ((InPlaceResidual(), torch.randn(6, 3, 5, 4)) if name == "inplace_residual"
+                else (ViewFlatten(), torch.randn(6, 3, 5, 4)))
+    _batchnorm_stats(model, x)
+    model.to(dtype)
+    x = x.to(dtype)
+    y = torch.tensor([0, 2, 1, 2, 0, 1])
+    ref = empirical_ntk(model.double(), x.double(), y, mode=mode, implementation="generic")
+    model.to(dtype)
+    with frozen_measurement(model, True):
+        problem = build_problem(model, x, y, mode=mode, dtype=None)
+        plan = structured.plan(problem, "auto")
+        got = structured.compute(problem, plan, {"": list(problem.params)}, 1 << 30)[""]
+    assert plan.copy_outputs == (name == "inplace_residual")
+    assert rel(got.double(), ref) <= (TOL if dtype == torch.float64 else 1e-5)
+    public = empirical_ntk(model, x, y, mode=mode)
+    assert rel(public.double(), ref) <= (TOL if dtype == torch.float64 else 1e-5)
+    if name == "inplace_residual":
+        cl = empirical_ntk(model, x.contiguous(memory_format=torch.channels_last), y, mode=mode)
+        assert rel(cl.double(), ref) <= (TOL if dtype == torch.float64 else 1e-5)
+    assert all(p.grad is None for p in model.parameters())

@@ -55,10 +55,8 @@ def contract(mode: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if mode in ("target", "sum"):
         return a[:, 0] @ b[:, 0].T
     if mode == "trace":
-        out = a[:, 0] @ b[:, 0].T
-        for j in range(1, a.shape[1]):
-            out += a[:, j] @ b[:, j].T
-        return out
+        # sum_j a[:, j] b[:, j]^T as one product over the flattened (j, p) axis
+        return a.reshape(a.shape[0], -1) @ b.reshape(b.shape[0], -1).T
     na, k, p = a.shape
     nb = b.shape[0]
     return (a.reshape(na * k, p) @ b.reshape(nb * k, p).T).reshape(na, k, nb, k).permute(0, 2, 1, 3)

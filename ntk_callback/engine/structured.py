@@ -29,7 +29,7 @@ empty.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +60,8 @@ class Plan:
     params: dict[str, dict[str, str]] = field(default_factory=dict)  # module -> {attr: full name}
     routes: dict[str, str] = field(default_factory=dict)             # term name -> route
     forced: dict[str, str] = field(default_factory=dict)             # module name -> route
+    # capture options, switched off for good when the model turns out to need it
+    copy_outputs: bool = False   # an op modified a captured tensor in place
 
     @property
     def handled(self) -> set[str]:
@@ -125,12 +127,38 @@ def plan(problem: Problem, implementation: str,
 
 # --------------------------------------------------------------------------- capture
 
-def _capture(problem: Problem, plan: Plan, x: Any, cot: torch.Tensor, name: str = "inputs"
-             ) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
-    """One batched forward with hooks; returns, per module, a list (one per call) of
-    (input, D) with D the cotangents at the module output, shape (k, n, *out)."""
-    n = cot.shape[0]
-    calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {m: [] for m in plan.modules}
+Calls = dict[str, list[tuple[torch.Tensor, torch.Tensor]]]  # module -> [(input, output)]
+
+
+class _InPlace(Exception):
+    """A captured activation was modified in place after the hook saw it."""
+
+
+def _forward(problem: Problem, plan: Plan, x: Any, n: int, name: str
+             ) -> tuple[torch.Tensor, Calls]:
+    """One batched forward with hooks: the model's (n, O) output and, per planned module,
+    the (input, output) of each of its calls.
+
+    The captured tensors are used as they are; a later in-place op on one of them
+    (``ReLU(inplace=True)``, ``out += identity``) is detected by its version counter and
+    the pass is redone with copies (remembered in ``plan``).
+
+    (Channels-last inputs make oneDNN's convolution backward up to 5x faster for small
+    channel counts, but the per-probe weight gradients then need contiguous copies of
+    every map; measured on the benchmark's CNN and ResNet it was a wash in trace mode and
+    25 % slower in target mode, so the model's own layout is kept.)"""
+    try:
+        return _forward_once(problem, plan, x, n, name)
+    except _InPlace:
+        plan.copy_outputs = True
+    return _forward_once(problem, plan, x, n, name)
+
+
+def _forward_once(problem: Problem, plan: Plan, x: Any, n: int, name: str
+                  ) -> tuple[torch.Tensor, Calls]:
+    copy = plan.copy_outputs
+    calls: Calls = {m: [] for m in plan.modules}
+    versions: list[tuple[torch.Tensor, int]] = []
     handles = []
 
     def hook(mname: str):
@@ -139,9 +167,14 @@ def _capture(problem: Problem, plan: Plan, x: Any, cot: torch.Tensor, name: str 
                 raise _Fallback(mname)
             if args[0].shape[:1] != (n,) or out.shape[:1] != (n,):
                 raise _Fallback(mname)
-            calls[mname].append((args[0].detach(), out))
-            # A clone keeps `out` intact when a later op works in place on the result.
-            return out.clone()
+            a = args[0].detach()
+            if copy:
+                # the clones absorb later in-place ops; `out` stays the graph node we need
+                calls[mname].append((a.clone(), out))
+                return out.clone()
+            calls[mname].append((a, out))
+            versions.extend(((a, a._version), (out, out._version)))
+            return None
         return fn
 
     for mname, module in plan.modules.items():
@@ -158,38 +191,40 @@ def _capture(problem: Problem, plan: Plan, x: Any, cot: torch.Tensor, name: str 
     finally:
         for h in handles:
             h.remove()
+    if any(t._version != v for t, v in versions):
+        raise _InPlace
     if out.shape[0] != n:
         raise _Fallback("output rows")
     problem.check_outputs(out, name)
+    return out, calls
+
+
+def _row_cotangents(out: torch.Tensor, calls: Calls, cot: torch.Tensor
+                    ) -> Iterator[list[torch.Tensor]]:
+    """For each cotangent row a, the cotangents D_a at every captured output (in the order
+    of ``calls``), each shaped like that output. One backward a row, yielded before the
+    next so that only one row of cotangents is alive. (``is_grads_batched`` would vmap the
+    backward, but convolution backward has no batching rule and falls back to a slow
+    per-example loop.)"""
     targets = [z for lst in calls.values() for _, z in lst]
     if not targets:
-        return {m: [] for m in calls}
+        return
     k = cot.shape[1]
     grad_out = cot.transpose(0, 1)  # (k, n, O)
-    # One backward a cotangent row. (``is_grads_batched`` would vmap the backward, but
-    # convolution backward has no batching rule and falls back to a slow per-example loop.)
-    per_row = [torch.autograd.grad(out, targets, grad_out[a], allow_unused=True,
-                                   retain_graph=a < k - 1) for a in range(k)]
-    grads = [None if rows[0] is None else (rows[0].unsqueeze(0) if k == 1 else torch.stack(rows))
-             for rows in zip(*per_row)]
-    result: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-    it = iter(grads)
-    for mname, lst in calls.items():
-        result[mname] = []
-        for a, z in lst:
-            d = next(it)
-            if d is None:
-                d = torch.zeros((k,) + tuple(z.shape), dtype=z.dtype, device=z.device)
-            result[mname].append((a, d.detach()))
-    return result
+    for r in range(k):
+        grads = torch.autograd.grad(out, targets, grad_out[r], allow_unused=True,
+                                    retain_graph=r < k - 1)
+        yield [torch.zeros_like(z) if g is None else g for g, z in zip(grads, targets)]
 
 
 # --------------------------------------------------------------------------- terms
 # A term is one parameter (or one conv group of it) in a normal form over positions s:
 #   ("outer", A (n, S, c), D (k, n, S, o))   gradient sum_s D_s a_s^T
-#   ("sum",   None,        D (k, n, S, o))   gradient sum_s D_s
-#   ("scale", X (n, S, o), D (k, n, S, o))   gradient sum_s D_s * x_s
 #   ("token", T (n, S),    D (k, n, S, o))   gradient scatters D_s into row T_s
+#   ("conv",  a (n, C, *sp), D (k, n, O, *sp')) a convolution weight, kept as maps
+# and, with positions last so that channel-first maps are used without a copy:
+#   ("sum",   None,        D (k, n, o, S))   gradient sum_s D_s
+#   ("scale", X (n, o, S), D (k, n, o, S))   gradient sum_s D_s * x_s
 
 @dataclass
 class Term:
@@ -199,6 +234,9 @@ class Term:
     d: torch.Tensor
     extra: int = 0    # vocabulary size for tokens
     module: nn.Module | None = None  # the conv layer of a "conv" term
+    # values that depend only on the layer input, shared by the terms of every cotangent
+    # row of one call (normalised inputs, padded conv inputs, patches)
+    memo: dict = field(default_factory=dict)
 
 
 def _channels_last(t: torch.Tensor, lead: int) -> torch.Tensor:
@@ -224,30 +262,51 @@ def _conv_patches(module: nn.Module, a: torch.Tensor) -> torch.Tensor:
     return F.unfold(a, kernel, dilation=dil, padding=0, stride=stride).transpose(1, 2)
 
 
-def _normalised(module: nn.Module, a: torch.Tensor, d: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalised input of a norm layer as (n, S, C) and its cotangents as (k, n, S, C),
-    C being the size of the affine parameters."""
-    k, n = d.shape[:2]
+def _positions_last(t: torch.Tensor, lead: int) -> torch.Tensor:
+    """(lead..., C, *spatial) -> (lead..., C, S); a view for contiguous and channels-last
+    maps alike."""
+    return t.reshape(t.shape[:lead + 1] + (-1,))
+
+
+def _normalised_input(module: nn.Module, a: torch.Tensor) -> torch.Tensor:
+    """Normalised input of a norm layer as (n, C, S), C being the size of the affine
+    parameters (a view where the layout allows)."""
+    n = a.shape[0]
     if isinstance(module, nn.LayerNorm):
         xhat = F.layer_norm(a, module.normalized_shape, None, None, module.eps)
-        width = 1
-        for s in module.normalized_shape:
-            width *= s
-        return xhat.reshape(n, -1, width), d.reshape(k, n, -1, width)
+        return xhat.reshape(n, -1, _norm_width(module)).transpose(1, 2)
     if isinstance(module, nn.GroupNorm):
         xhat = F.group_norm(a, module.num_groups, None, None, module.eps)
     else:  # BatchNorm in eval: a per-channel affine map of the running statistics
-        shape = (1, -1) + (1,) * (a.dim() - 2)
         # The module's own buffers may be float32 while the kernel is computed in float64.
+        # (a - mean) * r, not a * r - mean * r as F.batch_norm does: no cancellation when
+        # the mean is large against the spread.
+        shape = (1, -1) + (1,) * (a.dim() - 2)
         mean = module.running_mean.to(a.dtype).reshape(shape)
         var = module.running_var.to(a.dtype).reshape(shape)
-        xhat = (a - mean) * torch.rsqrt(var + module.eps)
-    return _channels_last(xhat, 1), _channels_last(d, 2)
+        xhat = (a - mean).mul_(torch.rsqrt(var + module.eps))
+    return _positions_last(xhat, 1)
+
+
+def _norm_width(module: nn.LayerNorm) -> int:
+    width = 1
+    for s in module.normalized_shape:
+        width *= s
+    return width
+
+
+def _norm_cotangents(module: nn.Module, d: torch.Tensor) -> torch.Tensor:
+    """Cotangents at a norm layer's output as (k, n, C, S), like its normalised input."""
+    k, n = d.shape[:2]
+    if isinstance(module, nn.LayerNorm):
+        return d.reshape(k, n, -1, _norm_width(module)).transpose(2, 3)
+    return _positions_last(d, 2)
 
 
 def _terms(module: nn.Module, attrs: dict[str, str], a: torch.Tensor,
-           d: torch.Tensor) -> list[Term]:
+           d: torch.Tensor, memo: dict) -> list[Term]:
+    """The terms of one module call; ``memo`` carries input-only values across the
+    cotangent rows of the call."""
     k, n = d.shape[:2]
     terms: list[Term] = []
     if isinstance(module, nn.Linear):
@@ -255,16 +314,19 @@ def _terms(module: nn.Module, attrs: dict[str, str], a: torch.Tensor,
         if "weight" in attrs:
             terms.append(Term("outer", attrs["weight"], a.reshape(n, -1, a.shape[-1]), dd))
         if "bias" in attrs:
-            terms.append(Term("sum", attrs["bias"], None, dd))
+            terms.append(Term("sum", attrs["bias"], None, dd.transpose(2, 3)))
     elif isinstance(module, _CONV):
         if "weight" in attrs:
             # Kept as (input, cotangent) maps: the rows route never unfolds the input.
-            terms.append(Term("conv", attrs["weight"], a, d, module=module))
+            terms.append(Term("conv", attrs["weight"], a, d, module=module, memo=memo))
         if "bias" in attrs:
-            terms.append(Term("sum", attrs["bias"], None, _channels_last(d, 2)))
+            terms.append(Term("sum", attrs["bias"], None, _positions_last(d, 2)))
     elif isinstance(module, _NORM):
-        xhat, dd = _normalised(module, a, d)
+        dd = _norm_cotangents(module, d)
         if "weight" in attrs:
+            if "xhat" not in memo:
+                memo["xhat"] = _normalised_input(module, a)
+            xhat = memo["xhat"]
             terms.append(Term("scale", attrs["weight"], xhat, dd))
         if "bias" in attrs:
             terms.append(Term("sum", attrs["bias"], None, dd))
@@ -272,7 +334,9 @@ def _terms(module: nn.Module, attrs: dict[str, str], a: torch.Tensor,
         tokens = a.reshape(n, -1).long()
         dd = d.reshape(k, n, -1, d.shape[-1])
         if module.padding_idx is not None:
-            dd = dd * (tokens != module.padding_idx).unsqueeze(0).unsqueeze(-1).to(dd.dtype)
+            if "keep" not in memo:
+                memo["keep"] = (tokens != module.padding_idx).unsqueeze(0).unsqueeze(-1).to(dd.dtype)
+            dd = dd * memo["keep"]
         terms.append(Term("token", attrs["weight"], tokens, dd, extra=module.num_embeddings))
     return terms
 
@@ -282,7 +346,9 @@ def _conv_outer(term: Term) -> list[Term]:
     ``z_l = W_g p_l`` with p_l the patch under output position l."""
     module, d = term.module, term.d
     k, n = d.shape[:2]
-    patches = _conv_patches(module, term.data)  # (n, L, C_in * kk)
+    if "patches" not in term.memo:
+        term.memo["patches"] = _conv_patches(module, term.data)
+    patches = term.memo["patches"]  # (n, L, C_in * kk)
     dd = _channels_last(d, 2)  # (k, n, L, C_out)
     g = module.groups
     if g == 1:
@@ -295,28 +361,31 @@ def _conv_outer(term: Term) -> list[Term]:
 def _conv_rows(term: Term) -> torch.Tensor:
     """Per-probe conv weight gradients, (n, k, P), as one grouped convolution backward
     (the probes become groups): much faster than unfolding the input."""
-    module, a, d = term.module, term.data, term.d
+    module, a, d, memo = term.module, term.data, term.d, term.memo
     k, n = d.shape[:2]
     dims = a.dim() - 2
-    if module.padding_mode == "zeros" and not isinstance(module.padding, str):
-        padding = list(module.padding)
-    else:
-        pad = module._reversed_padding_repeated_twice
-        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-        a = F.pad(a, pad, mode=mode) if any(pad) else a
-        padding = [0] * dims
-    c_in, c_out, g = a.shape[1], d.shape[2], module.groups
-    x = a.reshape((1, n * c_in) + tuple(a.shape[2:]))
+    if "x" not in memo:
+        if module.padding_mode == "zeros" and not isinstance(module.padding, str):
+            memo["padding"] = list(module.padding)
+        else:
+            pad = module._reversed_padding_repeated_twice
+            mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+            a = F.pad(a, pad, mode=mode) if any(pad) else a
+            memo["padding"] = [0] * dims
+        # (a copy for channels-last maps: the grouped kernel is 3x slower on them)
+        memo["x"] = a.reshape((1, n * a.shape[1]) + tuple(a.shape[2:])).contiguous()
+    x, padding = memo["x"], memo["padding"]
+    c_in, c_out, g = x.shape[1] // n, d.shape[2], module.groups
     # only the shape of the weight matters for the weight gradient
     w = a.new_empty((n * c_out, c_in // g) + tuple(module.kernel_size))
     rows = []
     for j in range(k):
-        go = d[j].reshape((1, n * c_out) + tuple(d.shape[3:]))
+        go = d[j].reshape((1, n * c_out) + tuple(d.shape[3:])).contiguous()
         gw = torch.ops.aten.convolution_backward(
             go, x, w, None, list(module.stride), padding, list(module.dilation), False,
             [0] * dims, n * g, [False, True, False])[1]
-        rows.append(gw.reshape(n, -1))
-    return torch.stack(rows, dim=1)
+        rows.append(gw.reshape(n, 1, -1))
+    return rows[0] if k == 1 else torch.cat(rows, dim=1)
 
 
 def _merge(terms: list[Term]) -> dict[str, Term]:
@@ -334,8 +403,11 @@ def _merge(terms: list[Term]) -> dict[str, Term]:
             merged[t.key] = t
             continue
         m = merged[t.key]
-        data = None if t.data is None else torch.cat([m.data, t.data], dim=1)
-        merged[t.key] = Term(t.kind, t.key, data, torch.cat([m.d, t.d], dim=2), t.extra)
+        # positions are dim 1 of the data and dim 2 of D, or the last dim of both
+        last = t.kind in ("sum", "scale")
+        data = None if t.data is None else torch.cat([m.data, t.data], dim=-1 if last else 1)
+        merged[t.key] = Term(t.kind, t.key, data, torch.cat([m.d, t.d], dim=-1 if last else 2),
+                             t.extra)
     return merged
 
 
@@ -348,9 +420,9 @@ def _rows(term: Term) -> torch.Tensor:
     d = term.d
     k, n = d.shape[:2]
     if term.kind == "sum":
-        r = d.sum(2)
+        r = d.sum(-1)
     elif term.kind == "scale":
-        r = torch.einsum("kiso,iso->kio", d, term.data)
+        r = (d * term.data).sum(-1)
     elif term.kind == "outer":
         r = torch.einsum("kiso,isc->kioc", d, term.data).reshape(k, n, -1)
     else:  # token: scatter into (vocab, dim) rows
@@ -407,6 +479,9 @@ def _term_size(term: Term) -> tuple[int, int, int, int, int]:
         for size in m.kernel_size:
             c *= size
         return k, s, o, c, o * c
+    if term.kind in ("sum", "scale"):
+        k, _, o, s = term.d.shape
+        return k, s, o, 1, o
     k, _, s, o = term.d.shape
     if term.kind == "outer":
         c = term.data.shape[-1]
@@ -416,17 +491,18 @@ def _term_size(term: Term) -> tuple[int, int, int, int, int]:
     return k, s, o, 1, o
 
 
-def _rows_bytes(term: Term, n_all: int, itemsize: int) -> int:
-    k, _, _, _, p = _term_size(term)
+def _rows_bytes(term: Term, k: int, n_all: int, itemsize: int) -> int:
+    p = _term_size(term)[4]
     return n_all * k * p * itemsize
 
 
-def _choose(term: Term, n1: int, n2: int | None, mode: str, budget: int, itemsize: int,
-            forced: str | None) -> str:
-    """Cost model: flops of each route; the rows route only while its rows fit ``budget``."""
+def _choose(term: Term, k: int, n1: int, n2: int | None, mode: str, budget: int,
+            itemsize: int, forced: str | None) -> str:
+    """Cost model for a term with ``k`` cotangent rows: flops of each route; the rows route
+    only while its rows fit ``budget``."""
     if term.kind in ("sum", "scale"):
         return "rows"
-    k, s, o, c, p = _term_size(term)
+    _, s, o, c, p = _term_size(term)
     pairs = {"target": 1, "sum": 1, "trace": k, "full": k * k}[mode]
     n_all = n1 + (n2 if n2 is not None else 0)
     nn2 = n1 * (n2 if n2 is not None else n1)
@@ -436,21 +512,32 @@ def _choose(term: Term, n1: int, n2: int | None, mode: str, budget: int, itemsiz
     build = k * n_all * s * (o * c if linear else p)
     rows_flops = 2 * build + 2 * pairs * nn2 * p
     gram_flops = 2 * nn2 * s * s * ((c if linear else 1) + k * o + pairs)
-    if _rows_bytes(term, n_all, itemsize) > budget:
+    if _rows_bytes(term, k, n_all, itemsize) > budget:
         return "gram"
     return "rows" if rows_flops <= gram_flops else "gram"
 
 
 # --------------------------------------------------------------------------- driver
 
-def _captured_terms(problem: Problem, plan: Plan, x: Any, cot: torch.Tensor,
-                    name: str) -> dict[str, Term]:
-    captured = _capture(problem, plan, x, cot, name)
+def _row_terms(plan: Plan, calls: Calls, grads: list[torch.Tensor],
+               memos: dict[tuple[str, int], dict]) -> dict[str, Term]:
+    """The terms of one cotangent row (k = 1), repeated calls merged."""
     terms: list[Term] = []
-    for mname, lst in captured.items():
-        for a, d in lst:
-            terms.extend(_terms(plan.modules[mname], plan.params[mname], a, d))
+    it = iter(grads)
+    for mname, lst in calls.items():
+        for i, (a, _) in enumerate(lst):
+            d = next(it).detach().unsqueeze(0)
+            terms.extend(_terms(plan.modules[mname], plan.params[mname], a, d, memos[mname, i]))
     return _merge(terms)
+
+
+def _stack_rows(parts: list[Term]) -> Term:
+    """One term from the per-row terms of one chunk: D stacked to (k, n, ...)."""
+    first = parts[0]
+    if len(parts) == 1:
+        return first
+    return Term(first.kind, first.key, first.data, torch.cat([p.d for p in parts]),
+                first.extra, first.module, first.memo)
 
 
 def _join_chunks(parts: list[Term]) -> Term:
@@ -479,9 +566,11 @@ def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]],
     key_of = {name: key for key, names in keys.items() for name in names}
     module_of = {full: m for m, attrs in plan.params.items() for full in attrs.values()}
 
-    # a capture pass holds the graph's activations plus a cotangent per row and per output
+    # A capture pass holds the graph's activations, one row of cotangents and the
+    # backward's buffers at a time (~6 activation sizes), plus the stacked cotangents of
+    # Gram-route terms (at most one activation size a row).
     k = problem.cot1.shape[1]
-    per_probe = max(1, problem.activation_numel * (3 * k + 4) * itemsize)
+    per_probe = max(1, problem.activation_numel * (6 + k) * itemsize)
     chunk = max(1, min(n_all, budget // (2 * per_probe)))
     routes: dict[str, str] = {}
     rows_left = budget
@@ -490,10 +579,10 @@ def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]],
         nonlocal rows_left
         if name not in routes:
             param = name.split("#")[0]
-            routes[name] = _choose(term, problem.n1, problem.n2, mode, rows_left, itemsize,
+            routes[name] = _choose(term, k, problem.n1, problem.n2, mode, rows_left, itemsize,
                                    plan.forced.get(module_of[param]))
             if routes[name] == "rows":
-                rows_left -= _rows_bytes(term, n_all, itemsize)
+                rows_left -= _rows_bytes(term, k, n_all, itemsize)
         return routes[name]
 
     def collect(x: Any, cot: torch.Tensor, n: int, label: str
@@ -502,20 +591,33 @@ def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]],
         gram: dict[str, list[Term]] = {}
         layout: list[str] | None = None
         for sl in blocks(n, chunk):
-            terms = _captured_terms(problem, plan, B.take(x, sl), cot[sl], label)
-            if layout is None:
-                layout = list(terms)
-            elif list(terms) != layout:
-                raise _Fallback("data-dependent layers")
+            out, calls = _forward(problem, plan, B.take(x, sl), sl.stop - sl.start, label)
+            memos = {(m, i): {} for m, lst in calls.items() for i in range(len(lst))}
+            row_parts: dict[str, list[torch.Tensor]] = {}
+            gram_parts: dict[str, list[Term]] = {}
+            # Terms are built and turned into rows one cotangent row at a time: only one
+            # row of cotangents is ever alive and none is stacked.
+            for grads in _row_cotangents(out, calls, cot[sl]):
+                terms = _row_terms(plan, calls, grads, memos)
+                if layout is None:
+                    layout = list(terms)
+                elif list(terms) != layout:
+                    raise _Fallback("data-dependent layers")
+                for name, term in terms.items():
+                    if term.kind in ("sum", "scale") or route(name, term) == "rows":
+                        row_parts.setdefault(name, []).append(_rows(term))
+                    else:
+                        gram_parts.setdefault(name, []).append(term)
+            del out, calls
             chunk_rows: dict[str, list[torch.Tensor]] = {}
-            for name, term in terms.items():
-                if route(name, term) == "rows" or term.kind in ("sum", "scale"):
-                    chunk_rows.setdefault(key_of[name.split("#")[0]], []).append(_rows(term))
-                else:
-                    gram.setdefault(name, []).append(term)
+            for name, parts in row_parts.items():
+                chunk_rows.setdefault(key_of[name.split("#")[0]], []).append(
+                    parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
             for key, parts in chunk_rows.items():
-                rows.setdefault(key, []).append(torch.cat(parts, dim=2))
-        return ({key: torch.cat(parts) for key, parts in rows.items()},
+                rows.setdefault(key, []).append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
+            for name, parts in gram_parts.items():
+                gram.setdefault(name, []).append(_stack_rows(parts))
+        return ({key: parts[0] if len(parts) == 1 else torch.cat(parts) for key, parts in rows.items()},
                 {name: _join_chunks(parts) for name, parts in gram.items()})
 
     rows1, gram1 = collect(problem.x1, problem.cot1, problem.n1, "inputs")
