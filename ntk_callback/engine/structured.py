@@ -311,9 +311,16 @@ def _terms(module: nn.Module, attrs: dict[str, str], a: torch.Tensor,
     terms: list[Term] = []
     if isinstance(module, nn.Linear):
         dd = d.reshape(k, n, -1, d.shape[-1])
-        if "weight" in attrs:
+        if "weight" in attrs and "bias" in attrs:
+            # z = [W b] [a; 1]: one outer term on the input with a column of ones, so the
+            # bias shares the cotangent Gram of the weight
+            if "a1" not in memo:
+                a2 = a.reshape(n, -1, a.shape[-1])
+                memo["a1"] = torch.cat([a2, a2.new_ones(a2.shape[:2] + (1,))], dim=-1)
+            terms.append(Term("outer", attrs["weight"], memo["a1"], dd))
+        elif "weight" in attrs:
             terms.append(Term("outer", attrs["weight"], a.reshape(n, -1, a.shape[-1]), dd))
-        if "bias" in attrs:
+        elif "bias" in attrs:
             terms.append(Term("sum", attrs["bias"], None, dd.transpose(2, 3)))
     elif isinstance(module, _CONV):
         if "weight" in attrs:
@@ -462,9 +469,11 @@ def _gram(t1: Term, t2: Term, mode: str, budget: int, itemsize: int) -> torch.Te
             ag = ag.reshape(-1, s1, n2, s2)
         if mode == "full":
             parts.append(torch.einsum("isjt,isjtab->ijab", ag, dg))
+        elif s1 == 1 and s2 == 1:
+            parts.append(dg.reshape(-1, n2).mul_(ag.reshape(-1, n2)))
         else:
             parts.append((ag * dg).sum(dim=(1, 3)))
-    return torch.cat(parts)
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _term_size(term: Term) -> tuple[int, int, int, int, int]:
@@ -627,7 +636,11 @@ def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]],
     result: dict[str, torch.Tensor] = {}
 
     def add(key: str, part: torch.Tensor) -> None:
-        result[key] = part if key not in result else result[key] + part
+        # every part is a fresh tensor: the first one becomes the accumulator
+        if key in result:
+            result[key].add_(part)
+        else:
+            result[key] = part
 
     for key, j1 in rows1.items():
         add(key, contract(mode, j1, rows2[key]))
