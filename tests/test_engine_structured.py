@@ -62,6 +62,23 @@ class Conv2dNet(nn.Module):
         return self.fc(torch.tanh(self.gn(self.c2(h))).mean((2, 3)))
 
 
+class WideConvNet(nn.Module):
+    """Convs whose patches exceed ``structured._UNFOLD_MAX_PATCH`` entries (rows by a
+    grouped convolution backward) beside small-patch ones (rows from unfolded patches)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, stride=2, padding=1, padding_mode="replicate")
+        self.short = nn.Conv2d(3, 8, 1, stride=2)
+        self.c3 = nn.Conv1d(8, 4, 9, padding=4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.c2(torch.relu(self.c1(x))) + self.short(x))
+        return self.fc(torch.tanh(self.c3(h.flatten(2))).mean(-1))
+
+
 class TokenNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -141,6 +158,7 @@ CASES: dict[str, Callable[[], tuple[nn.Module, torch.Tensor]]] = {
     "seq_linear": lambda: (SeqLinear(), torch.randn(5, 4, 5)),
     "conv1d": lambda: (Conv1dNet(), torch.randn(5, 2, 9)),
     "conv2d_bn_gn": lambda: (Conv2dNet(), torch.randn(5, 3, 6, 5)),
+    "wide_conv": lambda: (WideConvNet(), torch.randn(5, 3, 6, 7)),
     "tokens": lambda: (TokenNet(), torch.randint(0, 11, (5, 6))),
     "repeated_inplace": lambda: (Repeated(), torch.randn(5, 4)),
     "tied": lambda: (Tied(), torch.randint(0, 7, (5, 3))),
@@ -174,7 +192,8 @@ def test_routes_match_generic(name: str, route: str, mode: str) -> None:
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("name", ["seq_linear", "conv2d_bn_gn", "tokens", "repeated_inplace"])
+@pytest.mark.parametrize("name", ["seq_linear", "conv2d_bn_gn", "wide_conv", "tokens",
+                                  "repeated_inplace"])
 def test_cross_kernel_routes(name: str, mode: str) -> None:
     model, x, y = _build(name)
     for route in ("gram", "rows"):
@@ -207,6 +226,14 @@ def test_structured_rules_cover_the_layers() -> None:
     model, x, y = _build("tied")
     problem = build_problem(model, x, y, mode="target", dtype=torch.float64)
     assert structured.plan(problem, "auto").handled == set()
+
+
+def test_conv_rows_routes_both_used() -> None:
+    """Both per-probe conv gradient methods run in the cases above."""
+    model = WideConvNet()
+    small = [m for m in (model.c1, model.c2, model.short, model.c3)
+             if m.in_channels * int(torch.tensor(m.kernel_size).prod()) <= structured._UNFOLD_MAX_PATCH]
+    assert small == [model.c1, model.short]
 
 
 def test_forced_generic_layer_and_bad_route() -> None:
