@@ -229,11 +229,14 @@ def test_structured_rules_cover_the_layers() -> None:
 
 
 def test_conv_rows_routes_both_used() -> None:
-    """Both per-probe conv gradient methods run in the cases above."""
+    """Every per-probe conv gradient method runs in the cases above: unfolded patches
+    (several cotangent rows), strided input (pointwise), grouped backward."""
     model = WideConvNet()
     small = [m for m in (model.c1, model.c2, model.short, model.c3)
              if m.in_channels * int(torch.tensor(m.kernel_size).prod()) <= structured._UNFOLD_MAX_PATCH]
     assert small == [model.c1, model.short]
+    assert [structured._pointwise(m) for m in (model.c1, model.c2, model.short, model.c3)] == [
+        False, False, True, False]
 
 
 def test_forced_generic_layer_and_bad_route() -> None:

@@ -366,23 +366,36 @@ def _conv_outer(term: Term) -> list[Term]:
 
 
 # Up to this many entries per patch (C_in/groups * kernel volume, e.g. a 3-channel stem
-# 3x3 conv or any 1x1 conv), per-probe conv weight gradients come from unfolded patches and
-# one batched matmul; beyond it the unfolded input gets too large and a grouped
-# convolution backward is faster (measured on CPU: 3.5x faster for a 3->16 3x3 stem,
-# 2.7x for a 16->32 1x1 conv; 2x slower for 16->16 3x3).
+# 3x3 conv), per-probe conv weight gradients of several cotangent rows come from unfolded
+# patches (unfolded once) and one batched matmul a row; beyond it the unfolded input gets
+# too large and a grouped convolution backward is faster (measured on CPU, per row: 3.5x
+# faster for a 3->16 3x3 stem, 2x slower for 16->16 3x3; with one row the unfold itself
+# costs as much as the grouped backward). Pointwise convs need no unfold at all.
 _UNFOLD_MAX_PATCH = 64
 
 
-def _conv_rows(term: Term) -> torch.Tensor:
-    """Per-probe conv weight gradients, (n, k, P): for small patches a batched matmul of
-    the cotangents with the unfolded input; otherwise one grouped convolution backward
-    (the probes become groups), much faster than unfolding a wide input."""
+def _pointwise(module: nn.Module) -> bool:
+    return (all(s == 1 for s in module.kernel_size) and not isinstance(module.padding, str)
+            and not any(module.padding))
+
+
+def _conv_rows(term: Term, rows_total: int) -> torch.Tensor:
+    """Per-probe conv weight gradients, (n, k, P): for pointwise convs, and for small
+    patches when there are several cotangent rows, a batched matmul of the cotangents with
+    the (unfolded) input; otherwise one grouped convolution backward (the probes become
+    groups), much faster than unfolding a wide input."""
     module, a, d, memo = term.module, term.data, term.d, term.memo
     k, n = d.shape[:2]
     c_out = d.shape[2]
-    if module.groups == 1 and _term_size(term)[3] <= _UNFOLD_MAX_PATCH:
+    pointwise = _pointwise(module)
+    if module.groups == 1 and (pointwise or (rows_total > 1
+                                             and _term_size(term)[3] <= _UNFOLD_MAX_PATCH)):
         if "patches" not in memo:
-            memo["patches"] = _conv_patches(module, a)  # (n, L, C_in * kk)
+            if pointwise:  # the patches are the strided input itself: (n, L, C_in) view
+                sub = a[(slice(None), slice(None)) + tuple(slice(None, None, st) for st in module.stride)]
+                memo["patches"] = sub.reshape(n, a.shape[1], -1).transpose(1, 2)
+            else:
+                memo["patches"] = _conv_patches(module, a)  # (n, L, C_in * kk)
         patches = memo["patches"]
         rows = [torch.bmm(d[j].reshape(n, c_out, -1), patches).reshape(n, 1, -1)
                 for j in range(k)]
@@ -437,10 +450,11 @@ def _merge(terms: list[Term]) -> dict[str, Term]:
 
 # --------------------------------------------------------------------------- routes
 
-def _rows(term: Term) -> torch.Tensor:
-    """Per-probe gradient rows of a term, (n, k, P_term)."""
+def _rows(term: Term, rows_total: int = 1) -> torch.Tensor:
+    """Per-probe gradient rows of a term, (n, k, P_term); ``rows_total`` is the number of
+    cotangent rows the term's input is shared by."""
     if term.kind == "conv":
-        return _conv_rows(term)
+        return _conv_rows(term, rows_total)
     d = term.d
     k, n = d.shape[:2]
     if term.kind == "sum":
@@ -636,7 +650,7 @@ def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]],
                 done: list[tuple[str, torch.Tensor]] = []
                 for name, term in terms.items():
                     if term.kind in ("sum", "scale") or route(name, term) == "rows":
-                        part = _rows(term)[:, 0]  # (n_chunk, P_term)
+                        part = _rows(term, k)[:, 0]  # (n_chunk, P_term)
                         if name not in slots:
                             key = key_of[name.split("#")[0]]
                             start = widths.get(key, 0)
