@@ -14,11 +14,21 @@ repeated calls of the same module):
   extra positions is ``(D D^T) * (A A^T)``; or the *rows* route, materialising the
   per-probe gradient ``sum_s D_is a_is^T`` and taking inner products. A cost model
   (flops, then memory) picks the route per term.
-* bias: per-probe gradient ``sum_s D_is`` (rows route).
+* bias: per-probe gradient ``sum_s D_is`` (rows route); a Linear's bias joins its weight
+  as one outer term on ``[a; 1]``, sharing the cotangent Gram.
+* conv weight rows: ``sum_s D_is p_is^T`` by one grouped convolution backward with the
+  probes as groups, or, for pointwise convs and for small patches shared by several
+  cotangent rows, by one batched matmul with the (unfolded) input.
 * normalisation affine weight (BatchNorm in eval, LayerNorm, GroupNorm): per-probe
   gradient ``sum_s D_is * xhat_is`` with ``xhat`` the normalised input (rows route).
 * ``nn.Embedding``: ``K[i,j] = sum_{s,t} [tok_is = tok_jt] (D_is . D_jt)`` (Gram route) or
   the scattered per-probe gradient (rows route).
+
+Mechanics: the capture forward keeps the activations without copies (an in-place op on
+a captured tensor is detected by its version counter and the pass redone with copies);
+cotangent rows are processed one at a time -- one backward, the rows of every term
+written into one preallocated (n, k, P) buffer a layer key -- so no row of activation
+cotangents is ever stacked; probes are chunked so that a pass fits the memory budget.
 
 Everything else -- other modules with parameters, free parameters used in ``forward``,
 tied weights, modules whose activations are not batched along dim 0 -- is left to the
