@@ -177,3 +177,39 @@ def test_output_leading_dim_not_n() -> None:
 
     exc = _raises(BatchMean(), torch.randn(4, 3), None, mode="trace")
     _assert_mentions(exc, "output", ("shape", "(2,)"), "4")
+
+
+class _Squeezing(nn.Module):
+    """``.squeeze()`` in forward: right for batches of several probes, wrong for a batch
+    of one (the output loses its probe dimension)."""
+
+    def __init__(self, free_parameter: bool) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.scale = nn.Parameter(torch.tensor(1.5)) if free_parameter else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.lin(x).squeeze()
+        return out * self.scale if self.scale is not None else out
+
+
+@pytest.mark.parametrize("free_parameter, implementation", [(True, "auto"), (False, "generic")])
+def test_single_probe_batches_checked_when_the_generic_path_runs(
+        free_parameter: bool, implementation: str) -> None:
+    """The generic path feeds the model one probe at a time; a model that squeezes the
+    probe dimension away there is refused with the fix, not measured wrongly."""
+    torch.manual_seed(0)
+    exc = _raises(_Squeezing(free_parameter), torch.randn(5, 3), None, mode="trace",
+                  implementation=implementation)
+    _assert_mentions(exc, "1 of the 5 probes", "squeeze(-1)")
+
+
+def test_squeezing_model_fully_structured_is_exact() -> None:
+    """Without generic-path parameters the model never sees a one-probe batch: the kernel
+    is computed, and equals the one of the model that keeps the dimension."""
+    torch.manual_seed(0)
+    model = _Squeezing(False)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    got = empirical_ntk(model.double(), x, mode="trace")
+    ref = empirical_ntk(model.lin, x, mode="trace", implementation="generic")
+    assert torch.allclose(got, ref, rtol=1e-12, atol=0)

@@ -65,6 +65,8 @@ def _kernels(problem: Problem, keys: dict[str, list[str]], implementation: str, 
             # probe dimension): the generic path handles every parameter exactly.
             plan = structured.Plan()
             done = {}
+        if any(n not in plan.handled for names in keys.values() for n in names):
+            problem.check_single_probe()
         for key, names in keys.items():
             rest = [n for n in names if n not in plan.handled]
             kernel = done.get(key)

@@ -50,6 +50,7 @@ class Problem:
     # entries of all module outputs for one probe (measured by the trial forward): sizes
     # the probe chunks of the structured path
     activation_numel: int = 0
+    single_probe_checked: bool = False
 
     @property
     def cross(self) -> bool:
@@ -106,6 +107,32 @@ class Problem:
                 for h in handles:
                     h.remove()
         return out, tuple(raw.shape) if isinstance(raw, torch.Tensor) else tuple(out.shape)
+
+    def trial_rows(self, x: Any, name: str, n: int, m: int, measure: bool = False
+                   ) -> torch.Tensor:
+        """The model's (m, O) output on the first m of the n probes of ``x``; refuses
+        outputs without one row per probe and non-finite ones."""
+        out, raw_shape = self.trial_forward(B.take(x, slice(0, m)), name, measure=measure)
+        if measure:
+            self.activation_numel = -(-self.activation_numel // m)  # per probe
+        if out.shape[0] != m:
+            raise NTKError(f"the model's output on {m} of the {n} probes in `{name}` has "
+                           f"shape {tuple(raw_shape)}; the output must have one row per "
+                           f"probe, shape ({n},) or ({n}, O) for all {n} probes. Do not "
+                           "reduce over the batch in forward (and squeeze with "
+                           "`.squeeze(-1)`, not `.squeeze()`), or pass `output_fn=`.")
+        self.check_outputs(out, name)
+        return out
+
+    def check_single_probe(self) -> None:
+        """The generic path calls the model on batches of one probe: check that those
+        still give one output row (``.squeeze()`` in ``forward`` would not). Once."""
+        if self.single_probe_checked:
+            return
+        for x, name, n in ((self.x1, "inputs", self.n1), (self.x2, "inputs2", self.n2)):
+            if x is not None and n > 1:
+                self.trial_rows(x, name, n, 1)
+        self.single_probe_checked = True
 
     @staticmethod
     def check_outputs(out: torch.Tensor, name: str) -> None:
@@ -236,24 +263,17 @@ def build_problem(model: torch.nn.Module, inputs: Any, targets: Any, *, mode: st
                       device=device, params=params, constants=constants, x1=x1, n1=n1,
                       cot1=torch.empty(0), num_outputs=0, x2=x2, n2=n2,
                       param_owner=_owners(model), native=native)
-    # Small forwards (1 and up to 3 probes) give the output size and catch models whose
-    # output is not one row per probe before any expensive work. The full batches are
-    # checked for non-finite outputs where their outputs are computed anyway
-    # (:meth:`Problem.check_outputs`), which saves a whole forward pass.
+    # A small forward (up to 3 probes) gives the output size and catches models whose
+    # output is not one row per probe before any expensive work; the single-probe batches
+    # of the generic path are checked when that path runs
+    # (:meth:`Problem.check_single_probe`). The full batches are checked for non-finite
+    # outputs where their outputs are computed anyway (:meth:`Problem.check_outputs`),
+    # which saves a whole forward pass.
     num_outputs = None
     for x, name, n in ((x1, "inputs", n1), (x2, "inputs2", n2)):
         if x is None:
             continue
-        for m in sorted({1, min(n, 3)}):
-            out, raw_shape = problem.trial_forward(B.take(x, slice(0, m)), name,
-                                                   measure=(m == 1 and x is x1))
-            if out.shape[0] != m:
-                raise NTKError(f"the model's output on {m} of the {n} probes in `{name}` has "
-                               f"shape {tuple(raw_shape)}; the output must have one row per "
-                               f"probe, shape ({n},) or ({n}, O) for all {n} probes. Do not "
-                               "reduce over the batch in forward (and squeeze with "
-                               "`.squeeze(-1)`, not `.squeeze()`), or pass `output_fn=`.")
-            problem.check_outputs(out, name)
+        out = problem.trial_rows(x, name, n, min(n, 3), measure=x is x1)
         if num_outputs is None:
             num_outputs = out.shape[1]
         elif out.shape[1] != num_outputs:
