@@ -214,7 +214,11 @@ def _owners(model: torch.nn.Module) -> dict[str, str]:
     owners: dict[str, str] = {}
     for mname, module in model.named_modules(remove_duplicate=False):
         is_leaf = next(iter(module.children()), None) is None
-        for pname, _ in module.named_parameters(recurse=False, remove_duplicate=False):
+        # (the module's own parameter dict: named_parameters(recurse=False) costs a
+        # generator walk a module, a visible part of a small model's call)
+        for pname, p in module._parameters.items():
+            if p is None:
+                continue
             full = f"{mname}.{pname}" if mname else pname
             owners.setdefault(full, mname if (is_leaf and mname) else full)
     return owners

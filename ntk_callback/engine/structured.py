@@ -114,14 +114,16 @@ def plan(problem: Problem, implementation: str,
     if any(isinstance(m, _STOCHASTIC) and m.training for m in model.modules()):
         return result
     uses: dict[int, int] = {}
-    for module in model.modules():
-        for p in module.parameters(recurse=False):
-            uses[id(p)] = uses.get(id(p), 0) + 1
+    modules = list(model.named_modules())
+    for _, module in modules:
+        for p in module._parameters.values():
+            if p is not None:
+                uses[id(p)] = uses.get(id(p), 0) + 1
     names = {id(p): n for n, p in model.named_parameters()}
-    for mname, module in model.named_modules():
+    for mname, module in modules:
         if not _supported(module) or layer_paths.get(mname) == "generic":
             continue
-        own = dict(module.named_parameters(recurse=False))
+        own = {attr: p for attr, p in module._parameters.items() if p is not None}
         attrs = {}
         for attr, p in own.items():
             full = names.get(id(p))
