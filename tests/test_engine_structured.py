@@ -108,6 +108,24 @@ class Repeated(nn.Module):
         return self.out(h)
 
 
+class RepeatedNorm(nn.Module):
+    """One BatchNorm2d and one LayerNorm, each called twice (extra positions of one
+    normalisation term)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 4, 3, padding=1)
+        self.c2 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.ln = nn.LayerNorm(4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn(self.c1(x)))
+        h = torch.tanh(self.bn(self.c2(h))).mean((2, 3))
+        return self.fc(self.ln(torch.relu(self.ln(h))))
+
+
 class Tied(nn.Module):
     """Embedding tied to the output projection: one tensor used by two modules."""
 
@@ -161,6 +179,7 @@ CASES: dict[str, Callable[[], tuple[nn.Module, torch.Tensor]]] = {
     "wide_conv": lambda: (WideConvNet(), torch.randn(5, 3, 6, 7)),
     "tokens": lambda: (TokenNet(), torch.randint(0, 11, (5, 6))),
     "repeated_inplace": lambda: (Repeated(), torch.randn(5, 4)),
+    "repeated_norm": lambda: (RepeatedNorm(), torch.randn(5, 2, 4, 3)),
     "tied": lambda: (Tied(), torch.randint(0, 7, (5, 3))),
     "folded": lambda: (Folded(), torch.randn(5, 4, 3)),
     "part_frozen": lambda: (PartFrozen(), torch.randn(5, 4)),
@@ -170,7 +189,7 @@ CASES: dict[str, Callable[[], tuple[nn.Module, torch.Tensor]]] = {
 def _build(name: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
     model, x = CASES[name]()
-    if name == "conv2d_bn_gn":
+    if name in ("conv2d_bn_gn", "repeated_norm"):
         _batchnorm_stats(model, x)
     model.eval()
     return model, x, torch.tensor([0, 2, 1, 2, 0])

@@ -237,6 +237,9 @@ def _row_cotangents(out: torch.Tensor, calls: Calls, cot: torch.Tensor
 # and, with positions last so that channel-first maps are used without a copy:
 #   ("sum",   None,        D (k, n, o, S))   gradient sum_s D_s
 #   ("scale", X (n, o, S), D (k, n, o, S))   gradient sum_s D_s * x_s
+#   ("bn",    a (n, o, S), D (k, n, o, S))   gradient r * sum_s D_s * (a_s - m) (eval
+#                                            BatchNorm with one cotangent row: no xhat)
+_ROWS_ONLY = ("sum", "scale", "bn")
 
 @dataclass
 class Term:
@@ -342,7 +345,12 @@ def _terms(module: nn.Module, attrs: dict[str, str], a: torch.Tensor,
             terms.append(Term("sum", attrs["bias"], None, _positions_last(d, 2)))
     elif isinstance(module, _NORM):
         dd = _norm_cotangents(module, d)
-        if "weight" in attrs:
+        if ("weight" in attrs and memo.get("rows") == 1
+                and isinstance(module, nn.modules.batchnorm._BatchNorm)):
+            # One row: (a - m) * D summed, scaled by r afterwards -- one temporary instead
+            # of the normalised input and a product.
+            terms.append(Term("bn", attrs["weight"], _positions_last(a, 1), dd, module=module))
+        elif "weight" in attrs:
             if "xhat" not in memo:
                 memo["xhat"] = _normalised_input(module, a)
             xhat = memo["xhat"]
@@ -453,10 +461,10 @@ def _merge(terms: list[Term]) -> dict[str, Term]:
             continue
         m = merged[t.key]
         # positions are dim 1 of the data and dim 2 of D, or the last dim of both
-        last = t.kind in ("sum", "scale")
+        last = t.kind in _ROWS_ONLY
         data = None if t.data is None else torch.cat([m.data, t.data], dim=-1 if last else 1)
         merged[t.key] = Term(t.kind, t.key, data, torch.cat([m.d, t.d], dim=-1 if last else 2),
-                             t.extra)
+                             t.extra, t.module)
     return merged
 
 
@@ -473,6 +481,11 @@ def _rows(term: Term, rows_total: int = 1) -> torch.Tensor:
         r = d.sum(-1)
     elif term.kind == "scale":
         r = (d * term.data).sum(-1)
+    elif term.kind == "bn":
+        m = term.module
+        mean = m.running_mean.to(d.dtype).reshape(-1, 1)
+        rstd = torch.rsqrt(m.running_var.to(d.dtype) + m.eps)
+        r = torch.stack([(term.data - mean).mul_(d[j]).sum(-1) for j in range(k)]) * rstd
     elif term.kind == "outer":
         r = torch.einsum("kiso,isc->kioc", d, term.data).reshape(k, n, -1)
     else:  # token: scatter into (vocab, dim) rows
@@ -531,7 +544,7 @@ def _term_size(term: Term) -> tuple[int, int, int, int, int]:
         for size in m.kernel_size:
             c *= size
         return k, s, o, c, o * c
-    if term.kind in ("sum", "scale"):
+    if term.kind in _ROWS_ONLY:
         k, _, o, s = term.d.shape
         return k, s, o, 1, o
     k, _, s, o = term.d.shape
@@ -552,7 +565,7 @@ def _choose(term: Term, k: int, n1: int, n2: int | None, mode: str, budget: int,
             itemsize: int, forced: str | None) -> str:
     """Cost model for a term with ``k`` cotangent rows: flops of each route; the rows route
     only while its rows fit ``budget``."""
-    if term.kind in ("sum", "scale"):
+    if term.kind in _ROWS_ONLY:
         return "rows"
     _, s, o, c, p = _term_size(term)
     pairs = {"target": 1, "sum": 1, "trace": k, "full": k * k}[mode]
@@ -649,7 +662,7 @@ def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]],
         layout: list[str] | None = None
         for sl in blocks(n, chunk):
             out, calls = _forward(problem, plan, B.take(x, sl), sl.stop - sl.start, label)
-            memos = {(m, i): {} for m, lst in calls.items() for i in range(len(lst))}
+            memos = {(m, i): {"rows": k} for m, lst in calls.items() for i in range(len(lst))}
             gram_parts: dict[str, list[Term]] = {}
             # Terms are built and turned into rows one cotangent row at a time: only one
             # row of cotangents is ever alive and none is stacked.
@@ -661,7 +674,7 @@ def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]],
                     raise _Fallback("data-dependent layers")
                 done: list[tuple[str, torch.Tensor]] = []
                 for name, term in terms.items():
-                    if term.kind in ("sum", "scale") or route(name, term) == "rows":
+                    if term.kind in _ROWS_ONLY or route(name, term) == "rows":
                         part = _rows(term, k)[:, 0]  # (n_chunk, P_term)
                         if name not in slots:
                             key = key_of[name.split("#")[0]]
