@@ -70,7 +70,7 @@ class Plan:
     params: dict[str, dict[str, str]] = field(default_factory=dict)  # module -> {attr: full name}
     routes: dict[str, str] = field(default_factory=dict)             # term name -> route
     forced: dict[str, str] = field(default_factory=dict)             # module name -> route
-    # capture options, switched off for good when the model turns out to need it
+    # set for good once the model turns out to need it
     copy_outputs: bool = False   # an op modified a captured tensor in place
 
     @property
