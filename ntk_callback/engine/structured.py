@@ -39,7 +39,7 @@ empty.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -211,22 +211,60 @@ def _forward_once(problem: Problem, plan: Plan, x: Any, n: int, name: str
     return out, calls
 
 
-def _row_cotangents(out: torch.Tensor, calls: Calls, cot: torch.Tensor
-                    ) -> Iterator[list[torch.Tensor]]:
-    """For each cotangent row a, the cotangents D_a at every captured output (in the order
-    of ``calls``), each shaped like that output. One backward a row, yielded before the
-    next so that only one row of cotangents is alive. (``is_grads_batched`` would vmap the
-    backward, but convolution backward has no batching rule and falls back to a slow
-    per-example loop.)"""
-    targets = [z for lst in calls.values() for _, z in lst]
-    if not targets:
-        return
+def _bottoms(targets: list[torch.Tensor]) -> list[int]:
+    """Indices of the captured outputs whose gradient node leads to no other captured
+    output's node. Asking autograd for the cotangents of these alone runs every node of
+    the others too (they lie on the paths), so their hooks fire inside the backward."""
+    owner = {z.grad_fn for z in targets if z.grad_fn is not None}
+    reach: dict[Any, bool] = {}
+    for start in owner:
+        stack = [(start, False)]
+        while stack:  # iterative post-order walk: deep graphs must not hit the recursion limit
+            node, done = stack.pop()
+            if node in reach:
+                continue
+            children = [c for c, _ in node.next_functions if c is not None]
+            if done:
+                reach[node] = any(c in owner or reach.get(c, False) for c in children)
+                continue
+            stack.append((node, True))
+            stack.extend((c, False) for c in children if c not in reach)
+    return [i for i, z in enumerate(targets) if z.grad_fn is not None and not reach[z.grad_fn]]
+
+
+def _backward_rows(out: torch.Tensor, targets: list[torch.Tensor], cot: torch.Tensor,
+                   consume: Callable[[int, int, torch.Tensor], None],
+                   finish: Callable[[int], None]) -> None:
+    """One backward a cotangent row r: ``consume(r, i, D)`` receives the cotangent D at
+    captured output i from a tensor hook as soon as autograd has computed it, so it is
+    used while hot and freed as the backward moves on (outputs the row does not reach get
+    zeros); ``finish(r)`` closes the row. (``is_grads_batched`` would vmap the backward,
+    but convolution backward has no batching rule: 1.2-1.5x slower than this loop.)"""
     k = cot.shape[1]
     grad_out = cot.transpose(0, 1)  # (k, n, O)
-    for r in range(k):
-        grads = torch.autograd.grad(out, targets, grad_out[r], allow_unused=True,
+    inputs = [targets[i] for i in _bottoms(targets)]
+    state = {"row": 0, "seen": set()}
+
+    def hook(i: int) -> Callable[[torch.Tensor], None]:
+        def fn(grad: torch.Tensor) -> None:
+            state["seen"].add(i)
+            consume(state["row"], i, grad)
+        return fn
+
+    handles = [z.register_hook(hook(i)) for i, z in enumerate(targets) if z.requires_grad]
+    try:
+        for r in range(k):
+            state["row"], state["seen"] = r, set()
+            if inputs:
+                torch.autograd.grad(out, inputs, grad_out[r], allow_unused=True,
                                     retain_graph=r < k - 1)
-        yield [torch.zeros_like(z) if g is None else g for g, z in zip(grads, targets)]
+            for i, z in enumerate(targets):
+                if i not in state["seen"]:
+                    consume(r, i, torch.zeros_like(z))
+            finish(r)
+    finally:
+        for h in handles:
+            h.remove()
 
 
 # --------------------------------------------------------------------------- terms
@@ -584,18 +622,6 @@ def _choose(term: Term, k: int, n1: int, n2: int | None, mode: str, budget: int,
 
 # --------------------------------------------------------------------------- driver
 
-def _row_terms(plan: Plan, calls: Calls, grads: list[torch.Tensor],
-               memos: dict[tuple[str, int], dict]) -> dict[str, Term]:
-    """The terms of one cotangent row (k = 1), repeated calls merged."""
-    terms: list[Term] = []
-    it = iter(grads)
-    for mname, lst in calls.items():
-        for i, (a, _) in enumerate(lst):
-            d = next(it).detach().unsqueeze(0)
-            terms.extend(_terms(plan.modules[mname], plan.params[mname], a, d, memos[mname, i]))
-    return _merge(terms)
-
-
 def _stack_rows(parts: list[Term]) -> Term:
     """One term from the per-row terms of one chunk: D stacked to (k, n, ...)."""
     first = parts[0]
@@ -662,36 +688,70 @@ def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]],
         layout: list[str] | None = None
         for sl in blocks(n, chunk):
             out, calls = _forward(problem, plan, B.take(x, sl), sl.stop - sl.start, label)
-            memos = {(m, i): {"rows": k} for m, lst in calls.items() for i in range(len(lst))}
+            entries = [(m, i, a, z) for m, lst in calls.items() for i, (a, z) in enumerate(lst)]
+            memos = {(m, i): {"rows": k} for m, i, _, _ in entries}
+            repeated = {m for m, lst in calls.items() if len(lst) > 1}
+            held: dict[int, torch.Tensor] = {}   # cotangents of repeated modules' calls
+            seen: list[str] = []                 # term names of the current row
+            pending: list[tuple[int, str, torch.Tensor]] = []  # rows before bufs exist
             gram_parts: dict[str, list[Term]] = {}
-            # Terms are built and turned into rows one cotangent row at a time: only one
-            # row of cotangents is ever alive and none is stacked.
-            for r, grads in enumerate(_row_cotangents(out, calls, cot[sl])):
-                terms = _row_terms(plan, calls, grads, memos)
+
+            def take(r: int, name: str, term: Term) -> None:
+                seen.append(name)
+                if term.kind not in _ROWS_ONLY and route(name, term) != "rows":
+                    gram_parts.setdefault(name, []).append(term)
+                    return
+                part = _rows(term, k)[:, 0]  # (n_chunk, P_term)
+                if name not in slots:
+                    key = key_of[name.split("#")[0]]
+                    start = widths.get(key, 0)
+                    slots[name] = (key, start, start + part.shape[1])
+                    widths[key] = start + part.shape[1]
+                if bufs:
+                    key, start, stop = slots[name]
+                    bufs[key][sl, r, start:stop] = part
+                else:
+                    pending.append((r, name, part))
+
+            def consume(r: int, idx: int, grad: torch.Tensor) -> None:
+                mname, i, a, _ = entries[idx]
+                if mname in repeated:  # merged with the module's other calls at the row's end
+                    held[idx] = grad
+                    return
+                for term in _terms(plan.modules[mname], plan.params[mname], a,
+                                   grad.detach().unsqueeze(0), memos[mname, i]):
+                    take(r, term.key, term)
+
+            def finish(r: int) -> None:
+                nonlocal layout, bufs
+                if held:
+                    terms: list[Term] = []
+                    for idx in sorted(held):
+                        mname, i, a, _ = entries[idx]
+                        terms.extend(_terms(plan.modules[mname], plan.params[mname], a,
+                                            held[idx].detach().unsqueeze(0), memos[mname, i]))
+                    held.clear()
+                    for name, term in _merge(terms).items():
+                        take(r, name, term)
+                names = sorted(seen)
+                seen.clear()
                 if layout is None:
-                    layout = list(terms)
-                elif list(terms) != layout:
+                    layout = names
+                elif names != layout:
                     raise _Fallback("data-dependent layers")
-                done: list[tuple[str, torch.Tensor]] = []
-                for name, term in terms.items():
-                    if term.kind in _ROWS_ONLY or route(name, term) == "rows":
-                        part = _rows(term, k)[:, 0]  # (n_chunk, P_term)
-                        if name not in slots:
-                            key = key_of[name.split("#")[0]]
-                            start = widths.get(key, 0)
-                            slots[name] = (key, start, start + part.shape[1])
-                            widths[key] = start + part.shape[1]
-                        done.append((name, part))
-                    else:
-                        gram_parts.setdefault(name, []).append(term)
                 if not bufs:
                     bufs = {key: torch.empty((n, k, width), dtype=problem.dtype,
                                              device=problem.device)
                             for key, width in widths.items()}
-                for name, part in done:
-                    key, start, stop = slots[name]
-                    bufs[key][sl, r, start:stop] = part
-            del out, calls
+                    for row, name, part in pending:
+                        key, start, stop = slots[name]
+                        bufs[key][sl, row, start:stop] = part
+                    pending.clear()
+
+            # Cotangents are turned into rows inside the backward, one cotangent row at a
+            # time: none is stacked, and each is freed right after its layer is done.
+            _backward_rows(out, [z for _, _, _, z in entries], cot[sl], consume, finish)
+            del out, calls, entries
             for name, parts in gram_parts.items():
                 gram.setdefault(name, []).append(_stack_rows(parts))
         return bufs, {name: _join_chunks(parts) for name, parts in gram.items()}
