@@ -26,9 +26,10 @@ repeated calls of the same module):
 
 Mechanics: the capture forward keeps the activations without copies (an in-place op on
 a captured tensor is detected by its version counter and the pass redone with copies);
-cotangent rows are processed one at a time -- one backward, the rows of every term
-written into one preallocated (n, k, P) buffer a layer key -- so no row of activation
-cotangents is ever stacked; probes are chunked so that a pass fits the memory budget.
+cotangent rows are processed one at a time, one backward each, and a tensor hook turns a
+layer's cotangent into that layer's rows as soon as autograd has computed it (written
+into one preallocated (n, k, P) buffer a layer key), so cotangents are used while hot and
+freed as the backward moves on; probes are chunked so that a pass fits the memory budget.
 
 Everything else -- other modules with parameters, free parameters used in ``forward``,
 tied weights, modules whose activations are not batched along dim 0 -- is left to the
