@@ -65,10 +65,11 @@ def _kernels(problem: Problem, keys: dict[str, list[str]], implementation: str, 
             # probe dimension): the generic path handles every parameter exactly.
             plan = structured.Plan()
             done = {}
-        if any(n not in plan.handled for names in keys.values() for n in names):
+        handled = plan.handled  # (a property that builds the set on each access)
+        if any(n not in handled for names in keys.values() for n in names):
             problem.check_single_probe()
         for key, names in keys.items():
-            rest = [n for n in names if n not in plan.handled]
+            rest = [n for n in names if n not in handled]
             kernel = done.get(key)
             for group in _group(problem, rest, budget):
                 part = generic_kernel(problem, group, budget, chunk_size)

@@ -82,14 +82,14 @@ class Problem:
 
     def trial_forward(self, x: Any, name: str, measure: bool = False) -> tuple[torch.Tensor, tuple]:
         """Forward without gradient; a failing call becomes an NTKError naming the fix.
-        ``measure`` records the entries of every module output in ``activation_numel``."""
+        ``measure`` records the entries of every module output, per probe of ``x``, in
+        ``activation_numel``."""
         handles = []
+        total = [0]
         if measure:
-            self.activation_numel = 0
-
             def count(module: torch.nn.Module, args: tuple, out: Any) -> None:
                 if isinstance(out, torch.Tensor):
-                    self.activation_numel += out.numel()
+                    total[0] += out.numel()
 
             handles = [m.register_forward_hook(count) for m in self.model.modules()]
         with torch.no_grad():
@@ -106,6 +106,8 @@ class Problem:
             finally:
                 for h in handles:
                     h.remove()
+        if measure:
+            self.activation_numel = -(-total[0] // B.batch_size(x))
         return out, tuple(raw.shape) if isinstance(raw, torch.Tensor) else tuple(out.shape)
 
     def trial_rows(self, x: Any, name: str, n: int, m: int, measure: bool = False
@@ -113,8 +115,6 @@ class Problem:
         """The model's (m, O) output on the first m of the n probes of ``x``; refuses
         outputs without one row per probe and non-finite ones."""
         out, raw_shape = self.trial_forward(B.take(x, slice(0, m)), name, measure=measure)
-        if measure:
-            self.activation_numel = -(-self.activation_numel // m)  # per probe
         if out.shape[0] != m:
             raise NTKError(f"the model's output on {m} of the {n} probes in `{name}` has "
                            f"shape {tuple(raw_shape)}; the output must have one row per "

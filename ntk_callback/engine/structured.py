@@ -438,17 +438,16 @@ def _pointwise(module: nn.Module) -> bool:
             and not any(module.padding))
 
 
-def _conv_rows(term: Term, rows_total: int) -> torch.Tensor:
+def _conv_rows(term: Term) -> torch.Tensor:
     """Per-probe conv weight gradients, (n, k, P): for pointwise convs, and for small
-    patches when there are several cotangent rows, a batched matmul of the cotangents with
-    the (unfolded) input; otherwise one grouped convolution backward (the probes become
-    groups), much faster than unfolding a wide input."""
+    patches when several cotangent rows share the input (``memo["rows"]``), a batched
+    matmul of the cotangents with the (unfolded) input; otherwise one grouped convolution
+    backward (the probes become groups), much faster than unfolding a wide input."""
     module, a, d, memo = term.module, term.data, term.d, term.memo
-    k, n = d.shape[:2]
-    c_out = d.shape[2]
+    k, n, c_out = d.shape[:3]
     pointwise = _pointwise(module)
-    if module.groups == 1 and (pointwise or (rows_total > 1
-                                             and _term_size(term)[3] <= _UNFOLD_MAX_PATCH)):
+    shared = memo.get("rows", 1) > 1
+    if module.groups == 1 and (pointwise or (shared and _term_size(term)[3] <= _UNFOLD_MAX_PATCH)):
         if "patches" not in memo:
             if pointwise:  # the patches are the strided input itself: (n, L, C_in) view
                 sub = a[(slice(None), slice(None)) + tuple(slice(None, None, st) for st in module.stride)]
@@ -471,7 +470,7 @@ def _conv_rows(term: Term, rows_total: int) -> torch.Tensor:
         # (a copy for channels-last maps: the grouped kernel is 3x slower on them)
         memo["x"] = a.reshape((1, n * a.shape[1]) + tuple(a.shape[2:])).contiguous()
     x, padding = memo["x"], memo["padding"]
-    c_in, c_out, g = x.shape[1] // n, d.shape[2], module.groups
+    c_in, g = x.shape[1] // n, module.groups
     # only the shape of the weight matters for the weight gradient
     w = a.new_empty((n * c_out, c_in // g) + tuple(module.kernel_size))
     rows = []
@@ -509,11 +508,10 @@ def _merge(terms: list[Term]) -> dict[str, Term]:
 
 # --------------------------------------------------------------------------- routes
 
-def _rows(term: Term, rows_total: int = 1) -> torch.Tensor:
-    """Per-probe gradient rows of a term, (n, k, P_term); ``rows_total`` is the number of
-    cotangent rows the term's input is shared by."""
+def _rows(term: Term) -> torch.Tensor:
+    """Per-probe gradient rows of a term, (n, k, P_term)."""
     if term.kind == "conv":
-        return _conv_rows(term, rows_total)
+        return _conv_rows(term)
     d = term.d
     k, n = d.shape[:2]
     if term.kind == "sum":
@@ -702,7 +700,7 @@ def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]],
                 if term.kind not in _ROWS_ONLY and route(name, term) != "rows":
                     gram_parts.setdefault(name, []).append(term)
                     return
-                part = _rows(term, k)[:, 0]  # (n_chunk, P_term)
+                part = _rows(term)[:, 0]  # (n_chunk, P_term)
                 if name not in slots:
                     key = key_of[name.split("#")[0]]
                     start = widths.get(key, 0)
@@ -714,23 +712,22 @@ def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]],
                 else:
                     pending.append((r, name, part))
 
-            def consume(r: int, idx: int, grad: torch.Tensor) -> None:
+            def terms_of(idx: int, grad: torch.Tensor) -> list[Term]:
                 mname, i, a, _ = entries[idx]
-                if mname in repeated:  # merged with the module's other calls at the row's end
+                return _terms(plan.modules[mname], plan.params[mname], a,
+                              grad.detach().unsqueeze(0), memos[mname, i])
+
+            def consume(r: int, idx: int, grad: torch.Tensor) -> None:
+                if entries[idx][0] in repeated:  # merged with its other calls at the row's end
                     held[idx] = grad
                     return
-                for term in _terms(plan.modules[mname], plan.params[mname], a,
-                                   grad.detach().unsqueeze(0), memos[mname, i]):
+                for term in terms_of(idx, grad):
                     take(r, term.key, term)
 
             def finish(r: int) -> None:
                 nonlocal layout, bufs
                 if held:
-                    terms: list[Term] = []
-                    for idx in sorted(held):
-                        mname, i, a, _ = entries[idx]
-                        terms.extend(_terms(plan.modules[mname], plan.params[mname], a,
-                                            held[idx].detach().unsqueeze(0), memos[mname, i]))
+                    terms = [t for idx in sorted(held) for t in terms_of(idx, held[idx])]
                     held.clear()
                     for name, term in _merge(terms).items():
                         take(r, name, term)
