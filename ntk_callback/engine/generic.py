@@ -3,8 +3,9 @@
 For a group of parameter tensors with P_g entries, the rows ``g(i, v)`` (see
 :mod:`.problem`) of a block of probes are computed with ``vmap`` over probes of a
 ``vjp`` (one forward a probe, one backward a cotangent), giving a (n, k, P_g) block.
-Kernel blocks are contractions of two such blocks. Memory is bounded by the budget:
-when the rows of all probes do not fit, probes are processed in blocks of size
+Kernel blocks are contractions of two such blocks (:func:`.symmetric.add_gram`; a
+self-kernel only on and above the diagonal, the rest mirrored). Memory is bounded by the
+budget: when the rows of all probes do not fit, probes are processed in blocks of size
 ``budget / (2 * bytes a probe)`` and the off-diagonal blocks recomputed (memory traded
 for time); trace mode additionally splits the outputs into chunks.
 
@@ -21,6 +22,7 @@ from torch.func import vjp, vmap
 from . import batch as B
 from .errors import NTKError
 from .problem import Problem, blocks, numel, output_shape, unsqueeze_batch
+from .symmetric import add_gram, mirror_lower
 
 
 def _rows(problem: Problem, names: list[str], x: Any, cot: torch.Tensor,
@@ -48,22 +50,6 @@ def _rows(problem: Problem, names: list[str], x: Any, cot: torch.Tensor,
         problem.check_outputs(values, name)
         out.append(rows)
     return out[0] if len(out) == 1 else torch.cat(out)
-
-
-def contract(mode: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Kernel block from row blocks a (n_a, k, P) and b (n_b, k, P)."""
-    if mode in ("target", "sum"):
-        return a[:, 0] @ b[:, 0].T
-    if mode == "trace":
-        # sum_j a[:, j] b[:, j]^T as one product over the flattened (j, p) axis
-        return a.reshape(a.shape[0], -1) @ b.reshape(b.shape[0], -1).T
-    na, k, p = a.shape
-    nb = b.shape[0]
-    return (a.reshape(na * k, p) @ b.reshape(nb * k, p).T).reshape(na, k, nb, k).permute(0, 2, 1, 3)
-
-
-def _transpose(mode: str, block: torch.Tensor) -> torch.Tensor:
-    return block.permute(1, 0, 3, 2) if mode == "full" else block.T
 
 
 def generic_kernel(problem: Problem, names: list[str], budget: int,
@@ -99,24 +85,24 @@ def generic_kernel(problem: Problem, names: list[str], budget: int,
 
         if n_all * per_probe <= budget:
             j1 = rows(1, slice(0, n1))
-            j2 = rows(2, slice(0, problem.n2)) if problem.cross else j1
-            kernel += contract(mode, j1, j2)
+            add_gram(kernel, mode, j1, rows(2, slice(0, problem.n2)) if problem.cross else None)
             continue
         size = max(1, budget // (2 * per_probe))
         if problem.cross:
             for si in blocks(n1, size):
                 ji = rows(1, si)
                 for sj in blocks(problem.n2, size):
-                    kernel[si, sj] += contract(mode, ji, rows(2, sj))
+                    add_gram(kernel[si, sj], mode, ji, rows(2, sj))
             continue
+        # self-kernel: the blocks on and above the diagonal; the rest is mirrored
         parts = blocks(n1, size)
         for a, si in enumerate(parts):
             ji = rows(1, si)
-            kernel[si, si] += contract(mode, ji, ji)
+            add_gram(kernel[si, si], mode, ji, None)
             for sj in parts[a + 1:]:
-                block = contract(mode, ji, rows(1, sj))
-                kernel[si, sj] += block
-                kernel[sj, si] += _transpose(mode, block)
+                add_gram(kernel[si, sj], mode, ji, rows(1, sj))
+    if not problem.cross:
+        mirror_lower(kernel)
     return kernel
 
 

@@ -48,8 +48,8 @@ from torch import nn
 
 from . import batch as B
 from .errors import NTKError
-from .generic import contract
 from .problem import Problem, blocks, output_shape
+from .symmetric import add_gram, columns, mirror_lower, panel_rows
 
 ROUTES = ("generic", "gram", "rows")
 _LINEAR = (nn.Linear,)
@@ -531,42 +531,48 @@ def _rows(term: Term) -> torch.Tensor:
     return r.transpose(0, 1)
 
 
-def _pair_grams(d1: torch.Tensor, d2: torch.Tensor, mode: str) -> torch.Tensor:
-    """Cotangent Grams over positions, (n1, S1, n2, S2) or (n1, S1, n2, S2, k, k) for full."""
-    k, n1, s1, o = d1.shape
-    _, n2, s2, _ = d2.shape
-    if mode == "full":
-        g = d1.permute(1, 2, 0, 3).reshape(n1 * s1 * k, o) @ d2.permute(1, 2, 0, 3).reshape(n2 * s2 * k, o).T
-        return g.reshape(n1, s1, k, n2, s2, k).permute(0, 1, 3, 4, 2, 5)
-    # target/sum have k = 1; trace sums over the rows a: concatenate them as features.
-    a = d1.permute(1, 2, 0, 3).reshape(n1 * s1, k * o)
-    b = d2.permute(1, 2, 0, 3).reshape(n2 * s2, k * o)
-    return (a @ b.T).reshape(n1, s1, n2, s2)
+def _flat_cotangents(d: torch.Tensor) -> torch.Tensor:
+    """(k, n, S, o) -> (n, S, k, o), contiguous: a block of probes is then a view whose
+    rows are (probe, position) and whose columns are (cotangent row, output)."""
+    return d.permute(1, 2, 0, 3).contiguous()
 
 
-def _gram(t1: Term, t2: Term, mode: str, budget: int, itemsize: int) -> torch.Tensor:
-    """Kernel of an outer/token term by the Gram route, blocked over probes of set 1."""
-    n1, n2 = t1.d.shape[1], t2.d.shape[1]
-    s1, s2 = t1.d.shape[2], t2.d.shape[2]
-    k = t1.d.shape[0]
+def _add_term_gram(out: torch.Tensor, t1: Term, t2: Term, mode: str, budget: int,
+                   itemsize: int, symmetric: bool) -> None:
+    """``out +=`` the kernel of an outer/token term by the Gram route, blocked over probes
+    of set 1; a self-kernel (``symmetric``) only on upper panels (:mod:`.symmetric`).
+
+    ``K[i, j] = sum_{s,t} (D_is . D_jt) (a_is . a_jt)``; trace mode sums the cotangent
+    rows inside the first factor (one product over the (row, output) axis); full mode
+    keeps them, ``K[i, j, p, q] = sum_{s,t} (D_isp . D_jtq) (a_is . a_jt)``.
+    """
+    k, n1, s1, o = t1.d.shape
+    n2, s2 = t2.d.shape[1], t2.d.shape[2]
+    d1 = _flat_cotangents(t1.d)
+    d2 = d1 if t2 is t1 else _flat_cotangents(t2.d)
     per_row = n2 * s1 * s2 * itemsize * (3 + (k * k if mode == "full" else 0))
-    parts = []
-    for sl in blocks(n1, max(1, budget // max(1, per_row))):
-        dg = _pair_grams(t1.d[:, sl], t2.d, mode)
+    rows_max = max(1, budget // max(1, per_row))
+    if symmetric:
+        rows_max = min(rows_max, panel_rows(n1))
+    full = mode == "full"
+    for sl in blocks(n1, rows_max):
+        cols = columns(sl, n2, symmetric)
+        h, m = sl.stop - sl.start, cols.stop - cols.start
+        width = o if full else k * o
+        dg = d1[sl].reshape(-1, width) @ d2[cols].reshape(-1, width).T
         if t1.kind == "outer":
-            a1 = t1.data[sl]
-            ag = (a1.reshape(-1, a1.shape[-1]) @ t2.data.reshape(-1, t2.data.shape[-1]).T)
-            ag = ag.reshape(a1.shape[0], s1, n2, s2)
+            c = t1.data.shape[-1]
+            ag = t1.data[sl].reshape(-1, c) @ t2.data[cols].reshape(-1, c).T
         else:
-            ag = (t1.data[sl].reshape(-1, 1) == t2.data.reshape(1, -1)).to(dg.dtype)
-            ag = ag.reshape(-1, s1, n2, s2)
-        if mode == "full":
-            parts.append(torch.einsum("isjt,isjtab->ijab", ag, dg))
+            ag = (t1.data[sl].reshape(-1, 1) == t2.data[cols].reshape(1, -1)).to(dg.dtype)
+        target = out[sl, cols]
+        if full:
+            dg = dg.reshape(h, s1, k, m, s2, k)
+            target += torch.einsum("isjt,isajtb->ijab", ag.reshape(h, s1, m, s2), dg)
         elif s1 == 1 and s2 == 1:
-            parts.append(dg.reshape(-1, n2).mul_(ag.reshape(-1, n2)))
+            target.addcmul_(dg, ag)
         else:
-            parts.append((ag * dg).sum(dim=(1, 3)))
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+            target += (ag.mul_(dg)).reshape(h, s1, m, s2).sum(dim=(1, 3))
 
 
 def _term_size(term: Term) -> tuple[int, int, int, int, int]:
@@ -758,26 +764,26 @@ def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]],
     rows2, gram2 = (collect(problem.x2, problem.cot2, problem.n2, "inputs2")
                     if problem.cross else (rows1, gram1))
     plan.routes.update(routes)
+    symmetric = not problem.cross
+    shape = output_shape(problem)
     result: dict[str, torch.Tensor] = {}
 
-    def add(key: str, part: torch.Tensor) -> None:
-        # every part is a fresh tensor: the first one becomes the accumulator
-        if key in result:
-            result[key].add_(part)
-        else:
-            result[key] = part
+    def acc(key: str) -> torch.Tensor:
+        if key not in result:
+            result[key] = torch.zeros(shape, dtype=problem.dtype, device=problem.device)
+        return result[key]
 
     for key, j1 in rows1.items():
-        add(key, contract(mode, j1, rows2[key]))
+        add_gram(acc(key), mode, j1, None if symmetric else rows2[key])
     for name, t1 in gram1.items():
         t2 = gram2[name]
         pairs = zip(_conv_outer(t1), _conv_outer(t2)) if t1.kind == "conv" else [(t1, t2)]
         for a1, a2 in pairs:
-            add(key_of[name.split("#")[0]], _gram(a1, a2, mode, budget, itemsize))
-    shape = output_shape(problem)
-    for key, value in result.items():
-        if tuple(value.shape) != shape:
-            raise _Fallback(key)
+            _add_term_gram(acc(key_of[name.split("#")[0]]), a1, a1 if symmetric else a2,
+                           mode, budget, itemsize, symmetric)
+    if symmetric:
+        for value in result.values():
+            mirror_lower(value)
     return result
 
 

@@ -1,0 +1,95 @@
+"""Self-kernels are symmetric: compute the upper panels, copy the lower part.
+
+Without a second probe set the kernel satisfies ``K[i, j] = K[j, i]`` (full mode:
+``K[i, j, a, b] = K[j, i, b, a]``). Every Gram product ``X X^T`` of the engine is then
+taken on *upper panels* only: rows ``i0:i1`` against the columns ``i0:``. With panels of
+h rows that costs ``(1 + h / N) / 2`` of the square product (5/8 for four panels), and
+:func:`mirror_lower` afterwards overwrites the strictly lower part with the transposed
+upper part, which also makes the kernel exactly symmetric (a square BLAS product is not,
+to the last bit).
+
+Contract of the helpers: a kernel accumulated with ``symmetric=True`` is exact on and
+above the diagonal (``j >= i``) -- below it, entries are partial -- until
+:func:`mirror_lower` has run.
+"""
+from __future__ import annotations
+
+import torch
+
+from .problem import blocks, ceil_div
+
+# Narrow panels lose more to BLAS efficiency and per-call overhead than they save.
+PANEL_ROWS_MIN = 128
+PANELS_MAX = 8
+_MIRROR_ROWS = 128
+
+
+def panel_rows(n: int) -> int:
+    """Rows of a panel for an n x n self-kernel: at most ``PANELS_MAX`` panels, none
+    narrower than ``PANEL_ROWS_MIN`` rows (one panel, the square product, for n <= 128)."""
+    return max(PANEL_ROWS_MIN, ceil_div(n, PANELS_MAX))
+
+
+def columns(rows: slice, n: int, symmetric: bool) -> slice:
+    """The columns a block of rows needs: from its first row on for a self-kernel."""
+    return slice(rows.start if symmetric else 0, n)
+
+
+def transpose_pairs(block: torch.Tensor) -> torch.Tensor:
+    """(n1, n2) -> (n2, n1); full mode (n1, n2, O, O) -> (n2, n1, O, O) with the output
+    axes swapped too."""
+    return block.permute(1, 0, 3, 2) if block.dim() == 4 else block.T
+
+
+def mirror_lower(kernel: torch.Tensor) -> torch.Tensor:
+    """Fill ``kernel[i, j]`` for ``j < i`` from ``kernel[j, i]`` (full mode:
+    ``kernel[i, j, a, b] = kernel[j, i, b, a]``, and on the diagonal ``kernel[i, i, a, b]``
+    for ``a > b`` from ``kernel[i, i, b, a]``), in place; returns ``kernel``."""
+    n = kernel.shape[0]
+    for sl in blocks(n, _MIRROR_ROWS):
+        if sl.stop < n:
+            kernel[sl.stop:, sl] = transpose_pairs(kernel[sl, sl.stop:])
+        diag = kernel[sl, sl]
+        h = sl.stop - sl.start
+        ones = torch.ones(h, h, dtype=torch.bool, device=kernel.device)
+        if kernel.dim() == 4:
+            # (i, i) blocks: the upper triangle of the output axes too
+            o = kernel.shape[2]
+            tri = torch.ones(o, o, dtype=torch.bool, device=kernel.device).triu()
+            eye = torch.eye(h, dtype=torch.bool, device=kernel.device)
+            upper = ones.triu(1)[:, :, None, None] | (eye[:, :, None, None] & tri)
+        else:
+            upper = ones.triu()
+        diag.copy_(torch.where(upper, diag, transpose_pairs(diag)))
+    return kernel
+
+
+def add_gram(out: torch.Tensor, mode: str, a: torch.Tensor, b: torch.Tensor | None) -> None:
+    """``out += contract(mode, a, b)`` for row blocks a (n_a, k, P), b (n_b, k, P); with
+    ``b=None`` the self block ``a a^T`` on upper panels only (see the module doc).
+
+    target/sum: ``a[:, 0] b[:, 0]^T``; trace: ``sum_j a[:, j] b[:, j]^T`` as one product
+    over the flattened (j, p) axis; full: ``out[i, j, p, q] += <a[i, p], b[j, q]>``.
+    """
+    other = a if b is None else b
+    n = other.shape[0]
+    if mode in ("target", "sum"):
+        x, y = a[:, 0], other[:, 0]
+    elif mode == "trace":
+        x, y = a.reshape(a.shape[0], -1), other.reshape(n, -1)
+    else:
+        x, y = None, None
+    for rows in blocks(a.shape[0], panel_rows(n) if b is None else a.shape[0]):
+        cols = columns(rows, n, b is None)
+        if x is not None:
+            out[rows, cols].addmm_(x[rows], y[cols].T)
+            continue
+        ar, bc = a[rows], other[cols]
+        h, k, p = ar.shape
+        m = bc.shape[0]
+        g = ar.reshape(h * k, p) @ bc.reshape(m * k, p).T
+        out[rows, cols] += g.reshape(h, k, m, k).permute(0, 2, 1, 3)
+
+
+__all__ = ["PANEL_ROWS_MIN", "PANELS_MAX", "panel_rows", "columns", "transpose_pairs",
+           "mirror_lower", "add_gram"]
