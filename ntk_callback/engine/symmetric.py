@@ -65,8 +65,9 @@ def mirror_lower(kernel: torch.Tensor) -> torch.Tensor:
 
 
 def add_gram(out: torch.Tensor, mode: str, a: torch.Tensor, b: torch.Tensor | None) -> None:
-    """``out += contract(mode, a, b)`` for row blocks a (n_a, k, P), b (n_b, k, P); with
-    ``b=None`` the self block ``a a^T`` on upper panels only (see the module doc).
+    """``out +=`` the kernel block of the Jacobian row blocks a (n_a, k, P) and
+    b (n_b, k, P); with ``b=None`` the self block of ``a`` on upper panels only (see the
+    module doc).
 
     target/sum: ``a[:, 0] b[:, 0]^T``; trace: ``sum_j a[:, j] b[:, j]^T`` as one product
     over the flattened (j, p) axis; full: ``out[i, j, p, q] += <a[i, p], b[j, q]>``.
