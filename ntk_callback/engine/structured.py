@@ -533,7 +533,8 @@ def _rows(term: Term) -> torch.Tensor:
 
 def _flat_cotangents(d: torch.Tensor) -> torch.Tensor:
     """(k, n, S, o) -> (n, S, k, o), contiguous: a block of probes is then a view whose
-    rows are (probe, position) and whose columns are (cotangent row, output)."""
+    rows are (probe, position) and whose columns are (cotangent row, output). No copy
+    for terms stacked probe-major (:func:`_stack_rows`)."""
     return d.permute(1, 2, 0, 3).contiguous()
 
 
@@ -555,10 +556,10 @@ def _add_term_gram(out: torch.Tensor, t1: Term, t2: Term, mode: str, budget: int
     if symmetric:
         rows_max = min(rows_max, panel_rows(n1))
     full = mode == "full"
+    width = o if full else k * o
     for sl in blocks(n1, rows_max):
         cols = columns(sl, n2, symmetric)
         h, m = sl.stop - sl.start, cols.stop - cols.start
-        width = o if full else k * o
         dg = d1[sl].reshape(-1, width) @ d2[cols].reshape(-1, width).T
         if t1.kind == "outer":
             c = t1.data.shape[-1]
@@ -627,13 +628,22 @@ def _choose(term: Term, k: int, n1: int, n2: int | None, mode: str, budget: int,
 
 # --------------------------------------------------------------------------- driver
 
+# Gram-route outer/token cotangents are stacked probe-major -- (n, S, k, o) in memory,
+# seen as (k, n, S, o) -- which is the layout their Gram products read
+# (:func:`_flat_cotangents`), so the stacking copy is the only one.
+_PROBE_MAJOR = ("outer", "token")
+
+
 def _stack_rows(parts: list[Term]) -> Term:
     """One term from the per-row terms of one chunk: D stacked to (k, n, ...)."""
     first = parts[0]
     if len(parts) == 1:
         return first
-    return Term(first.kind, first.key, first.data, torch.cat([p.d for p in parts]),
-                first.extra, first.module, first.memo)
+    if first.kind in _PROBE_MAJOR:
+        d = torch.stack([p.d[0] for p in parts], dim=2).permute(2, 0, 1, 3)
+    else:
+        d = torch.cat([p.d for p in parts])
+    return Term(first.kind, first.key, first.data, d, first.extra, first.module, first.memo)
 
 
 def _join_chunks(parts: list[Term]) -> Term:
@@ -641,8 +651,11 @@ def _join_chunks(parts: list[Term]) -> Term:
     if len(parts) == 1:
         return first
     data = None if first.data is None else torch.cat([p.data for p in parts])
-    return Term(first.kind, first.key, data, torch.cat([p.d for p in parts], dim=1),
-                first.extra, first.module)
+    if first.kind in _PROBE_MAJOR:
+        d = torch.cat([p.d.permute(1, 2, 0, 3) for p in parts]).permute(2, 0, 1, 3)
+    else:
+        d = torch.cat([p.d for p in parts], dim=1)
+    return Term(first.kind, first.key, data, d, first.extra, first.module)
 
 
 def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]],
