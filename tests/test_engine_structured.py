@@ -63,7 +63,7 @@ class Conv2dNet(nn.Module):
 
 
 class WideConvNet(nn.Module):
-    """Convs whose patches exceed ``structured._UNFOLD_MAX_PATCH`` entries (rows by a
+    """Convs whose patches exceed ``structured.UNFOLD_MAX_PATCH`` entries (rows by a
     grouped convolution backward) beside small-patch ones (rows from unfolded patches)."""
 
     def __init__(self) -> None:
@@ -196,7 +196,7 @@ def _build(name: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
 
 
 def _paths(model: nn.Module, route: str) -> dict[str, str]:
-    return {n: route for n, m in model.named_modules() if structured._supported(m)}
+    return {n: route for n, m in model.named_modules() if structured.rule_for(m) is not None}
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -237,14 +237,17 @@ def test_structured_rules_cover_the_layers() -> None:
     """The plan takes the supported layers (so the tests above exercise the rules) and
     leaves tied weights to the generic path."""
     from ntk_callback.engine.problem import build_problem
+    from ntk_callback.engine.state import cast_floating, frozen_measurement
 
     model, x, y = _build("conv2d_bn_gn")
-    problem = build_problem(model, x, y, mode="target", dtype=torch.float64)
-    plan = structured.plan(problem, "auto")
+    with frozen_measurement(model), cast_floating(model, torch.float64):
+        problem = build_problem(model, x, y, mode="target", dtype=torch.float64)
+        plan = structured.plan(problem, "auto")
     assert set(plan.modules) == {"c1", "bn", "c2", "gn", "fc"}
     model, x, y = _build("tied")
-    problem = build_problem(model, x, y, mode="target", dtype=torch.float64)
-    assert structured.plan(problem, "auto").handled == set()
+    with frozen_measurement(model), cast_floating(model, torch.float64):
+        problem = build_problem(model, x, y, mode="target", dtype=torch.float64)
+        assert structured.plan(problem, "auto").handled == set()
 
 
 def test_conv_rows_routes_both_used() -> None:
@@ -252,9 +255,9 @@ def test_conv_rows_routes_both_used() -> None:
     (several cotangent rows), strided input (pointwise), grouped backward."""
     model = WideConvNet()
     small = [m for m in (model.c1, model.c2, model.short, model.c3)
-             if m.in_channels * int(torch.tensor(m.kernel_size).prod()) <= structured._UNFOLD_MAX_PATCH]
+             if m.in_channels * int(torch.tensor(m.kernel_size).prod()) <= structured.UNFOLD_MAX_PATCH]
     assert small == [model.c1, model.short]
-    assert [structured._pointwise(m) for m in (model.c1, model.c2, model.short, model.c3)] == [
+    assert [structured.pointwise(m) for m in (model.c1, model.c2, model.short, model.c3)] == [
         False, False, True, False]
 
 
@@ -329,7 +332,7 @@ def test_capture_layout_and_inplace_fallbacks(name: str, mode: str, dtype: torch
     with frozen_measurement(model, True):
         problem = build_problem(model, x, y, mode=mode, dtype=None)
         plan = structured.plan(problem, "auto")
-        got = structured.compute(problem, plan, {"": list(problem.params)}, 1 << 30)[""]
+        got = structured.compute(problem, plan, {"": list(problem.params)}, 1 << 30).kernels[""]
     assert plan.copy_outputs == (name == "inplace_residual")
     assert rel(got.double(), ref) <= (TOL if dtype == torch.float64 else 1e-5)
     public = empirical_ntk(model, x, y, mode=mode)

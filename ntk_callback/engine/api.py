@@ -1,6 +1,8 @@
 """Public entry points: :func:`empirical_ntk` and :func:`layerwise_ntk`."""
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -8,10 +10,12 @@ import torch
 from . import structured
 from .errors import NTKError
 from .generic import explain_failure, generic_kernel
-from .problem import DEFAULT_MEMORY_BUDGET, Problem, build_problem, output_shape
-from .state import frozen_measurement
+from .problem import DEFAULT_MEMORY_BUDGET, Problem, build_problem, output_shape, resolve_dtype
+from .state import cast_floating, frozen_measurement
 
 IMPLEMENTATIONS = ("auto", "generic", "structured")
+SELF_CHECK_VECTORS = 2
+log = logging.getLogger("ntk_callback.engine")
 
 
 def _group(problem: Problem, names: list[str], budget: int) -> list[list[str]]:
@@ -50,29 +54,116 @@ def _check(problem: Problem, implementation: str, budget: int | None,
     return budget
 
 
-def _kernels(problem: Problem, keys: dict[str, list[str]], implementation: str, budget: int,
-             chunk_size: int | None,
-             layer_paths: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
-    """Kernel of each key's parameters. Structured rules take the layers they support
-    (unless implementation='generic'); the rest goes through torch.func."""
-    out: dict[str, torch.Tensor] = {}
-    plan = structured.plan(problem, implementation, layer_paths)
-    try:
+@dataclass
+class Explanation:
+    """How a kernel was computed (``explain=True``).
+
+    ``paths``: trainable parameter -> ``"structured: <Rule>"``, ``"generic: vmap"`` or
+    ``"generic: loop"``; ``reasons``: module or parameter name -> why it did not take a
+    structured rule; ``self_check``: module -> [(rule side, autograd side)] squared norms
+    per check vector (see :mod:`.structured.selfcheck`).
+    """
+
+    paths: dict[str, str] = field(default_factory=dict)
+    reasons: dict[str, str] = field(default_factory=dict)
+    self_check: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = [f"{name}: {path}" + (f"  ({self.reasons[name]})" if name in self.reasons else "")
+                 for name, path in self.paths.items()]
+        owners = [f"{m}: {why}" for m, why in self.reasons.items() if m not in self.paths]
+        return "\n".join(lines + (["why modules took the exact path:"] + owners if owners else []))
+
+
+_MAX_RETRIES = 4
+
+
+def _structured(problem: Problem, plan: structured.Plan, keys: dict[str, list[str]],
+                budget: int, self_check: bool, explanation: Explanation
+                ) -> dict[str, torch.Tensor]:
+    """Structured contributions of the plan's parameters, verified by the self-check;
+    modules that fail a run-time assumption or the check leave the plan (and the
+    structured part is recomputed without them)."""
+    for _ in range(_MAX_RETRIES):
+        if not plan:
+            return {}
         try:
-            done = structured.compute(problem, plan, keys, budget) if plan else {}
-        except structured._Fallback:
-            # A layer's activations are not batched per probe (e.g. a reshape folds the
-            # probe dimension): the generic path handles every parameter exactly.
-            plan = structured.Plan()
-            done = {}
-        handled = plan.handled  # (a property that builds the set on each access)
+            result = structured.compute(problem, plan, keys, budget,
+                                        check=SELF_CHECK_VECTORS if self_check else 0)
+        except structured.Fallback as exc:
+            targets = [exc.module] if exc.module in plan.modules else list(plan.modules)
+            for m in targets:
+                plan.drop(m, exc.reason)
+            continue
+        except RuntimeError as exc:
+            if explain_failure(exc) is not None:
+                raise
+            reason = f"the structured pass failed: {type(exc).__name__}: {str(exc)[:200]}"
+            for m in list(plan.modules):
+                plan.drop(m, reason)
+            return {}
+        if not self_check:
+            return result.kernels
+        verdict = structured.verify(plan, result, keys, problem.mode, problem.dtype)
+        explanation.self_check.update(verdict.values)
+        if not verdict.bad_modules and not verdict.bad_keys:
+            return result.kernels
+        for m, why in verdict.bad_modules.items():
+            log.debug("self-check sends %s to the exact path: %s", m, why)
+            plan.drop(m, why)
+        for key, why in verdict.bad_keys.items():
+            log.debug("self-check sends the modules of %r to the exact path: %s", key, why)
+            for m in [problem.param_owner.get(p, p) for p in keys[key]]:
+                for mname, attrs in list(plan.params.items()):
+                    if any(problem.param_owner.get(full) == m for full in attrs.values()):
+                        plan.drop(mname, why)
+    for m in list(plan.modules):
+        plan.drop(m, "the self-check kept failing")
+    return {}
+
+
+def _generic(problem: Problem, names: list[str], budget: int, chunk_size: int | None,
+             methods: dict[str, str]) -> torch.Tensor:
+    """Exact kernel of ``names`` by torch.func, or by the per-probe autograd loop where
+    vmap cannot run the model (remembered for later groups)."""
+    if methods.get("") != "loop":
+        try:
+            kernel = generic_kernel(problem, names, budget, chunk_size, method="vmap")
+            methods.update({n: "vmap" for n in names})
+            return kernel
+        except NTKError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - anything vmap cannot do, the loop can
+            mapped = explain_failure(exc) if isinstance(exc, RuntimeError) else None
+            if mapped is not None:
+                raise mapped from exc
+            log.debug("vmap failed (%s: %s); per-probe autograd loop", type(exc).__name__, exc)
+            methods[""] = "loop"
+    kernel = generic_kernel(problem, names, budget, chunk_size, method="loop")
+    methods.update({n: "loop" for n in names})
+    return kernel
+
+
+def _kernels(problem: Problem, keys: dict[str, list[str]], implementation: str, budget: int,
+             chunk_size: int | None, layer_paths: dict[str, str] | None = None,
+             self_check: bool = True) -> tuple[dict[str, torch.Tensor], Explanation]:
+    """Kernel of each key's parameters. Structured rules take the layers they provably
+    cover (unless implementation='generic'), checked against autograd; the rest goes
+    through torch.func (or the per-probe loop)."""
+    out: dict[str, torch.Tensor] = {}
+    explanation = Explanation()
+    plan = structured.plan(problem, implementation, layer_paths)
+    methods: dict[str, str] = {}
+    try:
+        done = _structured(problem, plan, keys, budget, self_check, explanation)
+        handled = plan.handled
         if any(n not in handled for names in keys.values() for n in names):
             problem.check_single_probe()
         for key, names in keys.items():
             rest = [n for n in names if n not in handled]
             kernel = done.get(key)
             for group in _group(problem, rest, budget):
-                part = generic_kernel(problem, group, budget, chunk_size)
+                part = _generic(problem, group, budget, chunk_size, methods)
                 kernel = part if kernel is None else kernel + part
             if kernel is None:
                 kernel = torch.zeros(output_shape(problem), dtype=problem.dtype,
@@ -83,7 +174,14 @@ def _kernels(problem: Problem, keys: dict[str, list[str]], implementation: str, 
         if mapped is not None:
             raise mapped from exc
         raise
-    return out
+    for mname, attrs in plan.params.items():
+        for full in attrs.values():
+            explanation.paths[full] = f"structured: {type(plan.rules[mname]).__name__}"
+    for name in problem.params:
+        if name not in explanation.paths:
+            explanation.paths[name] = f"generic: {methods.get(name, 'vmap')}"
+    explanation.reasons.update(plan.reasons)
+    return out, explanation
 
 
 def empirical_ntk(model: torch.nn.Module, inputs: Any, targets: Any = None, *,
@@ -93,7 +191,8 @@ def empirical_ntk(model: torch.nn.Module, inputs: Any, targets: Any = None, *,
                   memory_budget: int | None = None,
                   output_fn: Callable[[Any], torch.Tensor] | None = None,
                   implementation: str = "auto",
-                  layer_paths: dict[str, str] | None = None) -> torch.Tensor:
+                  layer_paths: dict[str, str] | None = None,
+                  self_check: bool = True, explain: bool = False) -> Any:
     r"""Empirical Neural Tangent Kernel of ``model`` over a probe batch.
 
     With theta the parameters that have ``requires_grad=True`` (buffers are used, never
@@ -144,9 +243,28 @@ def empirical_ntk(model: torch.nn.Module, inputs: Any, targets: Any = None, *,
             force the generic path for a module, or one of the two structured routes
             (Gram of inputs and cotangents, or materialised per-probe gradient rows)
             instead of the cost model's choice.
+        self_check: verify every structured contribution against autograd before using
+            it (on by default; see "Exactness" below). ``False`` saves its cost.
+        explain: also return an :class:`Explanation` of which path computed each
+            parameter, why a module took the exact path, and the self-check's values.
+
+    Exactness: a structured rule takes a parameter only when the trial forward shows
+    that every use of it happens inside its own module's call, in the form the rule
+    covers (so weights read by ``nn.MultiheadAttention``, used through ``F.linear``
+    elsewhere, tied, or reparametrised by hooks take the exact path). The self-check
+    then draws two Gaussian probe weightings ``w`` and compares, per module,
+    ``|| sum_i w_i g_i ||^2`` from the rule's per-probe gradients ``g_i`` with autograd's
+    gradient of ``sum_i w_i f(x_i)`` (one extra batched backward pass a weighting: about
+    the cost of one gradient of the batch, i.e. +40-100 % in target mode, less in trace
+    mode), and the kernel's quadratic form ``w^T K w`` with the same quantity from the
+    rows; a mismatch beyond round-off sends the module to the exact path. The exact
+    path is torch.func (``vmap`` over probes of ``vjp``), or a per-probe
+    ``torch.autograd.grad`` loop where ``vmap`` cannot run the model (RNNs, activation
+    checkpointing, saved-tensor hooks).
 
     Returns:
-        The kernel as a tensor of dtype ``dtype`` on the model's device.
+        The kernel as a tensor of dtype ``dtype`` on the model's device (with
+        ``explain=True``: a tuple ``(kernel, Explanation)``).
 
     Raises:
         NTKError: on input the kernel cannot be measured for; the message names the fix.
@@ -155,8 +273,10 @@ def empirical_ntk(model: torch.nn.Module, inputs: Any, targets: Any = None, *,
     every submodule's train/eval flag are as they were; TF32 is disabled during the
     computation on CUDA.
     """
-    return _run(model, inputs, targets, mode, dtype, chunk_size, eval_mode, inputs2,
-                targets2, memory_budget, output_fn, implementation, layer_paths, by_layer=False)[""]
+    kernels, explanation = _run(model, inputs, targets, mode, dtype, chunk_size, eval_mode,
+                                inputs2, targets2, memory_budget, output_fn, implementation,
+                                layer_paths, self_check, by_layer=False)
+    return (kernels[""], explanation) if explain else kernels[""]
 
 
 def layerwise_ntk(model: torch.nn.Module, inputs: Any, targets: Any = None, *,
@@ -166,7 +286,8 @@ def layerwise_ntk(model: torch.nn.Module, inputs: Any, targets: Any = None, *,
                   memory_budget: int | None = None,
                   output_fn: Callable[[Any], torch.Tensor] | None = None,
                   implementation: str = "auto",
-                  layer_paths: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+                  layer_paths: dict[str, str] | None = None,
+                  self_check: bool = True, explain: bool = False) -> Any:
     """Per-layer breakdown of :func:`empirical_ntk`: ``{name: K_name}`` with
     ``sum(K_name) == empirical_ntk(...)``.
 
@@ -177,13 +298,17 @@ def layerwise_ntk(model: torch.nn.Module, inputs: Any, targets: Any = None, *,
     parameters count: a layer whose parameters are all frozen is absent. Arguments,
     shapes and side-effect guarantees are those of :func:`empirical_ntk`.
     """
-    return _run(model, inputs, targets, mode, dtype, chunk_size, eval_mode, inputs2,
-                targets2, memory_budget, output_fn, implementation, layer_paths, by_layer=True)
+    kernels, explanation = _run(model, inputs, targets, mode, dtype, chunk_size, eval_mode,
+                                inputs2, targets2, memory_budget, output_fn, implementation,
+                                layer_paths, self_check, by_layer=True)
+    return (kernels, explanation) if explain else kernels
 
 
 def _run(model, inputs, targets, mode, dtype, chunk_size, eval_mode, inputs2, targets2,
-         memory_budget, output_fn, implementation, layer_paths, by_layer):
-    with frozen_measurement(model, eval_mode):
+         memory_budget, output_fn, implementation, layer_paths, self_check, by_layer):
+    if not isinstance(model, torch.nn.Module):
+        raise NTKError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+    with frozen_measurement(model, eval_mode), cast_floating(model, resolve_dtype(model, dtype)):
         problem = build_problem(model, inputs, targets, mode=mode, dtype=dtype,
                                 inputs2=inputs2, targets2=targets2, output_fn=output_fn)
         budget = _check(problem, implementation, memory_budget, chunk_size)
@@ -191,7 +316,8 @@ def _run(model, inputs, targets, mode, dtype, chunk_size, eval_mode, inputs2, ta
         for name in problem.params:
             key = problem.param_owner.get(name, name) if by_layer else ""
             keys.setdefault(key, []).append(name)
-        return _kernels(problem, keys, implementation, budget, chunk_size, layer_paths)
+        return _kernels(problem, keys, implementation, budget, chunk_size, layer_paths,
+                        bool(self_check))
 
 
 def model_outputs(model: torch.nn.Module, inputs: Any, *, dtype: torch.dtype | None = None,
@@ -201,7 +327,10 @@ def model_outputs(model: torch.nn.Module, inputs: Any, *, dtype: torch.dtype | N
     measured exactly like :func:`empirical_ntk` (same call convention, ``output_fn``,
     eval mode and dtype; no gradient) and with the same guarantee of no side effects.
     Non-finite outputs are returned as they are (the kernel functions refuse them)."""
-    with frozen_measurement(model, eval_mode), torch.no_grad():
+    if not isinstance(model, torch.nn.Module):
+        raise NTKError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+    with frozen_measurement(model, eval_mode), torch.no_grad(), \
+            cast_floating(model, resolve_dtype(model, dtype)):
         problem = build_problem(model, inputs, None, mode="trace", dtype=dtype,
                                 output_fn=output_fn)
         return problem.forward(problem.tensors(), problem.x1)

@@ -10,7 +10,11 @@ budget: when the rows of all probes do not fit, probes are processed in blocks o
 for time); trace mode additionally splits the outputs into chunks.
 
 Works for any module torch.func can trace, including free parameters used directly in
-``forward``; it is the reference path the structured rules are checked against.
+``forward``. What ``vmap`` cannot vectorise (RNN kernels without a batching rule,
+activation checkpointing and other saved-tensor hooks, data-dependent Python control
+flow) takes ``method="loop"``: the same rows from a per-probe loop of plain
+``torch.autograd.grad`` calls on the model's own parameters (one forward a probe, one
+backward a cotangent row), under the same memory blocking.
 """
 from __future__ import annotations
 
@@ -52,9 +56,42 @@ def _rows(problem: Problem, names: list[str], x: Any, cot: torch.Tensor,
     return out[0] if len(out) == 1 else torch.cat(out)
 
 
+def _loop_rows(problem: Problem, names: list[str], x: Any, cot: torch.Tensor,
+               chunk: int, name: str = "inputs") -> torch.Tensor:
+    """:func:`_rows` by a per-probe autograd loop: (n, k, P_g)."""
+    live = dict(problem.model.named_parameters())
+    params = [live[n] for n in names]
+    n, k = cot.shape[:2]
+    out = torch.empty((n, k, numel(problem.params, names)), dtype=problem.dtype,
+                      device=problem.device)
+    for i in range(n):
+        value = problem.as_matrix(problem.call(B.take(x, slice(i, i + 1))))
+        if value.shape[0] != 1:
+            raise NTKError(f"the model's output on one probe of `{name}` has shape "
+                           f"{tuple(value.shape)}; it must be one row per probe.")
+        problem.check_outputs(value, name)
+        for r in range(k):
+            grads = torch.autograd.grad(value, params, cot[i:i + 1, r], allow_unused=True,
+                                        retain_graph=r < k - 1)
+            col = 0
+            for p, g in zip(params, grads):
+                size = p.numel()
+                if g is None:
+                    out[i, r, col:col + size] = 0
+                else:
+                    out[i, r, col:col + size] = g.reshape(-1)
+                col += size
+    return out
+
+
+ROWS = {"vmap": _rows, "loop": _loop_rows}
+
+
 def generic_kernel(problem: Problem, names: list[str], budget: int,
-                   chunk_size: int | None = None) -> torch.Tensor:
-    """Exact kernel contribution of the parameters ``names``, shape ``output_shape``."""
+                   chunk_size: int | None = None, method: str = "vmap") -> torch.Tensor:
+    """Exact kernel contribution of the parameters ``names``, shape ``output_shape``;
+    ``method`` picks how the per-probe rows are computed (``"vmap"`` or ``"loop"``)."""
+    rows_of = ROWS[method]
     mode = problem.mode
     kernel = torch.zeros(output_shape(problem), dtype=problem.dtype, device=problem.device)
     p_g = numel(problem.params, names)
@@ -80,8 +117,8 @@ def generic_kernel(problem: Problem, names: list[str], budget: int,
         def rows(which: int, sl: slice) -> torch.Tensor:
             x = problem.x1 if which == 1 else problem.x2
             cot = problem.cot1 if which == 1 else problem.cot2
-            return _rows(problem, names, B.take(x, sl), cot[sl, cs], vchunk,
-                         "inputs" if which == 1 else "inputs2")
+            return rows_of(problem, names, B.take(x, sl), cot[sl, cs], vchunk,
+                           "inputs" if which == 1 else "inputs2")
 
         if n_all * per_probe <= budget:
             j1 = rows(1, slice(0, n1))

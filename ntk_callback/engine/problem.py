@@ -21,6 +21,7 @@ from torch.func import functional_call
 from torch.utils._pytree import tree_map
 
 from . import batch as B
+from .census import Census, take_census
 from .errors import NTKError
 
 MODES = ("target", "trace", "sum", "full")
@@ -45,8 +46,8 @@ class Problem:
     n2: int | None = None
     cot2: torch.Tensor | None = None         # (N2, k, O)
     param_owner: dict[str, str] = field(default_factory=dict)
-    # every tensor already has the compute dtype: the model can be called as it is
-    native: bool = False
+    # what the trial forward saw: module calls and parameter uses (structured planning)
+    census: Census | None = None
     # entries of all module outputs for one probe (measured by the trial forward): sizes
     # the probe chunks of the structured path
     activation_numel: int = 0
@@ -74,11 +75,10 @@ class Problem:
         return self.as_matrix(out)
 
     def call(self, x: Any) -> Any:
-        """The model on a batch with theta and the constants (the raw output)."""
+        """The model itself on a batch (the raw output). The model runs in the compute
+        dtype for the whole measurement (:func:`.state.cast_floating`)."""
         args, kwargs = self.split(x)
-        if self.native:
-            return self.model(*args, **kwargs)
-        return functional_call(self.model, self.tensors(), args, kwargs, strict=False)
+        return self.model(*args, **kwargs)
 
     def trial_forward(self, x: Any, name: str, measure: bool = False) -> tuple[torch.Tensor, tuple]:
         """Forward without gradient; a failing call becomes an NTKError naming the fix.
@@ -94,7 +94,11 @@ class Problem:
             handles = [m.register_forward_hook(count) for m in self.model.modules()]
         with torch.no_grad():
             try:
-                raw = self.call(x)
+                raw = None
+                if measure:
+                    raw = self._census_call(x)
+                if raw is None:
+                    raw = self.call(x)
                 out = self.as_matrix(raw)
             except NTKError:
                 raise
@@ -109,6 +113,18 @@ class Problem:
         if measure:
             self.activation_numel = -(-total[0] // B.batch_size(x))
         return out, tuple(raw.shape) if isinstance(raw, torch.Tensor) else tuple(out.shape)
+
+    def _census_call(self, x: Any) -> Any:
+        """The trial forward with a census of module calls and parameter uses; None (and
+        an incomplete census, which no structured rule trusts) if recording fails."""
+        live = {n: p for n, p in self.model.named_parameters() if n in self.params}
+        try:
+            raw, self.census = take_census(self.model, live, lambda: self.call(x),
+                                           B.batch_size(x))
+            return raw
+        except Exception:  # noqa: BLE001 - the plain call below reports model errors
+            self.census = Census(complete=False)
+            return None
 
     def trial_rows(self, x: Any, name: str, n: int, m: int, measure: bool = False
                    ) -> torch.Tensor:
@@ -204,7 +220,7 @@ def _cotangents(mode: str, targets: torch.Tensor | None, n: int, num_outputs: in
 
 
 def _owners(model: torch.nn.Module) -> dict[str, str]:
-    """Per-layer key of every parameter (DESIGN.md section 2, ``layerwise_ntk``).
+    """Per-layer key of every parameter (the keys of ``layerwise_ntk``).
 
     A parameter belongs to the module that owns it directly. Leaf modules (Linear, Conv,
     norm layers, ...) are keyed by their ``named_modules()`` name; a parameter owned by a
@@ -224,12 +240,24 @@ def _owners(model: torch.nn.Module) -> dict[str, str]:
     return owners
 
 
+def resolve_dtype(model: torch.nn.Module, dtype: torch.dtype | None) -> torch.dtype:
+    """The compute dtype: ``dtype``, else the first trainable parameter's."""
+    if dtype is None:
+        first = next((p for p in model.parameters() if p.requires_grad), None)
+        if first is None:
+            return torch.get_default_dtype()
+        dtype = first.dtype if first.is_floating_point() else torch.get_default_dtype()
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise NTKError(f"dtype={dtype} is not a floating dtype; use torch.float32 or torch.float64.")
+    return dtype
+
+
 def build_problem(model: torch.nn.Module, inputs: Any, targets: Any, *, mode: str,
                   dtype: torch.dtype | None, inputs2: Any = None, targets2: Any = None,
                   output_fn: Callable | None = None) -> Problem:
     if mode not in MODES:
         raise NTKError(f"unknown mode {mode!r}; choose one of {', '.join(map(repr, MODES))} "
-                       "(see DESIGN.md: 'target' is the default).")
+                       "('target', the default, needs class labels; the others do not).")
     if not isinstance(model, torch.nn.Module):
         raise NTKError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
     named = dict(model.named_parameters())
@@ -240,17 +268,12 @@ def build_problem(model: torch.nn.Module, inputs: Any, targets: Any, *, mode: st
                        "you want the kernel of with `p.requires_grad_(True)`.")
     first = next(iter(trainable.values()))
     device = first.device
-    if dtype is None:
-        dtype = first.dtype if first.is_floating_point() else torch.get_default_dtype()
-    if not dtype.is_floating_point:
-        raise NTKError(f"dtype={dtype} is not a floating dtype; use torch.float32 or torch.float64.")
+    dtype = resolve_dtype(model, dtype)
 
     def cast(t: torch.Tensor) -> torch.Tensor:
         t = t.detach()
         return t.to(dtype) if t.is_floating_point() else t
 
-    native = all(t.dtype == dtype and t.device == device
-                 for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point())
     params = {n: cast(p) for n, p in trainable.items()}
     constants = {n: cast(p) for n, p in named.items() if not p.requires_grad}
     constants.update({n: cast(b) for n, b in model.named_buffers()})
@@ -266,7 +289,7 @@ def build_problem(model: torch.nn.Module, inputs: Any, targets: Any, *, mode: st
     problem = Problem(model=model, split=split, output_fn=output_fn, mode=mode, dtype=dtype,
                       device=device, params=params, constants=constants, x1=x1, n1=n1,
                       cot1=torch.empty(0), num_outputs=0, x2=x2, n2=n2,
-                      param_owner=_owners(model), native=native)
+                      param_owner=_owners(model))
     # A small forward (up to 3 probes) gives the output size and catches models whose
     # output is not one row per probe before any expensive work; the single-probe batches
     # of the generic path are checked when that path runs

@@ -54,3 +54,49 @@ def frozen_measurement(model: torch.nn.Module, eval_mode: bool = True) -> Iterat
     finally:
         for module, flag in flags:
             module.training = flag
+
+
+@contextlib.contextmanager
+def cast_floating(model: torch.nn.Module, dtype: torch.dtype) -> Iterator[bool]:
+    """Run the model in ``dtype`` for the duration: every floating parameter's ``.data``
+    and every floating buffer is replaced by a cast copy, then the original tensors are
+    put back (the same storage, so bit for bit what was there; ``.grad`` is not touched).
+    Yields whether anything had to be cast.
+
+    Casting the model itself rather than calling it functionally with cast tensors keeps
+    everything that reads parameters outside one forward call exact: activation
+    checkpointing recomputes in the backward, RNNs hold flat weight lists, hook-based
+    reparametrisations recompute weights in pre-hooks.
+    """
+    params: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+    buffers: list[tuple[dict, str, torch.Tensor]] = []
+    seen: set[int] = set()
+    for module in model.modules():
+        for p in module._parameters.values():
+            if p is not None and id(p) not in seen and p.is_floating_point() and p.dtype != dtype:
+                seen.add(id(p))
+                params.append((p, p.data))
+        for name, b in module._buffers.items():
+            if b is not None and b.is_floating_point() and b.dtype != dtype:
+                buffers.append((module._buffers, name, b))
+    try:
+        for p, data in params:
+            p.data = data.to(dtype)
+        for store, name, b in buffers:
+            store[name] = b.to(dtype)
+        _refresh_rnns(model)
+        yield bool(params or buffers)
+    finally:
+        for p, data in params:
+            p.data = data
+        for store, name, b in buffers:
+            store[name] = b
+        if params or buffers:
+            _refresh_rnns(model)
+
+
+def _refresh_rnns(model: torch.nn.Module) -> None:
+    """RNN modules keep a list of their weights for the fused kernels; rebuild it."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.RNNBase):
+            module._init_flat_weights()

@@ -1,0 +1,108 @@
+"""What one small forward pass reveals about a model: every module call and every use
+of every parameter.
+
+The structured rules may take a parameter only when the rule describes *every* way it
+enters the output. :func:`take_census` runs the model once (under ``no_grad``, on the
+trial batch) with a ``TorchFunctionMode`` that records, for each torch function applied
+to a parameter, the module whose call was innermost at that moment. A weight read
+directly by another module (``nn.MultiheadAttention`` reading ``out_proj.weight``), used
+through ``F.linear`` elsewhere, tied between two layers, or touched by a user hook is
+then seen to be used outside its own module's call, and the planner leaves it to the
+exact path.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+
+# Metadata reads (shape, dtype, device, ...) move no value of the parameter into the
+# output: they are not uses.
+_METADATA = {
+    torch.Tensor.size, torch.Tensor.dim, torch.Tensor.numel, torch.Tensor.element_size,
+    torch.Tensor.is_floating_point, torch.Tensor.is_complex, torch.Tensor.data_ptr,
+    torch.Tensor.__len__, torch.Tensor.stride, torch.Tensor.is_contiguous,
+    torch.Tensor.get_device, torch.Tensor.nelement, torch.Tensor.ndimension,
+    torch.Tensor.storage_offset,
+}
+
+
+@dataclass
+class ModuleCall:
+    """One call of a module: inputs as passed to ``forward`` (after pre-hooks) and the
+    output, on the trial batch."""
+
+    args: tuple
+    kwargs: dict
+    output: Any
+
+
+@dataclass
+class Census:
+    calls: dict[str, list[ModuleCall]] = field(default_factory=dict)  # module -> calls
+    uses: dict[str, set[str | None]] = field(default_factory=dict)     # param -> contexts
+    batch: int = 0                                                      # trial probes
+    complete: bool = True  # False when the recording could not run (then nothing is trusted)
+
+
+class _UseRecorder(TorchFunctionMode):
+    def __init__(self, ids: dict[int, str], census: Census, stack: list[str]) -> None:
+        super().__init__()
+        self.ids, self.census, self.stack = ids, census, stack
+
+    def __torch_function__(self, func: Callable, types: Any, args: tuple = (),
+                           kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func not in _METADATA and getattr(func, "__name__", "") != "__get__":
+            for leaf in tree_flatten((args, kwargs))[0]:
+                if isinstance(leaf, torch.Tensor):
+                    name = self.ids.get(id(leaf))
+                    if name is not None:
+                        self.census.uses.setdefault(name, set()).add(
+                            self.stack[-1] if self.stack else None)
+        return func(*args, **kwargs)
+
+
+def take_census(model: nn.Module, params: dict[str, torch.Tensor],
+                run: Callable[[], Any], batch: int) -> tuple[Any, Census]:
+    """Run ``run()`` (one forward of ``model``) while recording module calls and the uses
+    of ``params`` (name -> the tensor objects the forward sees). Returns the forward's
+    result and the census."""
+    census = Census(batch=batch)
+    stack: list[str] = []
+    ids = {id(t): name for name, t in params.items()}
+    handles = []
+    owners = {name: m for name, m in model.named_modules() if m._parameters}
+
+    def enter(name: str) -> Callable:
+        def fn(module: nn.Module, args: tuple) -> None:
+            stack.append(name)  # after the module's other pre-hooks: their uses are outside
+        return fn
+
+    def leave(name: str) -> Callable:
+        def fn(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+            if stack and stack[-1] == name:
+                stack.pop()
+            if out is not None and name in owners:  # (None: the call raised)
+                census.calls.setdefault(name, []).append(ModuleCall(args, kwargs, out))
+        return fn
+
+    try:
+        for name, module in model.named_modules():
+            handles.append(module.register_forward_pre_hook(enter(name)))
+            # prepend: popped before the module's other forward hooks run
+            handles.append(module.register_forward_hook(leave(name), with_kwargs=True,
+                                                        prepend=True, always_call=True))
+        with _UseRecorder(ids, census, stack):
+            out = run()
+    finally:
+        for h in handles:
+            h.remove()
+    # modules that own parameters and were never called have no entry
+    for name in owners:
+        census.calls.setdefault(name, [])
+    return out, census

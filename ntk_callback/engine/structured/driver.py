@@ -1,0 +1,295 @@
+"""The driver: capture passes over probe chunks, rows and Gram terms, the kernel, and
+the self-check data, for the parameters of a :class:`.planner.Plan`."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .. import batch as B
+from ..problem import Problem, blocks, output_shape
+from ..symmetric import add_gram, columns, mirror_lower, panel_rows
+from .capture import Calls, Fallback, InPlace, backward_rows, forward
+from .planner import Plan, choose, rows_bytes
+from .rules import Call
+from .terms import Term, join_chunks, merge_calls, stack_rows
+
+
+@dataclass
+class CheckData:
+    """What the self-check compares, for one probe set: probe weights ``w`` (n,) and
+    row weights ``u`` (k,) per check vector; the rule side ``H[c][module]`` (k, P_module)
+    = ``sum_i w_i rows_i`` of the module's terms; the autograd side ``ref[c][param]`` =
+    ``d/dparam sum_i w_i <sum_r u_r cot_ir, f(x_i)>``."""
+
+    w: list[torch.Tensor]
+    u: list[torch.Tensor]
+    H: list[dict[str, list[torch.Tensor]]] = field(default_factory=list)
+    ref: list[dict[str, torch.Tensor]] = field(default_factory=list)
+
+
+@dataclass
+class Result:
+    kernels: dict[str, torch.Tensor]
+    checks: list[CheckData]               # one per probe set (two for a cross kernel)
+    routes: dict[str, str]
+
+
+def _forward(problem: Problem, plan: Plan, x: Any, n: int, label: str
+             ) -> tuple[torch.Tensor, Calls]:
+    try:
+        return forward(problem, plan.modules, plan.copy_outputs, x, n, label)
+    except InPlace:
+        plan.copy_outputs = True
+    return forward(problem, plan.modules, True, x, n, label)
+
+
+def _add_term_gram(out: torch.Tensor, t1: Term, t2: Term, mode: str, budget: int,
+                   itemsize: int, symmetric: bool) -> None:
+    """``out +=`` the kernel of an outer/token term by the Gram route, blocked over probes
+    of set 1; a self-kernel (``symmetric``) only on upper panels (:mod:`..symmetric`).
+
+    ``K[i, j] = sum_{s,t} (D_is . D_jt) (a_is . a_jt)``; trace mode sums the cotangent
+    rows inside the first factor (one product over the (row, output) axis); full mode
+    keeps them, ``K[i, j, p, q] = sum_{s,t} (D_isp . D_jtq) (a_is . a_jt)``.
+    """
+    k, n1, s1, o = t1.d.shape
+    n2, s2 = t2.d.shape[1], t2.d.shape[2]
+    # (k, n, S, o) -> (n, S, k, o): a block of probes is then a view whose rows are
+    # (probe, position) and whose columns are (cotangent row, output); no copy for the
+    # probe-major terms of :func:`.terms.stack_rows`
+    d1 = t1.d.permute(1, 2, 0, 3).contiguous()
+    d2 = d1 if t2 is t1 else t2.d.permute(1, 2, 0, 3).contiguous()
+    per_row = n2 * s1 * s2 * itemsize * (3 + (k * k if mode == "full" else 0))
+    rows_max = max(1, budget // max(1, per_row))
+    if symmetric:
+        rows_max = min(rows_max, panel_rows(n1))
+    full = mode == "full"
+    width = o if full else k * o
+    outer = t1.linear
+    for sl in blocks(n1, rows_max):
+        cols = columns(sl, n2, symmetric)
+        h, m = sl.stop - sl.start, cols.stop - cols.start
+        dg = d1[sl].reshape(-1, width) @ d2[cols].reshape(-1, width).T
+        if outer:
+            c = t1.data.shape[-1]
+            ag = t1.data[sl].reshape(-1, c) @ t2.data[cols].reshape(-1, c).T
+        else:
+            ag = (t1.data[sl].reshape(-1, 1) == t2.data[cols].reshape(1, -1)).to(dg.dtype)
+        target = out[sl, cols]
+        if full:
+            dg = dg.reshape(h, s1, k, m, s2, k)
+            target += torch.einsum("isjt,isajtb->ijab", ag.reshape(h, s1, m, s2), dg)
+        elif s1 == 1 and s2 == 1:
+            target.addcmul_(dg, ag)
+        else:
+            target += (ag.mul_(dg)).reshape(h, s1, m, s2).sum(dim=(1, 3))
+
+
+def check_vectors(n: int, k: int, mode: str, count: int, seed: int,
+                  dtype: torch.dtype, device: torch.device
+                  ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Gaussian probe weights (n,) and row weights (k,) for ``count`` check vectors, from
+    a private generator (the global RNG is not touched). Target and sum mode have one
+    row (u = 1). Gaussian rather than signs: a nonzero symmetric error E has
+    ``w^T E w = 0`` with probability zero (with signs, e.g. diag(1, -1) always cancels)."""
+    gen = torch.Generator().manual_seed(seed)
+    ws, us = [], []
+    for _ in range(count):
+        ws.append(torch.randn(n, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device))
+        u = torch.randn(k, generator=gen, dtype=torch.float64) if k > 1 else torch.ones(1)
+        us.append(u.to(dtype=dtype, device=device))
+    return ws, us
+
+
+def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]], budget: int,
+            check: int = 0) -> Result:
+    """Kernel contributions of the planned parameters, by layer key, and (``check`` > 0
+    vectors) the self-check data.
+
+    The trial forward's activation size chunks the capture passes over probes within the
+    budget; the first chunk fixes every term's route. Rows-route terms are turned into
+    per-probe gradient rows chunk by chunk, so their activations and cotangents never
+    exist for all probes at once; Gram-route terms keep theirs (small for the layers where
+    that route wins). Raises :class:`.capture.Fallback` (naming the module when one is
+    to blame) when a structural assumption fails at run time.
+    """
+    mode = problem.mode
+    itemsize = problem.itemsize()
+    n_all = problem.n1 + (problem.n2 or 0)
+    key_of = {name: key for key, names in keys.items() for name in names}
+    module_of = {full: m for m, attrs in plan.params.items() for full in attrs.values()}
+    live = dict(problem.model.named_parameters())
+    checked = sorted(plan.handled)
+
+    # A capture pass holds the graph's activations, one row of cotangents and the
+    # backward's buffers at a time (~6 activation sizes), plus the stacked cotangents of
+    # Gram-route terms (at most one activation size a row).
+    k = problem.cot1.shape[1]
+    per_probe = max(1, problem.activation_numel * (6 + k) * itemsize)
+    chunk = max(1, min(n_all, budget // (2 * per_probe)))
+    routes: dict[str, str] = {}
+    rows_left = budget
+
+    def route(name: str, term: Term) -> str:
+        nonlocal rows_left
+        if name not in routes:
+            param = name.split("#")[0]
+            routes[name] = choose(term, k, problem.n1, problem.n2, mode, rows_left, itemsize,
+                                  plan.forced.get(module_of[param]))
+            if routes[name] == "rows":
+                rows_left -= rows_bytes(term, k, n_all, itemsize)
+        return routes[name]
+
+    # Each rows-route term owns a fixed slice of its key's rows: rows are written in place
+    # into one (n, k, P_key) buffer a key, never concatenated.
+    slots: dict[str, tuple[str, int, int]] = {}  # term name -> (key, start, stop)
+    widths: dict[str, int] = {}                   # key -> P of its rows-route terms
+
+    def collect(x: Any, cot: torch.Tensor, n: int, label: str, data: CheckData | None
+                ) -> tuple[dict[str, torch.Tensor], dict[str, Term]]:
+        bufs: dict[str, torch.Tensor] = {}
+        gram: dict[str, list[Term]] = {}
+        layout: list[str] | None = None
+        for sl in blocks(n, chunk):
+            out, calls = _forward(problem, plan, B.take(x, sl), sl.stop - sl.start, label)
+            for mname, expected in plan.calls.items():
+                if len(calls[mname]) != expected:
+                    raise Fallback(mname)
+            entries = [(m, i, c) for m, lst in calls.items() for i, c in enumerate(lst)]
+            memos = {(m, i): {"rows": k} for m, i, _ in entries}
+            repeated = {m for m, lst in calls.items() if len(lst) > 1}
+            held: dict[int, torch.Tensor] = {}   # cotangents of repeated modules' calls
+            seen: list[str] = []                 # term names of the current row
+            pending: list[tuple[int, str, torch.Tensor]] = []  # rows before bufs exist
+            gram_parts: dict[str, list[Term]] = {}
+
+            def take(r: int, name: str, term: Term) -> None:
+                seen.append(name)
+                if not term.rows_only and route(name, term) != "rows":
+                    gram_parts.setdefault(name, []).append(term)
+                    return
+                part = term.rows()[:, 0]  # (n_chunk, P_term)
+                if name not in slots:
+                    key = key_of[name.split("#")[0]]
+                    start = widths.get(key, 0)
+                    slots[name] = (key, start, start + part.shape[1])
+                    widths[key] = start + part.shape[1]
+                if bufs:
+                    key, start, stop = slots[name]
+                    bufs[key][sl, r, start:stop] = part
+                else:
+                    pending.append((r, name, part))
+
+            def terms_of(idx: int, grad: torch.Tensor) -> list[Term]:
+                mname, i, c = entries[idx]
+                try:
+                    return plan.rules[mname].terms(plan.modules[mname], plan.params[mname], c,
+                                                   grad.detach().unsqueeze(0), memos[mname, i])
+                except Exception as exc:  # noqa: BLE001 - a failing rule costs speed only
+                    raise Fallback(mname, f"rule raised {type(exc).__name__}: {exc}") from exc
+
+            def consume(r: int, idx: int, grad: torch.Tensor) -> None:
+                if entries[idx][0] in repeated:  # merged with its other calls at the row's end
+                    held[idx] = grad
+                    return
+                for term in terms_of(idx, grad):
+                    take(r, term.key, term)
+
+            def finish(r: int) -> None:
+                nonlocal layout, bufs
+                if held:
+                    terms = [t for idx in sorted(held) for t in terms_of(idx, held[idx])]
+                    held.clear()
+                    for name, term in merge_calls(terms).items():
+                        take(r, name, term)
+                names = sorted(seen)
+                seen.clear()
+                if layout is None:
+                    layout = names
+                elif names != layout:
+                    raise Fallback("", "data-dependent layers")
+                if not bufs:
+                    bufs = {key: torch.empty((n, k, width), dtype=problem.dtype,
+                                             device=problem.device)
+                            for key, width in widths.items()}
+                    for row, name, part in pending:
+                        key, start, stop = slots[name]
+                        bufs[key][sl, row, start:stop] = part
+                    pending.clear()
+
+            if data is not None and checked:
+                _reference(out, cot[sl], sl, data, [live[p] for p in checked], checked)
+            # Cotangents are turned into rows inside the backward, one cotangent row at a
+            # time: none is stacked, and each is freed right after its layer is done.
+            backward_rows(out, [c.output for _, _, c in entries], cot[sl], consume, finish)
+            del out, calls, entries
+            for name, parts in gram_parts.items():
+                gram.setdefault(name, []).append(stack_rows(parts))
+        return bufs, {name: join_chunks(parts) for name, parts in gram.items()}
+
+    checks: list[CheckData] = []
+    sets = [(problem.x1, problem.cot1, problem.n1, "inputs")]
+    if problem.cross:
+        sets.append((problem.x2, problem.cot2, problem.n2, "inputs2"))
+    collected = []
+    for idx, (x, cot, n, label) in enumerate(sets):
+        data = None
+        if check:
+            w, u = check_vectors(n, k, mode, check, 1 + idx, problem.dtype, problem.device)
+            data = CheckData(w, u, [{} for _ in w], [{} for _ in w])
+            checks.append(data)
+        collected.append(collect(x, cot, n, label, data))
+    rows1, gram1 = collected[0]
+    rows2, gram2 = collected[1] if problem.cross else collected[0]
+    symmetric = not problem.cross
+    shape = output_shape(problem)
+    result: dict[str, torch.Tensor] = {}
+
+    def acc(key: str) -> torch.Tensor:
+        if key not in result:
+            result[key] = torch.zeros(shape, dtype=problem.dtype, device=problem.device)
+        return result[key]
+
+    for key, j1 in rows1.items():
+        add_gram(acc(key), mode, j1, None if symmetric else rows2[key])
+    for name, t1 in gram1.items():
+        t2 = gram2[name]
+        for a1, a2 in zip(t1.gram_pieces(), t2.gram_pieces()):
+            _add_term_gram(acc(key_of[name.split("#")[0]]), a1, a1 if symmetric else a2,
+                           mode, budget, itemsize, symmetric)
+    if symmetric:
+        for value in result.values():
+            mirror_lower(value)
+    for data, (bufs, gram) in zip(checks, collected):
+        _rule_side(data, bufs, gram, slots, module_of)
+    return Result(result, checks, routes)
+
+
+def _reference(out: torch.Tensor, cot: torch.Tensor, sl: slice, data: CheckData,
+               params: list[torch.Tensor], names: list[str]) -> None:
+    """Autograd's side of the self-check on one probe chunk: the gradient of
+    ``sum_i w_i <sum_r u_r cot_ir, f(x_i)>`` with respect to each checked parameter
+    (summed over chunks)."""
+    for c, (w, u) in enumerate(zip(data.w, data.u)):
+        weights = w[sl, None] * torch.einsum("r,iro->io", u, cot)
+        grads = torch.autograd.grad(out, params, weights, retain_graph=True, allow_unused=True)
+        ref = data.ref[c]
+        for name, g in zip(names, grads):
+            if g is None:
+                continue
+            ref[name] = g.detach() if name not in ref else ref[name] + g.detach()
+
+
+def _rule_side(data: CheckData, bufs: dict[str, torch.Tensor], gram: dict[str, Term],
+               slots: dict[str, tuple[str, int, int]], module_of: dict[str, str]) -> None:
+    """The rules' side of the self-check: ``H = sum_i w_i rows_i`` (k, P) per module, from
+    the rows buffers and from the Gram-route terms (without per-probe rows)."""
+    for c, w in enumerate(data.w):
+        side = data.H[c]
+        for name, (key, start, stop) in slots.items():
+            h = torch.einsum("i,ikp->kp", w, bufs[key][:, :, start:stop])
+            side.setdefault(module_of[name.split("#")[0]], []).append(h)
+        for name, term in gram.items():
+            side.setdefault(module_of[name.split("#")[0]], []).append(term.weighted(w))

@@ -1,0 +1,334 @@
+r"""Kernel terms: one parameter (or one conv group of it) in a normal form over positions.
+
+For a layer ``z = layer(a; w)`` inside the network, the per-probe gradient of a
+cotangent row ``<v, f(x_i)>`` with respect to ``w`` depends only on the layer's input
+``a_i`` and the cotangent ``D_i = d <v, f(x_i)> / d z_i`` at its output (Novak et al.
+2022, "Fast Finite Width Neural Tangent Kernel", structured derivatives). A rule turns
+one module call into terms; each term kind is one class that knows its per-probe
+gradient rows, its size for the cost model and, for the self-check, the gradient of
+the probe-weighted sum ``sum_i w_i <v, f(x_i)>``.
+
+With ``k`` cotangent rows, ``n`` probes, ``S`` positions (sequence, spatial or repeated
+calls), ``o`` outputs and ``c`` inputs of the layer:
+
+========  ===================  ===================  =========================================
+kind      data                 cotangents D         per-probe gradient
+========  ===================  ===================  =========================================
+outer     A (n, S, c)          (k, n, S, o)         ``sum_s D_s a_s^T``  (Gram or rows route)
+token     T (n, S) int         (k, n, S, o)         ``D_s`` scattered into row ``T_s``
+conv      a (n, C, *sp)        (k, n, O, *sp')      conv weight gradient (kept as maps)
+sum       --                   (k, n, o, S)         ``sum_s D_s``
+scale     X (n, o, S)          (k, n, o, S)         ``sum_s D_s * x_s``
+bn        a (n, o, S)          (k, n, o, S)         ``r * sum_s D_s * (a_s - m)`` (eval BN)
+========  ===================  ===================  =========================================
+
+The last three keep positions last so that channel-first maps are used without a copy;
+they only have the rows route.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class Term:
+    """Base class: a kernel term of one parameter (see the module docstring)."""
+
+    key: str                      # parameter full name (+ "#group" suffix)
+    data: torch.Tensor | None
+    d: torch.Tensor
+    module: nn.Module | None = None
+    # values that depend only on the layer input, shared by the terms of every cotangent
+    # row of one call (normalised inputs, padded conv inputs, patches)
+    memo: dict = field(default_factory=dict)
+
+    rows_only: ClassVar[bool] = False
+    # Gram-route cotangents stored probe-major, (n, S, k, o) in memory seen as (k, n, S, o)
+    probe_major: ClassVar[bool] = False
+    # Kernel linear in the layer input (outer, conv): the rows route builds o * c a row
+    linear: ClassVar[bool] = False
+    # positions are the last axis of data and D (else dim 1 of data and dim 2 of D)
+    positions_last: ClassVar[bool] = False
+
+    def like(self, data: torch.Tensor | None, d: torch.Tensor, memo: dict | None = None) -> "Term":
+        """The same kind of term on other data (stacked rows, joined chunks)."""
+        return type(self)(self.key, data, d, self.module, self.memo if memo is None else memo)
+
+    def size(self) -> tuple[int, int, int, int, int]:
+        """(k rows, S positions, o outputs, c inputs, P parameters)."""
+        k, _, s, o = self.d.shape
+        return k, s, o, 1, o
+
+    def rows(self) -> torch.Tensor:
+        """Per-probe gradient rows, (n, k, P)."""
+        raise NotImplementedError
+
+    def weighted(self, w: torch.Tensor) -> torch.Tensor:
+        """``sum_i w_i rows_i`` for probe weights ``w`` (n,), shape (k, P), without the
+        per-probe rows where the term avoids them."""
+        return torch.einsum("i,ikp->kp", w, self.rows())
+
+    def merge(self, other: "Term") -> "Term":
+        """Another call of the same module as extra positions."""
+        axis_d = -1 if self.positions_last else 2
+        axis_a = -1 if self.positions_last else 1
+        data = None if self.data is None else torch.cat([self.data, other.data], dim=axis_a)
+        return self.like(data, torch.cat([self.d, other.d], dim=axis_d), {})
+
+    def gram_pieces(self) -> list["Term"]:
+        """The term as Gram-route pieces (itself; conv terms unfold into outer terms)."""
+        return [self]
+
+
+class OuterTerm(Term):
+    probe_major = True
+    linear = True
+
+    def size(self) -> tuple[int, int, int, int, int]:
+        k, _, s, o = self.d.shape
+        c = self.data.shape[-1]
+        return k, s, o, c, o * c
+
+    def rows(self) -> torch.Tensor:
+        k, n = self.d.shape[:2]
+        return torch.einsum("kiso,isc->kioc", self.d, self.data).reshape(k, n, -1).transpose(0, 1)
+
+    def weighted(self, w: torch.Tensor) -> torch.Tensor:
+        k = self.d.shape[0]
+        return torch.einsum("kiso,i,isc->koc", self.d, w, self.data).reshape(k, -1)
+
+
+class TokenTerm(Term):
+    probe_major = True
+
+    @property
+    def vocab(self) -> int:
+        return int(self.module.num_embeddings)
+
+    def size(self) -> tuple[int, int, int, int, int]:
+        k, _, s, o = self.d.shape
+        return k, s, o, 1, o * self.vocab
+
+    def rows(self) -> torch.Tensor:
+        k, n = self.d.shape[:2]
+        onehot = F.one_hot(self.data, self.vocab).to(self.d.dtype)  # (n, S, V)
+        return torch.einsum("kiso,isv->kivo", self.d, onehot).reshape(k, n, -1).transpose(0, 1)
+
+    def weighted(self, w: torch.Tensor) -> torch.Tensor:
+        k, _, _, o = self.d.shape
+        dw = (self.d * w.reshape(1, -1, 1, 1)).reshape(k, -1, o)
+        out = self.d.new_zeros(k, self.vocab, o)
+        out.index_add_(1, self.data.reshape(-1), dw)
+        return out.reshape(k, -1)
+
+
+class SumTerm(Term):
+    rows_only = True
+    positions_last = True
+
+    def size(self) -> tuple[int, int, int, int, int]:
+        k, _, o, s = self.d.shape
+        return k, s, o, 1, o
+
+    def rows(self) -> torch.Tensor:
+        return self.d.sum(-1).transpose(0, 1)
+
+    def weighted(self, w: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("kios,i->ko", self.d, w)
+
+
+class ScaleTerm(SumTerm):
+    def rows(self) -> torch.Tensor:
+        return (self.d * self.data).sum(-1).transpose(0, 1)
+
+    def weighted(self, w: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("kios,ios,i->ko", self.d, self.data, w)
+
+
+class BatchNormTerm(SumTerm):
+    """Eval BatchNorm weight with one cotangent row: ``(a - m) * D`` summed, scaled by
+    ``r = 1/sqrt(var + eps)`` afterwards -- one temporary instead of the normalised input
+    and a product; ``(a - m) * r``, not ``a * r - m * r`` as ``F.batch_norm`` does, so no
+    cancellation when the mean is large against the spread."""
+
+    def _mean_rstd(self) -> tuple[torch.Tensor, torch.Tensor]:
+        m, dtype = self.module, self.d.dtype
+        return (m.running_mean.to(dtype).reshape(-1, 1),
+                torch.rsqrt(m.running_var.to(dtype) + m.eps))
+
+    def rows(self) -> torch.Tensor:
+        mean, rstd = self._mean_rstd()
+        k = self.d.shape[0]
+        r = torch.stack([(self.data - mean).mul_(self.d[j]).sum(-1) for j in range(k)]) * rstd
+        return r.transpose(0, 1)
+
+    def weighted(self, w: torch.Tensor) -> torch.Tensor:
+        mean, rstd = self._mean_rstd()
+        return torch.einsum("kios,ios,i->ko", self.d, self.data - mean, w) * rstd
+
+
+# Up to this many entries per patch (C_in/groups * kernel volume, e.g. a 3-channel stem
+# 3x3 conv), per-probe conv weight gradients of several cotangent rows come from unfolded
+# patches (unfolded once) and one batched matmul a row; beyond it the unfolded input gets
+# too large and a grouped convolution backward is faster (measured on CPU, per row: 3.5x
+# faster for a 3->16 3x3 stem, 2x slower for 16->16 3x3; with one row the unfold itself
+# costs as much as the grouped backward). Pointwise convs need no unfold at all.
+UNFOLD_MAX_PATCH = 64
+
+
+def pointwise(module: nn.Module) -> bool:
+    return (all(s == 1 for s in module.kernel_size) and not isinstance(module.padding, str)
+            and not any(module.padding))
+
+
+def channels_last(t: torch.Tensor, lead: int) -> torch.Tensor:
+    """(lead..., C, *spatial) -> (lead..., S, C)."""
+    c = t.shape[lead]
+    return t.reshape(t.shape[:lead + 1] + (-1,)).transpose(-1, -2).reshape(t.shape[:lead] + (-1, c))
+
+
+def conv_patches(module: nn.Module, a: torch.Tensor) -> torch.Tensor:
+    """Unfolded input patches (n, L, C_in * prod(kernel)), padding as the module does."""
+    conv2d = isinstance(module, nn.Conv2d)
+    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    pad = module._reversed_padding_repeated_twice
+    if any(pad):
+        a = F.pad(a, pad, mode=mode)
+    if conv2d:
+        kernel, dil, stride = module.kernel_size, module.dilation, module.stride
+    else:
+        a = a.unsqueeze(2)
+        kernel = (1,) + tuple(module.kernel_size)
+        dil = (1,) + tuple(module.dilation)
+        stride = (1,) + tuple(module.stride)
+    return F.unfold(a, kernel, dilation=dil, padding=0, stride=stride).transpose(1, 2)
+
+
+class ConvTerm(Term):
+    """A convolution weight, kept as (input, cotangent) maps: the rows route never unfolds
+    a wide input; the Gram route unfolds it into one outer term a group."""
+
+    linear = True
+
+    def size(self) -> tuple[int, int, int, int, int]:
+        m = self.module
+        k, o = self.d.shape[0], self.d.shape[2]
+        s = 1
+        for extent in self.d.shape[3:]:
+            s *= extent
+        c = self.data.shape[1] // m.groups
+        for extent in m.kernel_size:
+            c *= extent
+        return k, s, o, c, o * c
+
+    def merge(self, other: "Term") -> "Term":  # repeated conv calls merge as outer terms
+        raise NotImplementedError
+
+    def gram_pieces(self) -> list[Term]:
+        """Linear maps on unfolded input patches, one a group: ``z_l = W_g p_l``."""
+        module, d = self.module, self.d
+        k, n = d.shape[:2]
+        if "patches" not in self.memo:
+            self.memo["patches"] = conv_patches(module, self.data)
+        patches = self.memo["patches"]  # (n, L, C_in * kk)
+        dd = channels_last(d, 2)  # (k, n, L, C_out)
+        g = module.groups
+        if g == 1:
+            return [OuterTerm(self.key, patches, dd)]
+        pg = patches.reshape(n, patches.shape[1], g, -1)
+        dg = dd.reshape(k, n, dd.shape[2], g, -1)
+        return [OuterTerm(f"{self.key}#{gi}", pg[:, :, gi], dg[:, :, :, gi]) for gi in range(g)]
+
+    def weighted(self, w: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p.weighted(w) for p in self.gram_pieces()], dim=1)
+
+    def rows(self) -> torch.Tensor:
+        """Per-probe conv weight gradients, (n, k, P): for pointwise convs, and for small
+        patches when several cotangent rows share the input (``memo["rows"]``), a batched
+        matmul of the cotangents with the (unfolded) input; otherwise one grouped
+        convolution backward (the probes become groups), much faster than unfolding a
+        wide input."""
+        module, a, d, memo = self.module, self.data, self.d, self.memo
+        k, n, c_out = d.shape[:3]
+        is_pointwise = pointwise(module)
+        shared = memo.get("rows", 1) > 1
+        if module.groups == 1 and (is_pointwise or (shared and self.size()[3] <= UNFOLD_MAX_PATCH)):
+            if "patches" not in memo:
+                if is_pointwise:  # the patches are the strided input itself: (n, L, C_in) view
+                    sub = a[(slice(None), slice(None))
+                            + tuple(slice(None, None, st) for st in module.stride)]
+                    memo["patches"] = sub.reshape(n, a.shape[1], -1).transpose(1, 2)
+                else:
+                    memo["patches"] = conv_patches(module, a)  # (n, L, C_in * kk)
+            patches = memo["patches"]
+            parts = [torch.bmm(d[j].reshape(n, c_out, -1), patches).reshape(n, 1, -1)
+                     for j in range(k)]
+            return parts[0] if k == 1 else torch.cat(parts, dim=1)
+        dims = a.dim() - 2
+        if "x" not in memo:
+            if module.padding_mode == "zeros" and not isinstance(module.padding, str):
+                memo["padding"] = list(module.padding)
+            else:
+                pad = module._reversed_padding_repeated_twice
+                mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+                a = F.pad(a, pad, mode=mode) if any(pad) else a
+                memo["padding"] = [0] * dims
+            # (a copy for channels-last maps: the grouped kernel is 3x slower on them)
+            memo["x"] = a.reshape((1, n * a.shape[1]) + tuple(a.shape[2:])).contiguous()
+        x, padding = memo["x"], memo["padding"]
+        c_in, g = x.shape[1] // n, module.groups
+        # only the shape of the weight matters for the weight gradient
+        w = a.new_empty((n * c_out, c_in // g) + tuple(module.kernel_size))
+        parts = []
+        for j in range(k):
+            go = d[j].reshape((1, n * c_out) + tuple(d.shape[3:])).contiguous()
+            gw = torch.ops.aten.convolution_backward(
+                go, x, w, None, list(module.stride), padding, list(module.dilation), False,
+                [0] * dims, n * g, [False, True, False])[1]
+            parts.append(gw.reshape(n, 1, -1))
+        return parts[0] if k == 1 else torch.cat(parts, dim=1)
+
+
+def merge_calls(terms: list[Term]) -> dict[str, Term]:
+    """Repeated calls of one module become extra positions of one term (conv weights as
+    outer terms on their patches)."""
+    counts: dict[str, int] = {}
+    for t in terms:
+        counts[t.key] = counts.get(t.key, 0) + 1
+    flat: list[Term] = []
+    for t in terms:
+        flat.extend(t.gram_pieces() if isinstance(t, ConvTerm) and counts[t.key] > 1 else [t])
+    merged: dict[str, Term] = {}
+    for t in flat:
+        merged[t.key] = t if t.key not in merged else merged[t.key].merge(t)
+    return merged
+
+
+def stack_rows(parts: list[Term]) -> Term:
+    """One term from the per-row terms of one chunk: D stacked to (k, n, ...)."""
+    first = parts[0]
+    if len(parts) == 1:
+        return first
+    if first.probe_major:
+        d = torch.stack([p.d[0] for p in parts], dim=2).permute(2, 0, 1, 3)
+    else:
+        d = torch.cat([p.d for p in parts])
+    return first.like(first.data, d)
+
+
+def join_chunks(parts: list[Term]) -> Term:
+    """One term from the terms of consecutive probe chunks."""
+    first = parts[0]
+    if len(parts) == 1:
+        return first
+    data = None if first.data is None else torch.cat([p.data for p in parts])
+    if first.probe_major:
+        d = torch.cat([p.d.permute(1, 2, 0, 3) for p in parts]).permute(2, 0, 1, 3)
+    else:
+        d = torch.cat([p.d for p in parts], dim=1)
+    return first.like(data, d, {})
