@@ -4,8 +4,12 @@
 structured per-layer rule (:mod:`.structured`) or to the exact generic torch.func path
 (:mod:`.generic`).
 """
-from .api import empirical_ntk, layerwise_ntk, model_outputs
+from .api import Explanation, empirical_ntk, layerwise_ntk, model_outputs
 from .errors import NTKError
 from .finite_step import finite_difference_ntk
+from .structured import (BatchNormTerm, Call, ConvTerm, OuterTerm, Rule, ScaleTerm, SumTerm,
+                         TokenTerm, register_rule)
 
-__all__ = ["NTKError", "empirical_ntk", "finite_difference_ntk", "layerwise_ntk", "model_outputs"]
+__all__ = ["NTKError", "Explanation", "empirical_ntk", "finite_difference_ntk", "layerwise_ntk",
+           "model_outputs", "register_rule", "Rule", "Call", "OuterTerm", "TokenTerm",
+           "ConvTerm", "SumTerm", "ScaleTerm", "BatchNormTerm"]

@@ -306,8 +306,6 @@ def layerwise_ntk(model: torch.nn.Module, inputs: Any, targets: Any = None, *,
 
 def _run(model, inputs, targets, mode, dtype, chunk_size, eval_mode, inputs2, targets2,
          memory_budget, output_fn, implementation, layer_paths, self_check, by_layer):
-    if not isinstance(model, torch.nn.Module):
-        raise NTKError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
     with frozen_measurement(model, eval_mode), cast_floating(model, resolve_dtype(model, dtype)):
         problem = build_problem(model, inputs, targets, mode=mode, dtype=dtype,
                                 inputs2=inputs2, targets2=targets2, output_fn=output_fn)
@@ -327,8 +325,6 @@ def model_outputs(model: torch.nn.Module, inputs: Any, *, dtype: torch.dtype | N
     measured exactly like :func:`empirical_ntk` (same call convention, ``output_fn``,
     eval mode and dtype; no gradient) and with the same guarantee of no side effects.
     Non-finite outputs are returned as they are (the kernel functions refuse them)."""
-    if not isinstance(model, torch.nn.Module):
-        raise NTKError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
     with frozen_measurement(model, eval_mode), torch.no_grad(), \
             cast_floating(model, resolve_dtype(model, dtype)):
         problem = build_problem(model, inputs, None, mode="trace", dtype=dtype,

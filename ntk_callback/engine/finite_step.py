@@ -14,8 +14,8 @@ import torch
 
 from . import batch as B
 from .errors import NTKError
-from .problem import build_problem
-from .state import frozen_measurement
+from .problem import build_problem, resolve_dtype
+from .state import cast_floating, frozen_measurement
 
 
 def finite_difference_ntk(model: torch.nn.Module, inputs: Any, targets: Any = None, *,
@@ -39,7 +39,7 @@ def finite_difference_ntk(model: torch.nn.Module, inputs: Any, targets: Any = No
         raise NTKError(f"scheme must be 'forward' or 'central', not {scheme!r}.")
     if not (isinstance(eta, (int, float)) and eta > 0):
         raise NTKError(f"eta={eta!r} must be a positive step size, e.g. 1e-4.")
-    with frozen_measurement(model, eval_mode):
+    with frozen_measurement(model, eval_mode), cast_floating(model, resolve_dtype(model, dtype)):
         problem = build_problem(model, inputs, targets, mode=mode, dtype=dtype, output_fn=output_fn)
         theta = problem.params
         names = list(theta)

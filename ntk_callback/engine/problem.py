@@ -242,6 +242,8 @@ def _owners(model: torch.nn.Module) -> dict[str, str]:
 
 def resolve_dtype(model: torch.nn.Module, dtype: torch.dtype | None) -> torch.dtype:
     """The compute dtype: ``dtype``, else the first trainable parameter's."""
+    if not isinstance(model, torch.nn.Module):
+        raise NTKError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
     if dtype is None:
         first = next((p for p in model.parameters() if p.requires_grad), None)
         if first is None:

@@ -19,13 +19,13 @@ from .terms import Term, join_chunks, merge_calls, stack_rows
 @dataclass
 class CheckData:
     """What the self-check compares, for one probe set: probe weights ``w`` (n,) and
-    row weights ``u`` (k,) per check vector; the rule side ``H[c][module]`` (k, P_module)
-    = ``sum_i w_i rows_i`` of the module's terms; the autograd side ``ref[c][param]`` =
-    ``d/dparam sum_i w_i <sum_r u_r cot_ir, f(x_i)>``."""
+    row weights ``u`` (k,) per check vector c; the rule side ``G[c][module]`` = the
+    pieces (one a term) of ``sum_i sum_r w_i u_r rows_ir``; the autograd side
+    ``ref[c][param]`` = ``d/dparam sum_i w_i <sum_r u_r cot_ir, f(x_i)>``."""
 
     w: list[torch.Tensor]
     u: list[torch.Tensor]
-    H: list[dict[str, list[torch.Tensor]]] = field(default_factory=list)
+    G: list[dict[str, list[torch.Tensor]]] = field(default_factory=list)
     ref: list[dict[str, torch.Tensor]] = field(default_factory=list)
 
 
@@ -34,6 +34,9 @@ class Result:
     kernels: dict[str, torch.Tensor]
     checks: list[CheckData]               # one per probe set (two for a cross kernel)
     routes: dict[str, str]
+    # per check vector: layer key -> the kernel's quadratic form from the rows (self
+    # kernels only; w^T K w in target/sum/trace mode, with the u weights in full mode)
+    quads: list[dict[str, float]] = field(default_factory=list)
 
 
 def _forward(problem: Problem, plan: Plan, x: Any, n: int, label: str
@@ -262,9 +265,12 @@ def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]], budget: in
     if symmetric:
         for value in result.values():
             mirror_lower(value)
+    out = Result(result, checks, routes)
     for data, (bufs, gram) in zip(checks, collected):
         _rule_side(data, bufs, gram, slots, module_of)
-    return Result(result, checks, routes)
+    if checks and symmetric:
+        out.quads = _quads(checks[0], rows1, gram1, slots, key_of, mode, budget)
+    return out
 
 
 def _reference(out: torch.Tensor, cot: torch.Tensor, sl: slice, data: CheckData,
@@ -284,12 +290,38 @@ def _reference(out: torch.Tensor, cot: torch.Tensor, sl: slice, data: CheckData,
 
 def _rule_side(data: CheckData, bufs: dict[str, torch.Tensor], gram: dict[str, Term],
                slots: dict[str, tuple[str, int, int]], module_of: dict[str, str]) -> None:
-    """The rules' side of the self-check: ``H = sum_i w_i rows_i`` (k, P) per module, from
+    """The rules' side of the self-check: ``sum_i sum_r w_i u_r rows_ir`` per module, from
     the rows buffers and from the Gram-route terms (without per-probe rows)."""
-    for c, w in enumerate(data.w):
-        side = data.H[c]
+    for c, (w, u) in enumerate(zip(data.w, data.u)):
+        side = data.G[c]
+        wu = w[:, None] * u[None, :]
         for name, (key, start, stop) in slots.items():
-            h = torch.einsum("i,ikp->kp", w, bufs[key][:, :, start:stop])
-            side.setdefault(module_of[name.split("#")[0]], []).append(h)
+            g = torch.einsum("ir,irp->p", wu, bufs[key][:, :, start:stop])
+            side.setdefault(module_of[name.split("#")[0]], []).append(g)
         for name, term in gram.items():
-            side.setdefault(module_of[name.split("#")[0]], []).append(term.weighted(w))
+            side.setdefault(module_of[name.split("#")[0]], []).append(term.weighted(w, u))
+
+
+def _quads(data: CheckData, bufs: dict[str, torch.Tensor], gram: dict[str, Term],
+           slots: dict[str, tuple[str, int, int]], key_of: dict[str, str], mode: str,
+           budget: int) -> list[dict[str, float]]:
+    """Per check vector and layer key, the quadratic form of the key's kernel computed
+    from its rows and terms instead of the kernel (:mod:`.selfcheck`)."""
+    out = []
+    for w, u in zip(data.w, data.u):
+        quads: dict[str, float] = {}
+        for name, (key, start, stop) in slots.items():
+            h = torch.einsum("i,irp->rp", w, bufs[key][:, :, start:stop])
+            if mode == "full":
+                h = u @ h
+            quads[key] = quads.get(key, 0.0) + float(torch.vdot(h.reshape(-1), h.reshape(-1)))
+        for name, term in gram.items():
+            key = key_of[name.split("#")[0]]
+            if mode == "full":
+                g = term.weighted(w, u)
+                q = float(torch.vdot(g, g))
+            else:
+                q = term.quad(w, term, w, budget)
+            quads[key] = quads.get(key, 0.0) + q
+        out.append(quads)
+    return out

@@ -68,10 +68,21 @@ class Term:
         """Per-probe gradient rows, (n, k, P)."""
         raise NotImplementedError
 
-    def weighted(self, w: torch.Tensor) -> torch.Tensor:
-        """``sum_i w_i rows_i`` for probe weights ``w`` (n,), shape (k, P), without the
+    def row_weighted(self, w: torch.Tensor) -> torch.Tensor:
+        """``H = sum_i w_i rows_i`` for probe weights ``w`` (n,), shape (k, P), without the
         per-probe rows where the term avoids them."""
         return torch.einsum("i,ikp->kp", w, self.rows())
+
+    def weighted(self, w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """``u^T H`` for row weights ``u`` (k,): shape (P,)."""
+        return u @ self.row_weighted(w)
+
+    def quad(self, w: torch.Tensor, other: "Term", w2: torch.Tensor, budget: int) -> float:
+        """``sum_r <H_r(w), H'_r(w2)>`` with ``H'`` of ``other`` (the same term of the
+        second probe set): the kernel's bilinear form ``w^T K_term w2`` (trace over rows)."""
+        h1 = self.row_weighted(w)
+        h2 = h1 if other is self and w2 is w else other.row_weighted(w2)
+        return float(torch.vdot(h1.reshape(-1), h2.reshape(-1)))
 
     def merge(self, other: "Term") -> "Term":
         """Another call of the same module as extra positions."""
@@ -98,9 +109,34 @@ class OuterTerm(Term):
         k, n = self.d.shape[:2]
         return torch.einsum("kiso,isc->kioc", self.d, self.data).reshape(k, n, -1).transpose(0, 1)
 
-    def weighted(self, w: torch.Tensor) -> torch.Tensor:
-        k = self.d.shape[0]
-        return torch.einsum("kiso,i,isc->koc", self.d, w, self.data).reshape(k, -1)
+    def _scaled_inputs(self, w: torch.Tensor) -> torch.Tensor:
+        return (self.data * w.reshape(-1, 1, 1)).reshape(-1, self.data.shape[-1])  # (nS, c)
+
+    def row_weighted(self, w: torch.Tensor) -> torch.Tensor:
+        k, _, _, o = self.d.shape
+        return torch.matmul(self.d.reshape(k, -1, o).transpose(1, 2),
+                            self._scaled_inputs(w)).reshape(k, -1)
+
+    def weighted(self, w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        o = self.d.shape[-1]
+        du = torch.tensordot(u, self.d, dims=1).reshape(-1, o)  # (nS, o)
+        return (du.T @ self._scaled_inputs(w)).reshape(-1)
+
+    def quad(self, w, other, w2, budget):
+        # per-row products cost k n S o c; the Gram form (nS)^2 (k o + c) is cheaper for
+        # wide layers with few positions (and must fit the budget)
+        k, n1, s1, o = self.d.shape
+        n2, s2 = other.d.shape[1:3]
+        c = self.data.shape[-1]
+        rows_cost = k * (n1 * s1 + n2 * s2) * o * c
+        gram_cost = n1 * s1 * n2 * s2 * (k * o + c)
+        if gram_cost >= rows_cost or n1 * s1 * n2 * s2 * self.d.element_size() * 2 > budget:
+            return super().quad(w, other, w2, budget)
+        d1 = (self.d * w.reshape(1, -1, 1, 1)).permute(1, 2, 0, 3).reshape(n1 * s1, k * o)
+        d2 = other.d.permute(1, 2, 0, 3).reshape(n2 * s2, k * o)
+        a1 = self.data.reshape(n1 * s1, c)
+        a2 = (other.data * w2.reshape(-1, 1, 1)).reshape(n2 * s2, c)
+        return float(((d1 @ d2.T) * (a1 @ a2.T)).sum())
 
 
 class TokenTerm(Term):
@@ -119,7 +155,7 @@ class TokenTerm(Term):
         onehot = F.one_hot(self.data, self.vocab).to(self.d.dtype)  # (n, S, V)
         return torch.einsum("kiso,isv->kivo", self.d, onehot).reshape(k, n, -1).transpose(0, 1)
 
-    def weighted(self, w: torch.Tensor) -> torch.Tensor:
+    def row_weighted(self, w: torch.Tensor) -> torch.Tensor:
         k, _, _, o = self.d.shape
         dw = (self.d * w.reshape(1, -1, 1, 1)).reshape(k, -1, o)
         out = self.d.new_zeros(k, self.vocab, o)
@@ -138,7 +174,7 @@ class SumTerm(Term):
     def rows(self) -> torch.Tensor:
         return self.d.sum(-1).transpose(0, 1)
 
-    def weighted(self, w: torch.Tensor) -> torch.Tensor:
+    def row_weighted(self, w: torch.Tensor) -> torch.Tensor:
         return torch.einsum("kios,i->ko", self.d, w)
 
 
@@ -146,8 +182,8 @@ class ScaleTerm(SumTerm):
     def rows(self) -> torch.Tensor:
         return (self.d * self.data).sum(-1).transpose(0, 1)
 
-    def weighted(self, w: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("kios,ios,i->ko", self.d, self.data, w)
+    def row_weighted(self, w: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("kios,ios->ko", self.d, self.data * w.reshape(-1, 1, 1))
 
 
 class BatchNormTerm(SumTerm):
@@ -167,9 +203,9 @@ class BatchNormTerm(SumTerm):
         r = torch.stack([(self.data - mean).mul_(self.d[j]).sum(-1) for j in range(k)]) * rstd
         return r.transpose(0, 1)
 
-    def weighted(self, w: torch.Tensor) -> torch.Tensor:
+    def row_weighted(self, w: torch.Tensor) -> torch.Tensor:
         mean, rstd = self._mean_rstd()
-        return torch.einsum("kios,ios,i->ko", self.d, self.data - mean, w) * rstd
+        return torch.einsum("kios,ios->ko", self.d, (self.data - mean) * w.reshape(-1, 1, 1)) * rstd
 
 
 # Up to this many entries per patch (C_in/groups * kernel volume, e.g. a 3-channel stem
@@ -244,8 +280,15 @@ class ConvTerm(Term):
         dg = dd.reshape(k, n, dd.shape[2], g, -1)
         return [OuterTerm(f"{self.key}#{gi}", pg[:, :, gi], dg[:, :, :, gi]) for gi in range(g)]
 
-    def weighted(self, w: torch.Tensor) -> torch.Tensor:
-        return torch.cat([p.weighted(w) for p in self.gram_pieces()], dim=1)
+    def row_weighted(self, w: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p.row_weighted(w) for p in self.gram_pieces()], dim=1)
+
+    def weighted(self, w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p.weighted(w, u) for p in self.gram_pieces()])
+
+    def quad(self, w, other, w2, budget):
+        return sum(p.quad(w, q, w2, budget)
+                   for p, q in zip(self.gram_pieces(), other.gram_pieces()))
 
     def rows(self) -> torch.Tensor:
         """Per-probe conv weight gradients, (n, k, P): for pointwise convs, and for small
