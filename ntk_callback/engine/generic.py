@@ -18,6 +18,7 @@ backward a cotangent row), under the same memory blocking.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -50,7 +51,11 @@ def _rows(problem: Problem, names: list[str], x: Any, cot: torch.Tensor,
     n = cot.shape[0]
     out = []
     for sl in blocks(n, chunk):
-        rows, values = vmap(per_probe)(B.take(x, sl), cot[sl])
+        with warnings.catch_warnings():
+            # ops without a batching rule (RNN kernels, fused attention) run in a loop
+            # inside vmap: exact, only slower -- not the user's concern
+            warnings.filterwarnings("ignore", message="There is a performance drop")
+            rows, values = vmap(per_probe)(B.take(x, sl), cot[sl])
         problem.check_outputs(values, name)
         out.append(rows)
     return out[0] if len(out) == 1 else torch.cat(out)
