@@ -180,7 +180,11 @@ def _kernels(problem: Problem, keys: dict[str, list[str]], implementation: str, 
     for name in problem.params:
         if name not in explanation.paths:
             explanation.paths[name] = f"generic: {methods.get(name, 'vmap')}"
-    explanation.reasons.update(plan.reasons)
+    generic = {n for n in problem.params if n not in plan.handled}
+    for name, why in plan.reasons.items():
+        # a module's reason matters only while some parameter of it took the exact path
+        if name in generic or any(n.startswith(name + ".") or name == "" for n in generic):
+            explanation.reasons[name] = why
     return out, explanation
 
 

@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from ..problem import Problem
-from .rules import Call
+from .rules import Call, Rule
 
 Calls = dict[str, list[Call]]  # module name -> its calls, in order
 
@@ -37,8 +37,8 @@ def _detach(value: Any, copy: bool) -> Any:
     return tree_map(fix, value)
 
 
-def forward(problem: Problem, modules: dict[str, nn.Module], copy: bool, x: Any, n: int,
-            label: str) -> tuple[torch.Tensor, Calls]:
+def forward(problem: Problem, modules: dict[str, nn.Module], rules: dict[str, Rule],
+            copy: bool, x: Any, n: int, label: str) -> tuple[torch.Tensor, Calls]:
     """One batched forward with hooks: the model's (n, O) output and each planned
     module's calls. The captured inputs are used as they are (``copy=False``): a later
     in-place op on one of them (``ReLU(inplace=True)``, ``out += identity``) is detected
@@ -49,17 +49,26 @@ def forward(problem: Problem, modules: dict[str, nn.Module], copy: bool, x: Any,
     handles = []
 
     def hook(mname: str) -> Callable:
+        rule = rules[mname]
+
         def fn(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
-            if not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] != n:
-                raise Fallback(mname, "its output is not batched along dim 0")
+            if not rule.accepts(module, Call(args, kwargs, out), n):
+                raise Fallback(mname, "a call's inputs/outputs are not batched along the "
+                                      "probe dimension")
             if not torch.is_grad_enabled():
                 # e.g. reentrant activation checkpointing: the graph is built later
                 raise Fallback(mname, "called with autograd disabled")
-            call = Call(_detach(args, copy), _detach(kwargs, copy), out)
-            calls[mname].append(call)
+            tracked = rule.output(out)
+            calls[mname].append(Call(_detach(args, copy), _detach(kwargs, copy), tracked))
             if copy:
-                return out.clone()  # `out` stays the graph node whose cotangent we need
-            for t in [*args, *kwargs.values(), out]:
+                # the clone absorbs later in-place ops; `tracked` stays the graph node whose
+                # cotangent we need
+                if out is tracked:
+                    return tracked.clone()
+                if isinstance(out, tuple) and out and out[0] is tracked:
+                    return (tracked.clone(),) + out[1:]
+                raise Fallback(mname, "in-place ops on an output the rule cannot copy")
+            for t in [*args, *kwargs.values(), tracked]:
                 if isinstance(t, torch.Tensor):
                     versions.append((t, t._version))
             return None

@@ -42,10 +42,10 @@ class Result:
 def _forward(problem: Problem, plan: Plan, x: Any, n: int, label: str
              ) -> tuple[torch.Tensor, Calls]:
     try:
-        return forward(problem, plan.modules, plan.copy_outputs, x, n, label)
+        return forward(problem, plan.modules, plan.rules, plan.copy_outputs, x, n, label)
     except InPlace:
         plan.copy_outputs = True
-    return forward(problem, plan.modules, True, x, n, label)
+    return forward(problem, plan.modules, plan.rules, True, x, n, label)
 
 
 def _add_term_gram(out: torch.Tensor, t1: Term, t2: Term, mode: str, budget: int,

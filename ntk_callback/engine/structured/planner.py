@@ -99,11 +99,17 @@ def plan(problem: Problem, implementation: str,
     compiled = [n for n, m in modules if isinstance(m, _optimized_module_type())]
     for mname, module in modules:
         own = {attr: p for attr, p in module._parameters.items() if p is not None}
+        rule = rule_for(module)
+        for attr in (rule.params if rule is not None else ()):
+            if "." in attr:  # a parameter of a child that the rule's module reads itself
+                try:
+                    own[attr] = module.get_parameter(attr)
+                except AttributeError:
+                    pass
         trainable = {attr: names[id(p)] for attr, p in own.items()
                      if names.get(id(p)) in problem.params}
         if not trainable:
             continue
-        rule = rule_for(module)
         if rule is None:
             result.reasons[mname] = f"no structured rule for {type(module).__name__}"
             continue
@@ -120,11 +126,11 @@ def plan(problem: Problem, implementation: str,
         if not calls:
             result.reasons[mname] = "never called by the forward"
             continue
-        bad = [c for c in calls if not rule.accepts(Call(c.args, c.kwargs, c.output),
-                                                    census.batch)]
+        bad = [c for c in calls
+               if not rule.accepts(module, Call(c.args, c.kwargs, c.output), census.batch)]
         if bad:
             result.reasons[mname] = ("a call's inputs/outputs are not the form the rule "
-                                     "covers (one tensor batched along dim 0)")
+                                     "covers (e.g. one tensor batched along dim 0)")
             continue
         attrs: dict[str, str] = {}
         for attr, full in trainable.items():
@@ -134,6 +140,8 @@ def plan(problem: Problem, implementation: str,
                 result.reasons[full] = "registered in several modules (tied)"
             elif census.uses.get(full, set()) != {mname}:
                 result.reasons[full] = "used outside its module's own call"
+            elif full in result.handled:
+                result.reasons[full] = "already covered by another module's rule"
             else:
                 attrs[attr] = full
         if attrs:

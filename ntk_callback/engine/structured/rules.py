@@ -54,11 +54,18 @@ class Rule:
 
     params: ClassVar[tuple[str, ...]] = ("weight", "bias")
 
+    def output(self, out: Any) -> Any:
+        """The tensor of the call's output whose cotangent the rule needs (the output
+        itself by default; e.g. the attention output of ``nn.MultiheadAttention``'s
+        tuple). Cotangents reaching other parts of the output are not seen by the rule:
+        the self-check catches a model that uses them."""
+        return out
+
     def supports(self, module: nn.Module) -> bool:
         """Whether this instance's configuration is covered."""
         return True
 
-    def accepts(self, call: Call, n: int) -> bool:
+    def accepts(self, module: nn.Module, call: Call, n: int) -> bool:
         """Whether a recorded call is covered: by default one tensor input batched along
         dim 0 and a tensor output batched along dim 0, no keyword arguments."""
         return (len(call.args) == 1 and not call.kwargs
@@ -150,9 +157,9 @@ class ConvRule(Rule):
     def supports(self, module):
         return module.padding_mode in ("zeros", "reflect", "replicate", "circular")
 
-    def accepts(self, call, n):
+    def accepts(self, module, call, n):
         # an unbatched (C, L) input to Conv1d has no probe dimension
-        return super().accepts(call, n) and call.args[0].dim() == call.output.dim() >= 3
+        return super().accepts(module, call, n) and call.args[0].dim() == call.output.dim() >= 3
 
     def terms(self, module, attrs, call, d, memo):
         out: list[Term] = []
@@ -212,8 +219,8 @@ class GroupNormRule(_NormRule):
     def supports(self, module):
         return module.affine
 
-    def accepts(self, call, n):
-        return super().accepts(call, n) and call.args[0].dim() >= 2
+    def accepts(self, module, call, n):
+        return super().accepts(module, call, n) and call.args[0].dim() >= 2
 
     def normalised(self, module, a):
         xhat = F.group_norm(a, module.num_groups, None, None, module.eps)
@@ -228,8 +235,8 @@ class BatchNormRule(_NormRule):
         return (module.affine and module.track_running_stats
                 and module.running_mean is not None and not module.training)
 
-    def accepts(self, call, n):
-        return super().accepts(call, n) and call.args[0].dim() >= 2
+    def accepts(self, module, call, n):
+        return super().accepts(module, call, n) and call.args[0].dim() >= 2
 
     def normalised(self, module, a):
         # The module's own buffers may be float32 while the kernel is computed in float64;
@@ -262,8 +269,8 @@ class EmbeddingRule(Rule):
         # return a rescaled, batch-dependent gradient instead of the derivative
         return module.max_norm is None and not module.scale_grad_by_freq
 
-    def accepts(self, call, n):
-        return super().accepts(call, n) and not call.args[0].is_floating_point()
+    def accepts(self, module, call, n):
+        return super().accepts(module, call, n) and not call.args[0].is_floating_point()
 
     def terms(self, module, attrs, call, d, memo):
         k, n = d.shape[:2]
@@ -274,3 +281,120 @@ class EmbeddingRule(Rule):
                 memo["keep"] = (tokens != module.padding_idx).unsqueeze(0).unsqueeze(-1).to(dd.dtype)
             dd = dd * memo["keep"]
         return [TokenTerm(attrs["weight"], tokens, dd, module)]
+
+
+@register_rule(nn.MultiheadAttention)
+class MultiheadAttentionRule(Rule):
+    """``nn.MultiheadAttention`` (packed q/k/v projection, no ``bias_k``/``add_zero_attn``),
+    which reads its projection weights directly instead of calling Linear modules.
+
+    The call's query, key and value ``x_q, x_k, x_v`` are captured; the projections
+    ``q' = x_q W_q^T + b_q`` (likewise k', v') are recomputed, and the attention core is
+    run by the module's own ``forward`` with identity projections and zero biases (so
+    masks, causal flags, batch layout and scaling are exactly torch's; a product with an
+    identity matrix is exact in floating point). One local backward a cotangent row gives
+    the cotangents at q', k', v' and the out-projection input ``o``: the in-projection
+    is three outer terms (one per block of ``in_proj_weight``, the bias folded in), the
+    out-projection one outer term on ``[o; 1]``. The attention weights output is not
+    followed (discarded in practice; a model that uses it fails the self-check and takes
+    the exact path).
+    """
+
+    params = ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")
+    _NAMES = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask",
+              "average_attn_weights", "is_causal")
+
+    def supports(self, module):
+        return (module._qkv_same_embed_dim and module.bias_k is None
+                and not module.add_zero_attn and not module.training)
+
+    def output(self, out):
+        return out[0] if isinstance(out, tuple) and out else out
+
+    def _bound(self, call: Call) -> dict[str, Any] | None:
+        if len(call.args) > len(self._NAMES) or set(call.kwargs) - set(self._NAMES):
+            return None
+        bound = dict(zip(self._NAMES, call.args))
+        if set(bound) & set(call.kwargs):
+            return None
+        bound.update(call.kwargs)
+        return bound
+
+    def accepts(self, module, call, n):
+        bound = self._bound(call)
+        out = self.output(call.output)
+        if bound is None or not all(isinstance(bound.get(x), torch.Tensor)
+                                    for x in ("query", "key", "value")):
+            return False
+        dim = 0 if module.batch_first else 1
+        qkv = [bound[x] for x in ("query", "key", "value")]
+        kpm, mask = bound.get("key_padding_mask"), bound.get("attn_mask")
+        return (all(t.dim() == 3 and t.shape[dim] == n for t in qkv)
+                and isinstance(out, torch.Tensor) and out.dim() == 3 and out.shape[dim] == n
+                and (kpm is None or (kpm.dim() == 2 and kpm.shape[0] == n))
+                and (mask is None or mask.dim() == 2))
+
+    def terms(self, module, attrs, call, d, memo):
+        bound = self._bound(call)
+        first = module.batch_first
+        e = module.embed_dim
+        w_in = module.in_proj_weight.detach()
+        b_in = None if module.in_proj_bias is None else module.in_proj_bias.detach()
+        w_out = module.out_proj.weight.detach()
+        xs = [bound[x] for x in ("query", "key", "value")]
+
+        def probes_first(t: torch.Tensor) -> torch.Tensor:  # (n, L, E)
+            return t if first else t.transpose(0, 1)
+
+        if "core" not in memo:
+            proj = []
+            for j, x in enumerate(xs):
+                bias = None if b_in is None else b_in[j * e:(j + 1) * e]
+                proj.append(F.linear(x, w_in[j * e:(j + 1) * e], bias).detach().requires_grad_(True))
+            eye = torch.eye(e, dtype=w_in.dtype, device=w_in.device)
+            identity = {"in_proj_weight": torch.cat([eye, eye, eye])}
+            if module.in_proj_bias is not None:
+                identity["in_proj_bias"] = torch.zeros(3 * e, dtype=w_in.dtype, device=w_in.device)
+            identity["out_proj.weight"] = eye
+            if module.out_proj.bias is not None:
+                identity["out_proj.bias"] = torch.zeros(e, dtype=w_in.dtype, device=w_in.device)
+            rest = {k: v for k, v in bound.items() if k not in ("query", "key", "value")}
+            rest["need_weights"] = False
+            with torch.enable_grad():
+                core = torch.func.functional_call(module, identity, tuple(proj), rest,
+                                                  strict=False)[0]
+            memo["core"], memo["proj"] = core, proj
+            memo["inputs"] = [probes_first(x) for x in xs]
+            memo["o"] = probes_first(core.detach())
+        core, proj = memo["core"], memo["proj"]
+        k, n = d.shape[0], d.shape[1 if first else 2]
+        terms: list[Term] = []
+        for r in range(k):
+            dz = d[r]                                   # cotangent at the output, call layout
+            d_core = dz @ w_out                         # ... at the out-projection input
+            grads = torch.autograd.grad(core, proj, d_core, retain_graph=True, allow_unused=True)
+            for j, (tag, x) in enumerate(zip("qkv", memo["inputs"])):
+                g = grads[j]
+                g = torch.zeros_like(proj[j]) if g is None else probes_first(g)
+                terms += self._linear_terms(attrs, "in_proj_weight", "in_proj_bias", f"#{tag}",
+                                            x, g.unsqueeze(0), memo, f"in_{tag}")
+            terms += self._linear_terms(attrs, "out_proj.weight", "out_proj.bias", "",
+                                        memo["o"], probes_first(dz).unsqueeze(0), memo, "out")
+        if k > 1:
+            raise RuntimeError("one cotangent row a call expected")
+        return terms
+
+    @staticmethod
+    def _linear_terms(attrs, weight, bias, tag, a, d, memo, slot):
+        k, n = d.shape[:2]
+        dd = d.reshape(k, n, -1, d.shape[-1])
+        if weight in attrs and bias in attrs:
+            if slot not in memo:
+                a2 = a.reshape(n, -1, a.shape[-1])
+                memo[slot] = torch.cat([a2, a2.new_ones(a2.shape[:2] + (1,))], dim=-1)
+            return [OuterTerm(attrs[weight] + tag, memo[slot], dd)]
+        if weight in attrs:
+            return [OuterTerm(attrs[weight] + tag, a.reshape(n, -1, a.shape[-1]), dd)]
+        if bias in attrs:
+            return [SumTerm(attrs[bias] + tag, None, dd.transpose(2, 3))]
+        return []
