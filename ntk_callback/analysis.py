@@ -1,7 +1,7 @@
 """Pure functions that turn an empirical NTK into the numbers a researcher reads.
 
 Everything here is plain PyTorch (no Lightning, no engine import) and follows the
-conventions of ``DESIGN.md`` section 3 exactly:
+conventions below exactly:
 
 * Inputs may be ``torch.Tensor`` or ``numpy.ndarray`` (kernels, targets, residuals), on
   any device and of any real dtype. They are copied to the CPU in float64: kernels are

@@ -59,7 +59,7 @@ class NTKReport:
     ``frobenius_norm``, ``symmetry_residual``, ``effective_rank`` (participation ratio),
     ``entropy_effective_rank``.
 
-    With ``targets``: ``kta`` (centred targets, uncentred kernel: the DESIGN default),
+    With ``targets``: ``kta`` (centred targets, uncentred kernel: the default),
     ``kta_uncentered`` (raw targets), ``cka`` (centred kernel and targets).
     With ``gamma``: ``effective_dimension``.
     With ``init_kernel`` (K_0, same probes): ``relative_change``, ``kernel_distance``,
@@ -100,7 +100,7 @@ class NTKReport:
     title: str = ""
 
     def to_dict(self) -> Dict[str, float]:
-        """Flat ``{name: float}`` for loggers; names are DESIGN section 4's without ``ntk/``.
+        """Flat ``{name: float}`` for loggers; names are the logged scalar keys without ``ntk/``.
 
         Keys: ``num_probes, lambda_max, lambda_min, min_raw_eigenvalue, condition_number,
         log10_condition_number, trace, frobenius_norm, symmetry_residual, effective_rank,
@@ -185,7 +185,7 @@ def analyze_ntk(
     gamma: Optional[float] = None,
     title: str = "",
 ) -> NTKReport:
-    """Gather every metric of DESIGN.md section 3 for the (N, N) kernel ``K``.
+    """Gather every metric of :mod:`ntk_callback.analysis` for the (N, N) kernel ``K``.
 
     Args:
         K: (N, N) kernel (torch or numpy, any real dtype/device); analysed in float64 on
