@@ -59,7 +59,8 @@ def forward(problem: Problem, modules: dict[str, nn.Module], rules: dict[str, Ru
                 # e.g. reentrant activation checkpointing: the graph is built later
                 raise Fallback(mname, "called with autograd disabled")
             tracked = rule.output(out)
-            calls[mname].append(Call(_detach(args, copy), _detach(kwargs, copy), tracked))
+            calls[mname].append(Call(_detach(args, copy), _detach(kwargs, copy), tracked,
+                                     tuple(t for t in rule.unfollowed(out) if t.requires_grad)))
             if copy:
                 # the clone absorbs later in-place ops; `tracked` stays the graph node whose
                 # cotangent we need

@@ -194,6 +194,11 @@ def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]], budget: in
                     raise Fallback(mname, f"rule raised {type(exc).__name__}: {exc}") from exc
 
             def consume(r: int, idx: int, grad: torch.Tensor) -> None:
+                if idx >= len(entries):  # an output the module's rule does not follow
+                    if bool(grad.ne(0).any()):
+                        raise Fallback(unfollowed[idx - len(entries)],
+                                       "the model uses an output its rule does not follow")
+                    return
                 if entries[idx][0] in repeated:  # merged with its other calls at the row's end
                     held[idx] = grad
                     return
@@ -226,7 +231,10 @@ def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]], budget: in
                 _reference(out, cot[sl], sl, data, [live[p] for p in checked], checked)
             # Cotangents are turned into rows inside the backward, one cotangent row at a
             # time: none is stacked, and each is freed right after its layer is done.
-            backward_rows(out, [c.output for _, _, c in entries], cot[sl], consume, finish)
+            extra = [(m, t) for m, _, c in entries for t in c.unfollowed]
+            unfollowed = [m for m, _ in extra]
+            backward_rows(out, [c.output for _, _, c in entries] + [t for _, t in extra],
+                          cot[sl], consume, finish)
             del out, calls, entries
             for name, parts in gram_parts.items():
                 gram.setdefault(name, []).append(stack_rows(parts))

@@ -40,6 +40,8 @@ class Call:
     args: tuple
     kwargs: dict
     output: Any
+    # other output tensors the rule does not follow: their cotangent must be zero
+    unfollowed: tuple = ()
 
 
 class Rule:
@@ -60,6 +62,11 @@ class Rule:
         tuple). Cotangents reaching other parts of the output are not seen by the rule:
         the self-check catches a model that uses them."""
         return out
+
+    def unfollowed(self, out: Any) -> tuple:
+        """Tensors of the output the rule's terms ignore; a nonzero cotangent at one of
+        them sends the module to the exact path."""
+        return ()
 
     def supports(self, module: nn.Module) -> bool:
         """Whether this instance's configuration is covered."""
@@ -133,14 +140,18 @@ class LinearRule(Rule):
         a = call.args[0]
         k, n = d.shape[:2]
         dd = d.reshape(k, n, -1, d.shape[-1])
-        if "weight" in attrs and "bias" in attrs:
+        if "weight" in attrs and "bias" in attrs and next(module.children(), None) is None:
+            # (a leaf: weight and bias share one per-layer key)
             if "a1" not in memo:
                 a2 = a.reshape(n, -1, a.shape[-1])
                 memo["a1"] = torch.cat([a2, a2.new_ones(a2.shape[:2] + (1,))], dim=-1)
             return [OuterTerm(attrs["weight"], memo["a1"], dd)]
+        out: list[Term] = []
         if "weight" in attrs:
-            return [OuterTerm(attrs["weight"], a.reshape(n, -1, a.shape[-1]), dd)]
-        return [SumTerm(attrs["bias"], None, dd.transpose(2, 3))]
+            out.append(OuterTerm(attrs["weight"], a.reshape(n, -1, a.shape[-1]), dd))
+        if "bias" in attrs:
+            out.append(SumTerm(attrs["bias"], None, dd.transpose(2, 3)))
+        return out
 
 
 def _positions_last(t: torch.Tensor, lead: int) -> torch.Tensor:
@@ -311,6 +322,12 @@ class MultiheadAttentionRule(Rule):
     def output(self, out):
         return out[0] if isinstance(out, tuple) and out else out
 
+    def unfollowed(self, out):
+        # the attention weights (need_weights=True): followed by no term
+        if isinstance(out, tuple) and len(out) > 1 and isinstance(out[1], torch.Tensor):
+            return (out[1],)
+        return ()
+
     def _bound(self, call: Call) -> dict[str, Any] | None:
         if len(call.args) > len(self._NAMES) or set(call.kwargs) - set(self._NAMES):
             return None
@@ -376,8 +393,9 @@ class MultiheadAttentionRule(Rule):
             for j, (tag, x) in enumerate(zip("qkv", memo["inputs"])):
                 g = grads[j]
                 g = torch.zeros_like(proj[j]) if g is None else probes_first(g)
+                # (in_proj_weight and in_proj_bias are separate per-layer keys: no fold)
                 terms += self._linear_terms(attrs, "in_proj_weight", "in_proj_bias", f"#{tag}",
-                                            x, g.unsqueeze(0), memo, f"in_{tag}")
+                                            x, g.unsqueeze(0), memo, f"in_{tag}", fold=False)
             terms += self._linear_terms(attrs, "out_proj.weight", "out_proj.bias", "",
                                         memo["o"], probes_first(dz).unsqueeze(0), memo, "out")
         if k > 1:
@@ -385,16 +403,17 @@ class MultiheadAttentionRule(Rule):
         return terms
 
     @staticmethod
-    def _linear_terms(attrs, weight, bias, tag, a, d, memo, slot):
+    def _linear_terms(attrs, weight, bias, tag, a, d, memo, slot, fold=True):
         k, n = d.shape[:2]
         dd = d.reshape(k, n, -1, d.shape[-1])
-        if weight in attrs and bias in attrs:
+        if fold and weight in attrs and bias in attrs:
             if slot not in memo:
                 a2 = a.reshape(n, -1, a.shape[-1])
                 memo[slot] = torch.cat([a2, a2.new_ones(a2.shape[:2] + (1,))], dim=-1)
             return [OuterTerm(attrs[weight] + tag, memo[slot], dd)]
+        out: list[Term] = []
         if weight in attrs:
-            return [OuterTerm(attrs[weight] + tag, a.reshape(n, -1, a.shape[-1]), dd)]
+            out.append(OuterTerm(attrs[weight] + tag, a.reshape(n, -1, a.shape[-1]), dd))
         if bias in attrs:
-            return [SumTerm(attrs[bias] + tag, None, dd.transpose(2, 3))]
-        return []
+            out.append(SumTerm(attrs[bias] + tag, None, dd.transpose(2, 3)))
+        return out
