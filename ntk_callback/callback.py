@@ -12,8 +12,10 @@ Timeline of one ``trainer.fit``:
   are drawn (or taken from ``probes=`` / the restored state) and broadcast from rank 0;
   when the training-dynamics metrics apply, held-out probes are drawn from the validation
   data the same way; then the initial kernel K0 is measured and reported (``tag="init"``).
-* ``on_train_batch_start`` / ``on_train_batch_end`` (dynamics only): the learning rate of
-  each optimizer step is added up (read-only access to ``param_groups``).
+* ``on_before_optimizer_step`` / ``on_train_batch_end`` (dynamics only): the learning rate
+  every trainable parameter is stepped with is read from its optimizer's ``param_groups``
+  (read only); a batch whose steps moved all of them with one learning rate adds it to the
+  learning-rate sum, once per step of the whole theta (however many optimizers took it).
 * ``on_train_epoch_end``: when ``(current_epoch + 1) % every_n_epochs == 0`` a report
   (``tag="epoch"``). It runs before ``ModelCheckpoint`` / ``EarlyStopping``, which can
   therefore monitor e.g. ``ntk/kta``.
@@ -65,6 +67,53 @@ STATE_VERSION = 1
 _BASE_PICTURES = ("spectrum", "drift")  # history pictures always drawn; "layers" / "dynamics" when active
 _FIGURE_BUDGET = 0.02  # fraction of the training time the history pictures may take before the end
 _CONSOLE_LAYERS = 4  # layers named in the console line
+# dynamics keys that depend on the learning rate: at the current lr, over the report
+# interval, since the linearised network started (see _dynamics_metrics)
+_CURRENT_LR_KEYS = ("steps_to_halve_residual", "epochs_to_halve_residual", "slowest_mode_time_constant")
+_PREDICTION_KEYS = ("predicted_residual_norm", "predicted_vs_observed_residual", "residual_prediction_error")
+_LINEARIZED_KEYS = ("linearization_gap", "linearized_heldout_mse")
+_LR_RTOL = 1e-9  # learning rates this close count as one
+
+# (id of an optimizer's param_groups list, [(the group's params, its lr)]): one optimizer step
+_StepRecord = Tuple[int, List[Tuple[Any, float]]]
+
+
+def _step_record(optimizer: Any) -> Optional[_StepRecord]:
+    """The param groups and their lrs of ``optimizer`` now (a Lightning-wrapped optimizer
+    shares the raw one's ``param_groups`` list, hence the key); None when unreadable."""
+    groups = getattr(optimizer, "param_groups", None)
+    try:
+        return id(groups), [(g["params"], float(g["lr"])) for g in groups]
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _add_lrs(lrs: Dict[int, List[float]], record: _StepRecord) -> None:
+    """Append a step's lr to the sequence of every parameter in ``lrs`` it steps."""
+    for params, lr in record[1]:
+        for p in params:
+            seq = lrs.get(id(p))
+            if seq is not None:
+                seq.append(lr)
+
+
+def _one_sequence(lrs: Dict[int, List[float]]) -> Optional[Tuple[float, ...]]:
+    """The lr sequence all parameters share (``()`` for none or no parameters), or None."""
+    distinct = {tuple(v) for v in lrs.values()}
+    if not distinct:
+        return ()
+    first = next(iter(distinct))
+    for other in distinct:
+        if len(other) != len(first) or not all(
+            math.isclose(a, b, rel_tol=_LR_RTOL, abs_tol=0.0) for a, b in zip(first, other)
+        ):
+            return None
+    return first
+
+
+def _name_list(names: List[str], limit: int = 4) -> str:
+    more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
@@ -145,8 +194,8 @@ class NTKReportCallback(Callback):
 
     Training dynamics (regression, O = 1; Lee et al. 2019; Jacot et al. 2018), computed by
     :class:`ntk_callback.insight.DynamicsTracker` from the kernel, the outputs on the probes
-    (``r = f - y``) and the learning rates actually used (``trainer.optimizers[0]``'s first
-    param group, read before each optimizer step, summed over steps)::
+    (``r = f - y``) and the learning rates actually used (read from the param groups of
+    every optimizer as it steps, summed over the steps of the whole theta)::
 
         ntk/residual_norm                  ||r|| on the probes
         ntk/residual_energy_top{k}         share of ||r||^2 in the k top eigenvectors of K
@@ -165,6 +214,19 @@ class NTKReportCallback(Callback):
     Constant-lr plain SGD on a network in the lazy regime gives
     ``predicted_vs_observed_residual`` ~ 1; momentum, Adam or a changing lr between reports
     are outside the linear model (the mean lr between reports is used).
+
+    The linear model needs one learning rate for all trainable parameters (the ones the
+    kernel covers): several param groups or optimizers (manual optimization) are fine when
+    they step every trainable parameter with the same lr in a batch, which counts as one
+    step. When the lrs differ (per-group lrs, an optimizer that did not step, a trainable
+    parameter in no optimizer, i.e. lr 0) the dynamics are ``r <- r - J diag(lr) J^T r``,
+    not ``lr K r``: one warning names the groups and their lrs, and the lr-dependent keys
+    are left out (not logged) where they would be wrong: ``steps_to_halve_residual``,
+    ``epochs_to_halve_residual``, ``slowest_mode_time_constant`` while the current lrs
+    differ, the three ``predicted_*`` / ``residual_prediction_error`` keys for a report
+    interval with such a step, ``linearization_gap`` and ``linearized_heldout_mse`` from
+    the first such step on. ``residual_norm``, ``residual_energy_top{k}`` and
+    ``heldout_mse`` do not depend on the lr and stay.
 
     Faults (NaN/inf kernel, out-of-memory, an engine error, a failing logger) give a
     warning that names the cause and the fix; the report is skipped and training goes on
@@ -286,9 +348,14 @@ class NTKReportCallback(Callback):
         self._tracker: Optional[DynamicsTracker] = None
         self._tracker_state: Optional[Mapping[str, Any]] = None  # restored, loaded when the tracker is built
         self._dynamics_on = False
-        self._lr_sum = 0.0  # sum of the learning rates of the optimizer steps taken so far
+        self._lr_sum = 0.0  # sum of the learning rates of the steps of theta taken so far (one lr for all)
         self._lr_step: Optional[int] = None  # global step _lr_sum is up to date with
-        self._lr_pending: Optional[float] = None  # lr read before the current batch's optimizer step
+        self._param_steps = 0  # steps of the whole theta so far (the dynamics' step count)
+        self._lr_mixed = 0  # batches whose steps moved the trainable parameters at different lrs
+        self._lr_mixed_init: Optional[int] = None  # _lr_mixed at the tracker's first measurement
+        self._lr_mixed_prev: Optional[int] = None  # _lr_mixed at the tracker's last measurement
+        self._lr_pending: Optional[_StepRecord] = None  # optimizers[0]'s lrs at batch start (fallback)
+        self._lr_records: List[_StepRecord] = []  # the optimizer steps seen in the current batch
         self._disabled_reason: Optional[str] = None
         self._fit_start = time.perf_counter()
         self._figures_spent = 0.0  # seconds spent drawing the history pictures in this fit
@@ -342,8 +409,21 @@ class NTKReportCallback(Callback):
 
     @property
     def lr_sum(self) -> float:
-        """Sum of the learning rates of all optimizer steps seen so far (dynamics only)."""
+        """Sum of the learning rates of the steps of the whole theta seen so far (dynamics only).
+
+        A batch in which the optimizers stepped every trainable parameter with one learning
+        rate adds it once per step (two optimizers of one lr, each stepping its own
+        parameters once, are one step); a batch that moved them at different lrs adds
+        nothing (the dynamics metrics it affects are not logged)."""
         return self._lr_sum
+
+    @property
+    def param_steps(self) -> int:
+        """Steps of the whole theta seen so far (dynamics only): the step count of the
+        dynamics metrics. ``trainer.global_step`` under automatic optimization; under manual
+        optimization Lightning counts every optimizer's step, this one step per batch in
+        which all trainable parameters were stepped once."""
+        return self._param_steps
 
     def batch_to_probe(self, batch: Any) -> Probes:
         """Map a batch to ``(inputs, targets)``; override for custom batch structures."""
@@ -357,8 +437,10 @@ class NTKReportCallback(Callback):
         ``{"version": 1, "probes": {"inputs": CPU tensor (or tuple/list/dict of tensors),
         "targets": CPU tensor or None} or None, "init_kernel": (N, N) CPU tensor or None,
         "init_layer_kernels": {layer: (N, N) CPU tensor} or None, "dynamics": {"lr_sum":
-        float, "lr_step": int or None, "heldout": {"inputs", "targets"} or None, "tracker":
-        DynamicsTracker.state_dict() or None}, "history": [record, ...], "settings": {...}}``
+        float, "lr_step": int or None, "param_steps": int, "lr_mixed": {"count": int,
+        "at_init": int or None, "at_prev": int or None}, "heldout": {"inputs", "targets"} or
+        None, "tracker": DynamicsTracker.state_dict() or None}, "history": [record, ...],
+        "settings": {...}}``
         where each history record is ``{"tag": "init" | "epoch" | "final", "epoch": int,
         "step": int, "metrics": {key: float} (NTKReport.to_dict() plus the layer and
         dynamics keys, no prefix), "eigenvalues": [float, ...] (descending)}``.
@@ -375,7 +457,14 @@ class NTKReportCallback(Callback):
             "probes": probes,
             "init_kernel": self._init_kernel,
             "init_layer_kernels": dict(self._init_layer_kernels) if self._init_layer_kernels is not None else None,
-            "dynamics": {"lr_sum": self._lr_sum, "lr_step": self._lr_step, "heldout": heldout, "tracker": tracker},
+            "dynamics": {
+                "lr_sum": self._lr_sum,
+                "lr_step": self._lr_step,
+                "param_steps": self._param_steps,
+                "lr_mixed": {"count": self._lr_mixed, "at_init": self._lr_mixed_init, "at_prev": self._lr_mixed_prev},
+                "heldout": heldout,
+                "tracker": tracker,
+            },
             "history": [
                 {
                     "tag": r["tag"],
@@ -457,6 +546,20 @@ class NTKReportCallback(Callback):
             self._lr_step = int(step) if step is not None else None
         except (TypeError, ValueError):
             self._lr_sum, self._lr_step = 0.0, None
+        try:
+            # states written before the count: automatic optimization, a step of theta is a global step
+            steps = saved.get("param_steps", self._lr_step)
+            self._param_steps = int(steps) if steps is not None else 0
+        except (TypeError, ValueError):
+            self._param_steps = self._lr_step or 0
+        mixed = saved.get("lr_mixed")
+        mixed = mixed if isinstance(mixed, Mapping) else {}
+        try:
+            self._lr_mixed = int(mixed.get("count", 0) or 0)
+            self._lr_mixed_init = int(mixed["at_init"]) if mixed.get("at_init") is not None else None
+            self._lr_mixed_prev = int(mixed["at_prev"]) if mixed.get("at_prev") is not None else None
+        except (TypeError, ValueError):
+            self._lr_mixed, self._lr_mixed_init, self._lr_mixed_prev = 0, None, None
         held = saved.get("heldout")
         if isinstance(held, Mapping) and held.get("inputs") is not None:
             inputs, targets = held.get("inputs"), held.get("targets")
@@ -504,9 +607,21 @@ class NTKReportCallback(Callback):
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         # Lightning steps "step"-interval LR schedulers *before* on_train_batch_end, so the
-        # lr of this batch's optimizer step is the one in param_groups now (read only).
+        # lr of this batch's optimizer step is the one in param_groups now (read only); it is
+        # the fallback for an optimizer step that on_before_optimizer_step did not see.
         if self._dynamics_on:
-            self._lr_pending = self._current_lr(trainer)
+            self._lr_records = []
+            optimizers = list(getattr(trainer, "optimizers", None) or [])
+            self._lr_pending = _step_record(optimizers[0]) if len(optimizers) == 1 else None
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any, *args: Any) -> None:
+        # Called inside optimizer.step(), after the closure (backward) and before the update:
+        # param_groups hold the lrs this step uses (read only). Every optimizer of manual
+        # optimization passes through here, each time it steps.
+        if self._dynamics_on:
+            record = _step_record(optimizer)
+            if record is not None:
+                self._lr_records.append(record)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if not self._dynamics_on:
@@ -515,10 +630,19 @@ class NTKReportCallback(Callback):
         if self._lr_step is None or step < self._lr_step:
             self._lr_step = step
         elif step > self._lr_step:  # optimizer step(s) taken in this batch (not while accumulating)
-            lr = self._lr_pending if self._lr_pending is not None else self._current_lr(trainer)
-            self._lr_sum += lr * (step - self._lr_step)
+            records: Optional[List[_StepRecord]] = self._lr_records
+            taken = step - self._lr_step  # every optimizer's every step (manual optimization: all of them)
+            if len(self._lr_records) != taken:
+                if len({key for key, _ in self._lr_records}) == 1:  # one optimizer (an LBFGS closure runs often)
+                    records = [self._lr_records[0]] * taken
+                elif not self._lr_records and self._lr_pending is not None:  # the only optimizer, unseen
+                    records = [self._lr_pending] * taken
+                else:
+                    records = None  # several optimizers: which of them stepped is unknown
+            self._count_steps(trainer, pl_module, records, taken)
             self._lr_step = step
         self._lr_pending = None
+        self._lr_records = []
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if not self._active(trainer):
@@ -651,12 +775,101 @@ class NTKReportCallback(Callback):
 
     # -------------------------------------------------------------- training dynamics
     @staticmethod
-    def _current_lr(trainer: Any) -> float:
-        """The learning rate of the first param group of the first optimizer (0 without one)."""
-        try:
-            return float(trainer.optimizers[0].param_groups[0]["lr"])
-        except (AttributeError, IndexError, KeyError, TypeError, ValueError):
-            return 0.0
+    def _trainable(pl_module: Any) -> Dict[int, str]:
+        """``{id(p): name}`` of the parameters the kernel covers (``requires_grad=True``)."""
+        return {id(p): name for name, p in pl_module.named_parameters() if p.requires_grad}
+
+    def _current_lr(self, trainer: Any, pl_module: Any) -> Optional[float]:
+        """The one learning rate of every trainable parameter in the optimizers' param groups
+        now; 0 when none is in an optimizer (or there is none); None when they differ (a
+        parameter in no optimizer, or in several, next to ones in one)."""
+        trainable = self._trainable(pl_module)
+        lrs: Dict[int, List[float]] = {pid: [] for pid in trainable}
+        for opt in list(getattr(trainer, "optimizers", None) or []):
+            record = _step_record(opt)
+            if record is not None:
+                _add_lrs(lrs, record)
+        one = _one_sequence(lrs)
+        if one is None or len(one) > 1:
+            return None
+        return one[0] if one else 0.0
+
+    def _count_steps(
+        self, trainer: Any, pl_module: Any, records: Optional[List["_StepRecord"]], taken: int
+    ) -> None:
+        """Charge one batch's optimizer steps: each trainable parameter's sequence of lrs in
+        it; one sequence for all is ``len`` steps of theta at those lrs, otherwise a mixed batch."""
+        trainable = self._trainable(pl_module)
+        if not trainable:
+            return
+        one: Optional[Tuple[float, ...]] = None
+        if records is not None:
+            lrs: Dict[int, List[float]] = {pid: [] for pid in trainable}
+            for record in records:
+                _add_lrs(lrs, record)
+            one = _one_sequence(lrs)
+        if one is not None:
+            self._param_steps += len(one)
+            self._lr_sum += sum(one)
+            return
+        self._lr_mixed += 1
+        if records is None:
+            self._param_steps += 1
+            detail = (
+                f"global_step advanced by {taken} in one batch, but "
+                f"{len(self._lr_records)} optimizer step(s) of {len(trainer.optimizers)} optimizers were seen, "
+                "so which parameters were stepped is unknown; " + self._describe_lrs(trainer, pl_module, None)
+            )
+        else:
+            self._param_steps += max(len(v) for v in lrs.values())
+            detail = self._describe_lrs(trainer, pl_module, records)
+        self._warn_mixed_lrs(f"in the optimizer step(s) before global step {trainer.global_step}", detail)
+
+    def _describe_lrs(self, trainer: Any, pl_module: Any, records: Optional[List["_StepRecord"]]) -> str:
+        """``optimizer i param group j (names): lr ...`` for every group holding trainable
+        parameters (the lrs of this batch's steps when ``records`` is given, else the current
+        ones), and the trainable parameters in no optimizer."""
+        names = self._trainable(pl_module)
+        parts, covered = [], set()
+        for i, opt in enumerate(list(getattr(trainer, "optimizers", None) or [])):
+            record = _step_record(opt)
+            if record is None:
+                continue
+            key, groups = record
+            steps = None if records is None else [g for k, g in records if k == key]
+            for j, (params, lr) in enumerate(groups):
+                inside = [names[id(p)] for p in params if id(p) in names]
+                if not inside:
+                    continue
+                covered.update(id(p) for p in params)
+                if steps is None:
+                    text = f"lr {lr:.4g}"
+                elif not steps:
+                    text = f"lr {lr:.4g}, not stepped in this batch"
+                else:
+                    used = [g[j][1] for g in steps if j < len(g)]
+                    text = "lr " + ", ".join(f"{v:.4g}" for v in used) + (f" ({len(used)} steps)" if len(used) > 1 else "")
+                parts.append(f"optimizer {i} param group {j} ({_name_list(inside)}): {text}")
+        orphans = [name for pid, name in names.items() if pid not in covered]
+        if orphans:
+            parts.append(f"in no optimizer (never stepped, lr 0): {_name_list(orphans)}")
+        return "; ".join(parts)
+
+    def _warn_mixed_lrs(self, where: str, detail: str) -> None:
+        p = self.prefix
+        self._dispatcher._warn_once(
+            "lr-mixed",
+            f"NTKReportCallback: the trainable parameters (the ones the kernel covers) do not all train with one "
+            f"learning rate ({where}): {detail}. The linearised dynamics r <- r - lr K r need one learning rate "
+            "for all of theta; with one per parameter they are r <- r - J diag(lr) J^T r, which is not lr K. So "
+            f"{p}/steps_to_halve_residual, /epochs_to_halve_residual and /slowest_mode_time_constant are not logged "
+            f"while the learning rates differ, {p}/predicted_residual_norm, /predicted_vs_observed_residual and "
+            f"/residual_prediction_error not for a report interval with such a step, {p}/linearization_gap and "
+            f"/linearized_heldout_mse not from the first such step on ({p}/residual_norm, "
+            f"/residual_energy_top{self.residual_top_k} and /heldout_mse are). Fix: one learning rate for every "
+            "trainable parameter (all param groups and optimizers, stepped together), and requires_grad=False for "
+            "parameters that are not trained.",
+        )
 
     def _outputs(self, pl_module: Any, inputs: Any) -> Tensor:
         """f(x) as the kernel sees it, (N, O) on CPU (no gradient, no side effects)."""
@@ -710,7 +923,7 @@ class NTKReportCallback(Callback):
                 self._tracker_state = None
         if self._lr_step is None or self._lr_step != trainer.global_step:
             self._lr_step = trainer.global_step  # the lr sum is up to date with the step training starts at
-        self._lr_pending = None
+        self._lr_pending, self._lr_records = None, []
         if self.num_heldout > 0 and (self._heldout is None or trainer.world_size > 1):
             self._heldout = self._resolve_heldout(trainer)
         self._dynamics_on = True
@@ -779,10 +992,29 @@ class NTKReportCallback(Callback):
             for name, t in checks.items():
                 if t is not None and not bool(torch.isfinite(t).all()):
                     raise NTKError(f"{name} contain NaN/inf entries.")
-            out = self._tracker.update(kernel, outputs, step, self._lr_sum, self._current_lr(trainer), **kwargs)
+            current = self._current_lr(trainer, pl_module)
+            if current is None:
+                self._warn_mixed_lrs(f"at the report at step {step}", self._describe_lrs(trainer, pl_module, None))
+            first = self._tracker.init is None
+            # the tracker counts steps of theta (param_steps), not Lightning's global step
+            out = self._tracker.update(
+                kernel, outputs, self._param_steps, self._lr_sum, 0.0 if current is None else current, **kwargs
+            )
         except Exception as err:  # noqa: BLE001 - a measurement must never stop training
             self._fault(trainer, err, where=f"training-dynamics metrics at step {step}", stage="dynamics")
             return {}
+        # leave out what a step at different learning rates makes wrong (the tracker assumes lr K)
+        if first:
+            self._lr_mixed_init = self._lr_mixed
+        drop: Tuple[str, ...] = ()
+        if current is None:
+            drop += _CURRENT_LR_KEYS
+        if self._lr_mixed != (self._lr_mixed_prev or 0):
+            drop += _PREDICTION_KEYS
+        if self._lr_mixed != (self._lr_mixed_init or 0):
+            drop += _LINEARIZED_KEYS
+        self._lr_mixed_prev = self._lr_mixed
+        out = {k: v for k, v in out.items() if k not in drop}
         per_epoch = self._steps_per_epoch(trainer)
         if per_epoch and "steps_to_halve_residual" in out:
             out["epochs_to_halve_residual"] = out["steps_to_halve_residual"] / per_epoch
