@@ -1,15 +1,17 @@
 r"""The empirical-NTK implementations a PyTorch user would otherwise write.
 
-Every function takes ``(model, x, targets, mode)`` with ``x`` an (N, ...) probe batch,
-``targets`` (N,) int64 class labels and ``mode`` one of the modes listed in
-:data:`SUPPORTED`, and returns the kernel with the conventions of DESIGN.md section 2:
+Every function takes ``(model, x, targets, mode)`` with ``x`` an (N, ...) probe batch
+(a tensor, or a tuple / dict of tensors whose dim 0 is N, called with the engine's
+convention, see :func:`call`), ``targets`` (N,) int64 class labels and ``mode`` one of
+the modes listed in :data:`SUPPORTED`, and returns the kernel with the conventions of DESIGN.md section 2:
 
 * ``target``: ``K[i, j] = <d f_{t_i}(x_i)/d theta, d f_{t_j}(x_j)/d theta>``, (N, N);
 * ``trace``:  ``K[i, j] = sum_a <d f_a(x_i)/d theta, d f_a(x_j)/d theta>``, (N, N);
 * ``full``:   ``K[i, j, a, b] = <d f_a(x_i)/d theta, d f_b(x_j)/d theta>``, (N, N, O, O);
 
 with theta the parameters that have ``requires_grad=True``. The model is called as
-``model(x)`` and must return (N, O); it is used in whatever train/eval state it is in
+``model(x)`` (or ``model(*x)`` / ``model(**x)``, see :func:`call`) and must return
+(N, O); it is used in whatever train/eval state it is in
 (the benchmark puts it in ``eval()``), and ``.grad`` is left as it was found (None).
 
 Methods (sources in each docstring):
@@ -27,16 +29,23 @@ Methods (sources in each docstring):
   ``vjp`` then ``jvp`` per probe pair and output), evaluated over row blocks of x1 with
   ``vmap(chunk_size=...)`` so its memory stays inside ``block_bytes``.
 * :func:`nngeometry_gram` -- nngeometry's ``GramMatrix`` (``FMatDense``, hook-based);
-  raises ``ImportError`` when nngeometry is not installed.
+  raises ``ImportError`` when nngeometry is not installed and :class:`Unsupported` for a
+  tuple / dict probe batch.
+
+A method that cannot run on a model at all by construction raises :class:`Unsupported`
+(reported as n/a); anything else it raises (e.g. ``vmap`` refusing the data-dependent
+control flow of Hugging Face's attention-mask code) is reported as an error.
 """
 from __future__ import annotations
 
 import importlib.util
-from typing import Callable
+import inspect
+from typing import Any, Callable
 
 import torch
 from torch import nn
 from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
+from torch.utils._pytree import tree_leaves, tree_map
 
 SUPPORTED: dict[str, tuple[str, ...]] = {
     "per_sample_loop": ("target", "trace", "full"),
@@ -47,16 +56,80 @@ SUPPORTED: dict[str, tuple[str, ...]] = {
 }
 
 
+class Unsupported(Exception):
+    """The method cannot run on this model / probe batch by construction (n/a)."""
+
+
+# --------------------------------------------------------------------------- batches
+
+def batch_len(x: Any) -> int:
+    """N: dim 0 of the batch's first tensor."""
+    return int(tree_leaves(x)[0].shape[0])
+
+
+def batch_slice(x: Any, index: slice | int) -> Any:
+    """Probes ``index`` of every tensor of the batch (an int keeps a batch dim of 1)."""
+    if isinstance(index, int):
+        index = slice(index, index + 1)
+    return tree_map(lambda v: v[index], x)
+
+
+def batch_to(x: Any, dtype: torch.dtype) -> Any:
+    """Floating tensors of the batch cast to ``dtype`` (token ids and masks unchanged)."""
+    return tree_map(lambda v: v.to(dtype) if v.is_floating_point() else v, x)
+
+
+def _required_positional(fn: Callable) -> list[str] | None:
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+    names = []
+    for p in sig.parameters.values():
+        if p.kind is inspect.Parameter.VAR_POSITIONAL:
+            return None
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty:
+            names.append(p.name)
+    return names
+
+
+def split_args(model: nn.Module, x: Any) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` of ``model.forward`` for a batch, with ``empirical_ntk``'s
+    convention: a tuple is unpacked when forward takes several positional arguments
+    (or ``*args``), a dict when forward's parameters are its keys, anything else is
+    the single argument."""
+    required = _required_positional(model.forward)
+    if isinstance(x, (tuple, list)) and (required is None or len(required) > 1):
+        return tuple(x), {}
+    if isinstance(x, dict):
+        try:
+            params = inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):
+            params = {}
+        if required is not None and len(required) != 1 and set(required) <= set(x) \
+                and set(x) <= set(params):
+            return (), dict(x)
+    return (x,), {}
+
+
+def call(model: nn.Module, x: Any) -> torch.Tensor:
+    """``model`` applied to a probe batch (see :func:`split_args`)."""
+    args, kwargs = split_args(model, x)
+    return model(*args, **kwargs)
+
+
 def _trainable(model: nn.Module) -> dict[str, torch.Tensor]:
     """The tutorial's ``params``: detached copies of the trainable parameters."""
     return {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
 
 
 def _fnet_single(model: nn.Module) -> Callable[[dict, torch.Tensor], torch.Tensor]:
-    """The tutorial's ``fnet_single``: f(params, x) for ONE probe x, shape (O,).
-    Parameters not passed (frozen ones) and buffers are taken from the module."""
-    def fnet_single(params: dict, x: torch.Tensor) -> torch.Tensor:
-        return functional_call(model, params, (x.unsqueeze(0),)).squeeze(0)
+    """The tutorial's ``fnet_single``: f(params, x) for ONE probe x (every tensor of the
+    batch without its probe dim), shape (O,). Parameters not passed (frozen ones) and
+    buffers are taken from the module."""
+    def fnet_single(params: dict, x: Any) -> torch.Tensor:
+        args, kwargs = split_args(model, tree_map(lambda v: v.unsqueeze(0), x))
+        return functional_call(model, params, args, kwargs).squeeze(0)
     return fnet_single
 
 
@@ -90,19 +163,19 @@ def _contract_rows(rows: torch.Tensor, mode: str) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- floors
 
-def floor_target(model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> None:
+def floor_target(model: nn.Module, x: Any, targets: torch.Tensor) -> None:
     """Floor G: one batched forward and one ``autograd.grad`` of the summed target logits
     with respect to the trainable parameters (the cost of a training step's gradient)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    out = model(x)
+    out = call(model, x)
     torch.autograd.grad(out.gather(1, targets[:, None]).sum(), params)
 
 
-def floor_trace(model: nn.Module, x: torch.Tensor, num_outputs: int) -> None:
+def floor_trace(model: nn.Module, x: Any, num_outputs: int) -> None:
     """Trace-mode floor: one batched forward and O ``autograd.grad`` calls, one per
     output's summed logits (trace mode needs every output's cotangent)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    out = model(x)
+    out = call(model, x)
     for a in range(num_outputs):
         torch.autograd.grad(out[:, a].sum(), params, retain_graph=a < num_outputs - 1)
 
@@ -118,11 +191,11 @@ def per_sample_loop(model: nn.Module, x: torch.Tensor, targets: torch.Tensor,
     _check_mode("per_sample_loop", mode)
     params = [p for p in model.parameters() if p.requires_grad]
     saved = [p.grad for p in params]
-    n = x.shape[0]
+    n = batch_len(x)
     rows = None
     try:
         for i in range(n):
-            out = model(x[i:i + 1]).reshape(-1)
+            out = call(model, batch_slice(x, i)).reshape(-1)
             outputs = [int(targets[i])] if mode == "target" else range(out.shape[0])
             if rows is None:
                 numel = sum(p.numel() for p in params)
@@ -151,7 +224,7 @@ def vmap_jacrev(model: nn.Module, x: torch.Tensor, targets: torch.Tensor,
     jac = vmap(jacrev(_fnet_single(model)), (None, 0))(params, x)
     jac = [j.flatten(2) for j in jac.values()]          # (N, O, P_l) each
     if mode == "target":
-        idx = torch.arange(x.shape[0], device=x.device)
+        idx = torch.arange(batch_len(x), device=targets.device)
         jac = [j[idx, targets] for j in jac]             # (N, P_l)
         return torch.stack([torch.einsum("Nf,Mf->NM", j, j) for j in jac]).sum(0)
     expr = "Naf,Maf->NM" if mode == "trace" else "Naf,Mbf->NMab"
@@ -204,17 +277,18 @@ def ntk_vps(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, mode: str,
         basis = torch.eye(output.numel(), dtype=output.dtype, device=output.device)
         return vmap(get_ntk_slice)(basis)
 
-    n = x.shape[0]
+    n = batch_len(x)
     with torch.no_grad():
-        o = model(x[:1]).shape[-1]
+        o = call(model, batch_slice(x, 0)).shape[-1]
     numel = sum(p.numel() for p in params.values())
     # Each (i, j) pair holds O parameter-sized vjps plus the jvp tangents (x ~3).
-    per_pair = 3 * o * numel * x.element_size()
+    per_pair = 3 * o * numel * next(iter(params.values())).element_size()
     pairs = max(1, block_bytes // per_pair)
     rows = max(1, min(n, pairs // n))
     cols = max(1, min(n, pairs // rows))
     inner = vmap(get_ntk, (None, 0), chunk_size=cols)
-    full = torch.cat([vmap(inner, (0, None))(x[s:s + rows], x) for s in range(0, n, rows)])
+    full = torch.cat([vmap(inner, (0, None))(batch_slice(x, slice(s, s + rows)), x)
+                      for s in range(0, n, rows)])
     return _from_full(full, targets, mode)   # full[i, j, a, b]
 
 
@@ -228,6 +302,9 @@ def nngeometry_gram(model: nn.Module, x: torch.Tensor, targets: torch.Tensor,
     ``TorchHooksJacobianBackend``): the full Gram (O, N, O, N) from layer hooks,
     reduced to ``mode``. Raises ``ImportError`` when nngeometry is not installed."""
     _check_mode("nngeometry_gram", mode)
+    if not isinstance(x, torch.Tensor):
+        raise Unsupported("nngeometry's GramMatrix is given one input tensor here; this "
+                          "model takes a tuple / dict batch")
     from nngeometry import GramMatrix  # optional dependency
 
     gram = GramMatrix(model, (x,)).to_torch()          # G[a, i, b, j]
@@ -242,5 +319,6 @@ BASELINES: dict[str, Callable[..., torch.Tensor]] = {
     "nngeometry_gram": nngeometry_gram,
 }
 
-__all__ = ["BASELINES", "SUPPORTED", "floor_target", "floor_trace", "nngeometry_available",
+__all__ = ["BASELINES", "SUPPORTED", "Unsupported", "batch_len", "batch_slice", "batch_to",
+           "call", "floor_target", "floor_trace", "nngeometry_available", "split_args",
            *BASELINES]

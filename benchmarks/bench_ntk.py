@@ -7,15 +7,18 @@ against a float64 reference. Results are printed as they come and, for a full ru
 written to ``benchmarks/RESULTS.md``.
 
     python benchmarks/bench_ntk.py            # full run (long; RESULTS.md)
-    python benchmarks/bench_ntk.py --quick    # one N per model, < 2 minutes
+    python benchmarks/bench_ntk.py --quick    # N=64 per model (~10 min, mostly transformers)
     python benchmarks/bench_ntk.py --smoke    # seconds; used by the tests
+    python benchmarks/bench_ntk.py --quick --configs bert,vit,gpt2 \
+        --output /tmp/tr.md --json /tmp/tr.json  # a subset, written off the tree
 
 Methods (see ``baselines.py``): the floor G (one batched forward + one ``autograd.grad``
 of the summed target logits), in trace mode also the floor 1F+OB (one forward + O
 grads), the per-sample ``backward()`` loop, the tutorial's ``vmap(jacrev)`` + einsum,
 ``vmap(grad)`` per-sample gradients (target mode), the tutorial's NTK-vector products,
 nngeometry's ``GramMatrix`` (when installed), and ours (``empirical_ntk``, default
-``implementation="auto"``, and ``implementation="generic"``).
+``implementation="auto"``; the same with ``self_check=False``, to measure the cost of
+the engine's self-check; and ``implementation="generic"``).
 """
 from __future__ import annotations
 
@@ -43,9 +46,13 @@ from bench_report import Row  # noqa: E402
 
 GiB = R.GiB
 FULL_PLAN = {"mlp_small": (64, 256, 512), "mlp_wide": (64, 256, 512), "cnn": (64, 256),
-             "resnet": (64, 256)}
-QUICK_PLAN = {"mlp_small": (64,), "mlp_wide": (64,), "cnn": (64,), "resnet": (64,)}
+             "resnet": (64, 256), "bert": (64,), "vit": (64,), "gpt2": (64,)}
+QUICK_PLAN = {c: (64,) for c in FULL_PLAN}
 SMOKE_PLAN = {"mlp_small": (16,)}
+SMOKE_N = 4          # --smoke --configs X: N for a config outside SMOKE_PLAN
+# Imported by the fork server when a transformer config runs (so each worker need not).
+HF_PRELOAD = ["transformers.models.bert.modeling_bert", "transformers.models.vit.modeling_vit",
+              "transformers.models.gpt2.modeling_gpt2"]
 
 
 # --------------------------------------------------------------------------- estimates
@@ -97,10 +104,11 @@ class Runner:
     """Forks one worker per task from a fork server with torch preloaded, and kills a
     worker that runs past ``wall_s`` or whose resident set passes ``rss_cap``."""
 
-    def __init__(self) -> None:
+    def __init__(self, extra_preload: list[str] | None = None) -> None:
         self.ctx = mp.get_context("forkserver")
         self.ctx.set_forkserver_preload(["torch", "torch._dynamo", "ntk_callback", "baselines",
-                                         "bench_configs", "bench_worker"])
+                                         "bench_configs", "bench_worker",
+                                         *(extra_preload or [])])
 
     def run(self, task: dict[str, Any], wall_s: float, rss_cap: float) -> dict[str, Any]:
         recv, send = self.ctx.Pipe(duplex=False)
@@ -142,18 +150,22 @@ def rel_err(kernel: torch.Tensor, ref: torch.Tensor) -> float:
     return ((kernel.double() - ref).abs().max() / ref.abs().max()).item()
 
 
-def run_benchmark(args: argparse.Namespace) -> tuple[list[Row], list[dict[str, Any]]]:
-    """Every (config, N, mode, method) of the plan; returns the rows and the reference
-    cross-checks."""
-    runner = Runner()
+def run_benchmark(args: argparse.Namespace
+                  ) -> tuple[list[Row], list[dict[str, Any]], dict[str, dict[str, int]]]:
+    """Every (config, N, mode, method) of the plan; returns the rows, the reference
+    cross-checks and each config's sizes (P, O, activations per probe)."""
+    hf = C.use_hf() and any(c in C.TRANSFORMERS for c in args.plan)
+    runner = Runner(HF_PRELOAD if hf else None)
     rows: list[Row] = []
     checks: list[dict[str, Any]] = []
+    metas: dict[str, dict[str, int]] = {}
     have_nngeometry = B.nngeometry_available()
     with tempfile.TemporaryDirectory(prefix="bench_ntk_") as tmp:
         for config, sizes in args.plan.items():
             for n in sizes:
                 model, x, t = C.make_problem(config, n, seed=args.seed)
                 meta = C.describe(model, x)
+                metas[config] = meta
                 data = os.path.join(tmp, f"{config}_{n}.pt")
                 torch.save({"state_dict": model.state_dict(), "x": x, "t": t}, data)
                 print(f"\n== {C.CONFIGS[config].title}, N={n}: P={meta['P']:,} O={meta['O']} ==",
@@ -168,17 +180,25 @@ def run_benchmark(args: argparse.Namespace) -> tuple[list[Row], list[dict[str, A
                                               check_bytes=args.check_bytes),
                                          wall_s=20 * args.max_seconds + 120,
                                          rss_cap=args.max_memory)
+                    check = {"config": config, "n": n, "mode": mode}
                     if ref_res["status"] != "ok":
-                        raise RuntimeError(f"float64 reference failed for {config} N={n} "
-                                           f"{mode}: {ref_res.get('error')}\n"
-                                           f"{ref_res.get('traceback', '')}")
-                    ref = torch.load(ref_path, weights_only=True)
-                    checks.append({"config": config, "n": n, "mode": mode,
-                                   "n_check": ref_res["n_check"],
-                                   "err": ref_res["check_rel_err"]})
-                    print(f"  [{mode}] float64 reference vs float64 vmap(jacrev) on "
-                          f"{ref_res['n_check']} probes: rel err {ref_res['check_rel_err']:.1e}",
-                          flush=True)
+                        # Time the methods anyway; their err stays empty.
+                        check.update(n_check=0, err=None, error=ref_res.get("error", ""))
+                        checks.append(check)
+                        ref = None
+                        print(f"  [{mode}] float64 reference FAILED: {ref_res.get('error')}\n"
+                              f"{ref_res.get('traceback', '')}", flush=True)
+                    else:
+                        ref = torch.load(ref_path, weights_only=True)
+                        check.update(n_check=ref_res["n_check"], err=ref_res["check_rel_err"],
+                                     ref_by=ref_res["ref_by"], checker=ref_res["checker"])
+                        notes = [ref_res.get("ref_note"), ref_res.get("checker_note")]
+                        check["note"] = "; ".join(x for x in notes if x)
+                        checks.append(check)
+                        print(f"  [{mode}] float64 reference ({ref_res['ref_by']}) vs float64 "
+                              f"{ref_res['checker']} on {ref_res['n_check']} probes: rel err "
+                              f"{ref_res['check_rel_err']:.1e}"
+                              + (f"  [{check['note']}]" if check["note"] else ""), flush=True)
                     for method in args.methods:
                         if not W.supports(method, mode):
                             continue
@@ -186,12 +206,12 @@ def run_benchmark(args: argparse.Namespace) -> tuple[list[Row], list[dict[str, A
                                           config, ref, tmp, have_nngeometry)
                         rows.append(row)
                         print("  " + R.console_line(row), flush=True)
-    return rows, checks
+    return rows, checks, metas
 
 
 def measure_one(runner: Runner, args: argparse.Namespace, base_task: dict[str, Any],
                 method: str, mode: str, meta: dict[str, int], n: int, config: str,
-                ref: torch.Tensor, tmp: str, have_nngeometry: bool) -> Row:
+                ref: torch.Tensor | None, tmp: str, have_nngeometry: bool) -> Row:
     row = Row(config, n, mode, method, "ok")
     if method == "nngeometry_gram" and not have_nngeometry:
         row.status, row.note = "not_installed", "nngeometry not installed"
@@ -216,13 +236,17 @@ def measure_one(runner: Runner, args: argparse.Namespace, base_task: dict[str, A
     row.extra["wall_s"] = res.get("wall_s")
     if res.get("projected_s") is not None:
         row.extra["projected_s"] = res["projected_s"]
+    if res.get("warmup_timed"):
+        row.extra["warmup_timed"] = True
     if row.status == "over_limit":
         row.note = f"projected {res['projected_s']:.0f} s > {args.max_seconds:.0f} s limit"
-    elif row.status in ("killed", "error"):
+    elif row.status in ("killed", "error", "unsupported"):
         row.note = res.get("error", "")
         if res.get("traceback"):
             row.extra["traceback"] = res["traceback"]
-    if row.status == "ok" and os.path.exists(out):
+    elif res.get("note"):
+        row.note = res["note"]
+    if row.status == "ok" and ref is not None and os.path.exists(out):
         row.err = rel_err(torch.load(out, weights_only=True), ref)
     return row
 
@@ -231,7 +255,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     size = ap.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true",
-                      help="N=64 of each model, 2 runs, 3 s limit, 4 GiB cap: < 2 minutes")
+                      help="N=64 of each model, 2 runs, 3 s limit, 4 GiB cap: ~2 minutes "
+                           "for the four non-transformers, ~10 for all")
     size.add_argument("--smoke", action="store_true", help="tiny run for the tests (seconds)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker (1)")
     ap.add_argument("--repeats", type=int, help="timed runs per method (5; quick 2; smoke 1)")
@@ -239,7 +264,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     help="per-method time limit (120; quick 3; smoke 20)")
     ap.add_argument("--max-memory-gb", type=float,
                     help="skip methods estimated to need more (GiB; 16, quick 4)")
-    ap.add_argument("--configs", help=f"comma list of {', '.join(C.CONFIGS)}")
+    ap.add_argument("--configs", help=f"comma list of {', '.join(C.CONFIGS)} (sizes from "
+                                      "the --quick / --smoke / full plan)")
     ap.add_argument("--sizes", help="comma list of N overriding the plan's sizes")
     ap.add_argument("--modes", default="target,trace", help="comma list (target,trace)")
     ap.add_argument("--methods", help=f"comma list of {', '.join(R.METHODS)}")
@@ -260,7 +286,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         bad = [c for c in names if c not in C.CONFIGS]
         if bad:
             ap.error(f"unknown config(s) {bad}; choose from {list(C.CONFIGS)}")
-        plan = {c: FULL_PLAN[c] for c in names}
+        base = SMOKE_PLAN if args.smoke else QUICK_PLAN if args.quick else FULL_PLAN
+        plan = {c: base.get(c, (SMOKE_N,) if args.smoke else FULL_PLAN[c]) for c in names}
     if args.sizes:
         plan = {c: tuple(int(s) for s in args.sizes.split(",")) for c in plan}
     args.plan = plan
@@ -293,14 +320,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bench_ntk: {info['cpu']}, {args.threads} thread(s), torch {info['torch']}, "
           f"limit {args.max_seconds:.0f} s, memory cap {args.max_memory / GiB:.0f} GiB", flush=True)
     start = time.perf_counter()
-    rows, checks = run_benchmark(args)
+    rows, checks, metas = run_benchmark(args)
     run = {"settings": {"argv": argv, "repeats": args.repeats, "max_seconds": args.max_seconds,
                         "n0": args.n0, "max_memory_gb": args.max_memory_gb,
-                        "threads": args.threads, "plan": args.plan, "modes": args.modes},
+                        "threads": args.threads, "plan": args.plan, "modes": args.modes,
+                        "self_check_kw": W.HAS_SELF_CHECK,
+                        "transformers_impl": "HF" if C.use_hf() else "plain"},
            "info": info, "info_end": R.machine_info(args.threads, torch.__version__),
            "wall_s": time.perf_counter() - start,
-           "rows": R.rows_to_data(rows), "checks": checks}
-    print("\n" + R.headline(R.summarise(rows)).replace("**", ""))
+           "rows": R.rows_to_data(rows), "checks": checks, "meta": metas}
+    print("\n" + R.headline(R.summarise(rows), W.HAS_SELF_CHECK).replace("**", ""))
+    print(R.transformer_lines(R.summarise(rows)))
     print(f"(total {run['wall_s']:.0f} s)")
     if args.json:
         Path(args.json).write_text(json.dumps(run, indent=1, default=str))

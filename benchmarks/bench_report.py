@@ -15,7 +15,7 @@ from typing import Any
 import bench_configs as C
 
 METHODS = ("floor_G", "floor_trace", "per_sample_loop", "vmap_jacrev", "vmap_grad",
-           "ntk_vps", "nngeometry_gram", "ours", "ours_generic")
+           "ntk_vps", "nngeometry_gram", "ours", "ours_nocheck", "ours_generic")
 BASELINE_METHODS = ("per_sample_loop", "vmap_jacrev", "vmap_grad", "ntk_vps", "nngeometry_gram")
 LABELS = {
     "floor_G": "floor G (1 fwd + 1 grad)",
@@ -26,6 +26,7 @@ LABELS = {
     "ntk_vps": "NTK-vector products (tutorial)",
     "nngeometry_gram": "nngeometry GramMatrix",
     "ours": "**ours** empirical_ntk (auto)",
+    "ours_nocheck": "ours (self_check=False)",
     "ours_generic": "ours, implementation='generic'",
 }
 DESCRIPTIONS = {
@@ -50,6 +51,10 @@ DESCRIPTIONS = {
                        "(O, N, O, N) Gram), reduced to the mode.",
     "ours": "`ntk_callback.empirical_ntk(model, x, t, mode=mode)` (structured per-layer "
             "rules where they apply, torch.func elsewhere; 1 GiB default memory budget).",
+    "ours_nocheck": "`empirical_ntk(..., self_check=False)`: ours without the engine's "
+                    "self-check, to measure its cost (*self-check cost* = ours / this). While "
+                    "`empirical_ntk` has no `self_check` keyword the call is the same as "
+                    "ours and the row says so.",
     "ours_generic": "`empirical_ntk(..., implementation='generic')`: our torch.func path "
                     "for every parameter.",
 }
@@ -57,7 +62,8 @@ DESCRIPTIONS = {
 GOAL_VS_FASTEST = {"target": 1.0, "trace": 0.5}
 GOAL_TRACE_MLP = 0.1
 GOAL_VS_G = 2.0
-G_CONFIGS = ("cnn", "resnet", "mlp_wide")
+TRANSFORMER_CONFIGS = C.TRANSFORMERS
+G_CONFIGS = ("cnn", "resnet", "mlp_wide", *TRANSFORMER_CONFIGS)
 MLP_CONFIGS = ("mlp_small", "mlp_wide")
 OURS_MEMORY = 1 << 30
 ERR_TOL = 1e-4
@@ -72,6 +78,7 @@ class Row:
     mode: str
     method: str
     status: str            # ok / over_limit / skipped_memory / killed / error / not_installed
+    #                        / unsupported (n/a by construction)
     time_s: float | None = None
     repeats: int = 0
     peak_bytes: float | None = None
@@ -118,6 +125,7 @@ def summarise(rows: list[Row]) -> list[dict[str, Any]]:
     out = []
     for (config, n, mode), g in group(rows).items():
         ours, floor, floor_tr = g.get("ours"), g.get("floor_G"), g.get("floor_trace")
+        nocheck = g.get("ours_nocheck")
         fb = fastest_baseline(g)
         e: dict[str, Any] = {"config": config, "n": n, "mode": mode}
         if not _ok(ours):
@@ -129,6 +137,9 @@ def summarise(rows: list[Row]) -> list[dict[str, Any]]:
         e["ours_err"] = ours.err
         e["vs_G"] = ours.time_s / floor.time_s if _ok(floor) else None
         e["vs_floor_trace"] = ours.time_s / floor_tr.time_s if _ok(floor_tr) else None
+        e["G_s"] = floor.time_s if _ok(floor) else None
+        e["nocheck_s"] = nocheck.time_s if _ok(nocheck) else None
+        e["self_check_cost"] = ours.time_s / nocheck.time_s if _ok(nocheck) else None
         e["fastest"] = fb.method if fb else None
         e["fastest_s"] = fb.time_s if fb else None
         e["vs_fastest"] = ours.time_s / fb.time_s if fb else None
@@ -143,7 +154,7 @@ def summarise(rows: list[Row]) -> list[dict[str, Any]]:
         if mode == "target" and config in G_CONFIGS and e["vs_G"] is not None:
             e["pass_G"] = e["vs_G"] <= GOAL_VS_G
         e["pass_memory"] = ours.peak_bytes is not None and ours.peak_bytes <= OURS_MEMORY
-        e["pass_err"] = ours.err is not None and ours.err <= ERR_TOL
+        e["pass_err"] = None if ours.err is None else ours.err <= ERR_TOL
         out.append(e)
     return out
 
@@ -158,7 +169,7 @@ def missed_reasons(e: dict[str, Any]) -> list[str]:
         why.append(f"{e['vs_G']:.2g}x G > {GOAL_VS_G:g}x")
     if e.get("pass_memory") is False:
         why.append(f"peak {e['ours_peak'] / MiB:.0f} MiB > 1 GiB")
-    if e.get("pass_err") is False:
+    if e.get("pass_err") is False and e.get("ours_err") is not None:
         why.append(f"err {e['ours_err']:.1e} > {ERR_TOL:g}")
     return why
 
@@ -201,7 +212,15 @@ def _engine_version() -> str:
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-    return (head or "unknown") + (" + local changes to ntk_callback" if dirty else "")
+    version = (head or "unknown") + (" + local changes to ntk_callback" if dirty else "")
+    try:  # the workers import whatever ntk_callback the driver finds (PYTHONPATH first)
+        import ntk_callback
+        where = os.path.dirname(os.path.dirname(os.path.abspath(ntk_callback.__file__)))
+        if os.path.realpath(where) != os.path.realpath(root):
+            version += f" (but ntk_callback imported from {where})"
+    except Exception:
+        pass
+    return version
 
 
 # --------------------------------------------------------------------------- text
@@ -211,7 +230,7 @@ def fmt_time(r: Row) -> str:
         return f"{r.time_s:.4g}"
     return {"over_limit": "> limit", "skipped_memory": "skipped (memory)",
             "not_installed": "not installed", "killed": "killed",
-            "error": "error"}.get(r.status, r.status)
+            "error": "error", "unsupported": "n/a"}.get(r.status, r.status)
 
 
 def fmt_ratio(x: float | None) -> str:
@@ -227,7 +246,13 @@ def console_line(r: Row) -> str:
     return f"{r.method:16s} {fmt_time(r):>16s} s  peak {mem:>9s}  err {err:>8s}{wall}{note}"
 
 
-def headline(summary: list[dict[str, Any]]) -> str:
+def _span(xs: list[float], digits: int = 2) -> str:
+    return f"{min(xs):.{digits}g}x-{max(xs):.{digits}g}x" if xs else "-"
+
+
+def headline(summary: list[dict[str, Any]], self_check_kw: bool | None = None) -> str:
+    """The headline bullets. ``self_check_kw``: whether the measured ``empirical_ntk``
+    had the ``self_check`` keyword (None: unknown, e.g. an old saved run)."""
     done = [e for e in summary if "ours_s" in e]
     if not done:
         return "No measurement of ours finished."
@@ -242,7 +267,7 @@ def headline(summary: list[dict[str, Any]]) -> str:
         line = (f"- **{mode} mode**: ours takes {best['vs_fastest']:.2g}x-"
                 f"{worst['vs_fastest']:.2g}x the time of the fastest baseline (worst: "
                 f"{C.CONFIGS[worst['config']].title}, N={worst['n']}, vs {worst['fastest']}); "
-                f"{min(gs):.2g}x-{max(gs):.2g}x the floor G")
+                f"{_span(gs)} the floor G")
         ft = [e["vs_floor_trace"] for e in done if e["mode"] == mode
               and e.get("vs_floor_trace") is not None]
         if ft:
@@ -250,8 +275,25 @@ def headline(summary: list[dict[str, Any]]) -> str:
         parts.append(line + ".")
     peaks = [e["ours_peak"] for e in done if e["ours_peak"] is not None]
     errs = [e["ours_err"] for e in done if e["ours_err"] is not None]
-    parts.append(f"- Peak memory of ours: at most {max(peaks) / MiB:.0f} MiB; max rel err vs "
-                 f"float64: {max(errs):.1e}.")
+    peak = f"at most {max(peaks) / MiB:.0f} MiB" if peaks else "-"
+    err = f"{max(errs):.1e}" if errs else "- (no reference)"
+    parts.append(f"- Peak memory of ours: {peak}; max rel err vs float64: {err}.")
+    costs = [e["self_check_cost"] for e in done if e.get("self_check_cost") is not None]
+    if costs:
+        worst = max((e for e in done if e.get("self_check_cost") is not None),
+                    key=lambda e: e["self_check_cost"])
+        line = (f"- Self-check cost (ours / ours with `self_check=False`): {_span(costs, 3)} "
+                f"(most: {C.CONFIGS[worst['config']].title}, N={worst['n']}, {worst['mode']})")
+        if self_check_kw is False:
+            line += ("; `empirical_ntk` had no `self_check` keyword, so both rows are the "
+                     "same call and this is timing noise")
+        parts.append(line + ".")
+    tr = [e for e in done if e["config"] in TRANSFORMER_CONFIGS and e["mode"] == "target"
+          and e["vs_G"] is not None]
+    if tr:
+        parts.append("- Transformers, target mode, ours / G: " + ", ".join(
+            f"{e['config']} N={e['n']} {e['vs_G']:.2g}x" for e in tr)
+            + f" (target <= {GOAL_VS_G:g}x).")
     missed = [(e, missed_reasons(e)) for e in done]
     missed = [(e, why) for e, why in missed if why]
     met = len(done) - len(missed)
@@ -261,6 +303,25 @@ def headline(summary: list[dict[str, Any]]) -> str:
             f"{C.CONFIGS[e['config']].title} N={e['n']} {e['mode']} ({', '.join(why)})"
             for e, why in missed) + ".")
     return "\n".join(parts)
+
+
+def transformer_lines(summary: list[dict[str, Any]]) -> str:
+    """Plain-text ours / G (and ours / fastest) for the transformer configs."""
+    es = [e for e in summary if e["config"] in TRANSFORMER_CONFIGS]
+    if not es:
+        return ""
+    out = ["Transformers (issue target: ours <= 2x G in target mode):"]
+    for e in es:
+        if "ours_s" not in e:
+            out.append(f"  {e['config']} N={e['n']} {e['mode']}: ours {e.get('ours_status')}")
+            continue
+        g = "-" if e["vs_G"] is None else f"{e['vs_G']:.2f}x"
+        fb = "-" if e["vs_fastest"] is None else f"{e['vs_fastest']:.3g}x {e['fastest']}"
+        sc = "-" if e.get("self_check_cost") is None else f"{e['self_check_cost']:.2f}x"
+        verdict = {True: "met", False: "MISSED"}.get(e.get("pass_G"), "")
+        out.append(f"  {e['config']} N={e['n']} {e['mode']}: ours {e['ours_s']:.4g} s = {g} G "
+                   f"{verdict}; vs fastest {fb}; self-check cost {sc}")
+    return "\n".join(out)
 
 
 def render_markdown(run: dict[str, Any]) -> str:
@@ -293,7 +354,9 @@ def render_markdown(run: dict[str, Any]) -> str:
         "when the projection to N (growth exponent fitted on the last two pilots, clamped to "
         "[1, 1] for the Jacobian methods and [1, 2] for the NTK-vector products and "
         f"nngeometry) exceeds {s['max_seconds']:.0f} s they are reported as `> limit` with "
-        "the projection; a worker still running at 3x the limit + 60 s is killed.")
+        "the projection; a method without pilots whose warm-up alone passes the limit is "
+        "timed by that warm-up (1 run); a worker still running at 3x the limit + 60 s is "
+        "killed.")
     add("- Memory: each (config, mode, method) runs in a fresh worker process forked from a "
         "fork server that has imported torch and computed nothing. *Peak* = the worker's "
         "`ru_maxrss` at the end minus its `ru_maxrss` after loading the model and probes "
@@ -309,21 +372,34 @@ def render_markdown(run: dict[str, Any]) -> str:
         "time / the trace floor (one forward + O grads); *vs fastest* = time / time of the "
         "fastest baseline that finished (floors and ours excluded).")
     add("- Issue-5 targets: target mode ours <= 1.0x fastest baseline everywhere and <= 2x G "
-        "on the CNN, the ResNet and the wide MLP; trace mode ours <= 0.5x fastest baseline "
-        "everywhere and <= 0.1x on the two MLPs; ours peak <= 1 GiB everywhere.")
+        "on the CNN, the ResNet, the wide MLP and the transformers (BERT, ViT, GPT-2); trace "
+        "mode ours <= 0.5x fastest baseline everywhere and <= 0.1x on the two MLPs; ours "
+        "peak <= 1 GiB everywhere.")
+    add("- *Self-check cost* = time of ours / time of ours with `self_check=False` "
+        + ("(this engine's `empirical_ntk` has no `self_check` keyword yet: both rows are the "
+           "same call)." if s.get("self_check_kw") is False else "(the engine's self-check)."))
+    if any(r.config in TRANSFORMER_CONFIGS for r in rows):
+        impl = s.get("transformers_impl")
+        add("- Transformers: " + ("Hugging Face models from tiny configs "
+                                  "(`attn_implementation=\"eager\"`)" if impl == "HF" else
+                                  "plain `nn.Module` equivalents (transformers not used)"
+                                  if impl == "plain" else "see the titles")
+            + ", wrapped to return (N, O) logits; BERT probes are a dict batch "
+            "(`input_ids`, `attention_mask` with padding); GPT-2's O is its vocabulary (64). "
+            "A method that cannot run on a model shows `n/a` or `error` with the reason.")
     add("")
     add("## Headline")
     add("")
-    add(headline(summary))
+    add(headline(summary, s.get("self_check_kw")))
     add("")
     add("| config | N | mode | ours s | vs G | vs 1F+OB | fastest baseline | its s "
-        "| ours vs fastest | ours peak MiB | ours err | issue-5 targets |")
-    add("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        "| ours vs fastest | self-check cost | ours peak MiB | ours err | issue-5 targets |")
+    add("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for e in summary:
         title = C.CONFIGS[e["config"]].title
         if "ours_s" not in e:
             add(f"| {title} | {e['n']} | {e['mode']} | {e.get('ours_status')} "
-                "| | | | | | | | |")
+                "| | | | | | | | | |")
             continue
         vs = fmt_ratio(e["vs_fastest"])
         if e["vs_fastest"] is None and e.get("vs_fastest_upper") is not None:
@@ -333,10 +409,38 @@ def render_markdown(run: dict[str, Any]) -> str:
         why = missed_reasons(e)
         verdict = "MISSED: " + ", ".join(why) if why else "met"
         fastest_s = "-" if e["fastest_s"] is None else f"{e['fastest_s']:.4g}"
+        peak = "-" if e["ours_peak"] is None else f"{e['ours_peak'] / MiB:.0f}"
+        err = "-" if e["ours_err"] is None else f"{e['ours_err']:.1e}"
         add(f"| {title} | {e['n']} | {e['mode']} | {e['ours_s']:.4g} | {fmt_ratio(e['vs_G'])} "
             f"| {fmt_ratio(e.get('vs_floor_trace'))} | {e['fastest'] or '-'} | {fastest_s} "
-            f"| {vs} | {e['ours_peak'] / MiB:.0f} | {e['ours_err']:.1e} | {verdict} |")
+            f"| {vs} | {fmt_ratio(e.get('self_check_cost'))} | {peak} | {err} | {verdict} |")
     add("")
+    tr = [e for e in summary if e["config"] in TRANSFORMER_CONFIGS]
+    if tr:
+        meta = run.get("meta", {})
+        add("## Transformers: ours vs the floor G")
+        add("")
+        add(f"The issue's target: ours <= {GOAL_VS_G:g}x G in target mode on the transformers. "
+            "G = one batched forward + one `autograd.grad` of the summed target logits.")
+        add("")
+        add("| config | P | O | N | mode | ours s | G s | ours / G | ours (no self-check) / G "
+            "| ours vs fastest | fastest baseline | <= 2x G (target) |")
+        add("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for e in tr:
+            m = meta.get(e["config"], {})
+            p_ = f"{m['P']:,}" if "P" in m else "-"
+            o_ = m.get("O", "-")
+            head = f"| {C.CONFIGS[e['config']].title} | {p_} | {o_} | {e['n']} | {e['mode']} "
+            if "ours_s" not in e:
+                add(head + f"| {e.get('ours_status')} | | | | | | |")
+                continue
+            g_s = "-" if e["G_s"] is None else f"{e['G_s']:.4g}"
+            nc = (e["nocheck_s"] / e["G_s"] if e["nocheck_s"] is not None and e["G_s"]
+                  else None)
+            verdict = {True: "met", False: "MISSED"}.get(e.get("pass_G"), "-")
+            add(head + f"| {e['ours_s']:.4g} | {g_s} | {fmt_ratio(e['vs_G'])} | {fmt_ratio(nc)} "
+                f"| {fmt_ratio(e['vs_fastest'])} | {e['fastest'] or '-'} | {verdict} |")
+        add("")
     add("## Full table")
     add("")
     add("| config | N | mode | method | time s | runs | vs G | vs fastest | peak MiB | err "
@@ -358,11 +462,20 @@ def render_markdown(run: dict[str, Any]) -> str:
     add("")
     add("## Reference cross-check (float64 ours vs float64 vmap(jacrev))")
     add("")
-    add("| config | N | mode | probes compared | rel err |")
-    add("|---|---|---|---|---|")
+    add("The reference is ours in float64 unless that fails (then a float64 per-output, "
+        "per-probe `autograd.grad` loop); it is checked against the float64 `vmap(jacrev)` "
+        "baseline, or the float64 per-sample `backward()` loop where vmap fails.")
+    add("")
+    add("| config | N | mode | reference | checked against | probes compared | rel err "
+        "| note |")
+    add("|---|---|---|---|---|---|---|---|")
     for c in run["checks"]:
-        add(f"| {C.CONFIGS[c['config']].title} | {c['n']} | {c['mode']} | {c['n_check']} "
-            f"| {c['err']:.1e} |")
+        err = "-" if c.get("err") is None else f"{c['err']:.1e}"
+        note = c.get("note") or c.get("error") or ""
+        add(f"| {C.CONFIGS[c['config']].title} | {c['n']} | {c['mode']} "
+            f"| {c.get('ref_by', 'ours' if c.get('err') is not None else 'failed')} "
+            f"| {c.get('checker', 'vmap_jacrev' if c.get('err') is not None else '-')} "
+            f"| {c['n_check']} | {err} | {note} |")
     add("")
     add("## Methods")
     add("")
@@ -372,6 +485,7 @@ def render_markdown(run: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["BASELINE_METHODS", "LABELS", "METHODS", "Row", "console_line", "fastest_baseline",
-           "headline", "machine_info", "missed_reasons", "render_markdown", "rows_from_data",
-           "rows_to_data", "summarise"]
+__all__ = ["BASELINE_METHODS", "LABELS", "METHODS", "Row", "TRANSFORMER_CONFIGS",
+           "console_line", "fastest_baseline", "headline", "machine_info", "missed_reasons",
+           "render_markdown", "rows_from_data", "rows_to_data", "summarise",
+           "transformer_lines"]

@@ -144,7 +144,7 @@ def test_smoke_run_end_to_end(tmp_path: Path) -> None:
     methods = {(r["mode"], r["method"]) for r in rows}
     for mode in ("target", "trace"):
         assert {(mode, m) for m in ("floor_G", "per_sample_loop", "vmap_jacrev", "ntk_vps",
-                                     "ours", "ours_generic")} <= methods
+                                     "ours", "ours_nocheck", "ours_generic")} <= methods
     assert ("target", "vmap_grad") in methods and ("trace", "floor_trace") in methods
     for r in rows:
         if r["method"] == "nngeometry_gram" and not B.nngeometry_available():
@@ -187,3 +187,137 @@ def test_pilot_projection() -> None:
     calls.clear()
     slow = W._pilot(fake(lambda m: 200.0 * m), x, t, power=2, n0=16, limit=120.0)
     assert slow > 120.0 and calls == [2, 2]
+
+
+# --------------------------------------------------------------------------- transformers
+
+HF = [False] + ([True] if C.use_hf() else [])
+TRANSFORMER_CASES = [(c, hf) for c in C.TRANSFORMERS for hf in HF]
+TRANSFORMER_IDS = [f"{c}-{'hf' if hf else 'plain'}" for c, hf in TRANSFORMER_CASES]
+
+
+class _TargetLogit(nn.Module):
+    """f_{t}(x) as a one-output model of the batch (x, t), so that the reference's
+    per-sample Jacobian is (N, 1, P) instead of (N, O, P)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: object, t: torch.Tensor) -> torch.Tensor:
+        return B.call(self.model, x).gather(1, t[:, None])
+
+
+@pytest.mark.parametrize("config,hf", TRANSFORMER_CASES, ids=TRANSFORMER_IDS)
+def test_transformer_config_shapes(config: str, hf: bool) -> None:
+    """~1M parameters, (N, O) logits, the probe batch the docstring promises, and the
+    Hugging Face and plain versions of a config the same size."""
+    model, x, t = C.make_problem(config, 3, hf=hf)
+    cfg = C.CONFIGS[config]
+    p = sum(q.numel() for q in model.parameters())
+    assert 0.9e6 < p < 1.1e6
+    assert B.call(model, x).shape == (3, cfg.num_outputs)
+    assert t.dtype == torch.long and int(t.max()) < cfg.num_outputs
+    if config == "bert":
+        assert set(x) == {"input_ids", "attention_mask"} and x["input_ids"].shape == (3, 32)
+        assert x["attention_mask"].dtype == torch.long
+        assert (x["attention_mask"] == 0).any() and bool(x["attention_mask"][0].all())
+    elif config == "vit":
+        assert x.shape == (3, 3, 32, 64)                       # 4 x 8 patches of 8x8
+    else:
+        assert x.shape == (3, 32) and x.dtype == torch.long
+        head = model.m.lm_head if hf else model.lm_head
+        emb = model.m.transformer.wte if hf else model.wte
+        assert head.weight is emb.weight                       # tied, counted once
+    other = C.make_problem(config, 1, hf=not hf)[0] if len(HF) == 2 else model
+    assert sum(q.numel() for q in other.parameters()) == p
+
+
+@pytest.mark.parametrize("config,hf", TRANSFORMER_CASES, ids=TRANSFORMER_IDS)
+def test_transformer_ours_matches_float64_reference(config: str, hf: bool) -> None:
+    """Ours on each transformer config (float64, N = 3) against the independent
+    per-sample autograd.grad reference: target mode on all three (GPT-2's tied head
+    included), trace mode on the two with O = 10 (GPT-2's O = 64 trace needs 64 backward
+    passes a probe: too slow for CI; the benchmark cross-checks it against float64
+    vmap(jacrev))."""
+    model, x, t = C.make_problem(config, 3, hf=hf)
+    model = model.double()
+    x = B.batch_to(x, torch.float64)
+    ours = empirical_ntk(model, x, t, mode="target")
+    ref = ntk_loop(_TargetLogit(model), (x, t), mode="target")
+    assert ours.shape == ref.shape == (3, 3)
+    assert (ours - ref).abs().max() <= 1e-10 * ref.abs().max()
+    if config != "gpt2":
+        ours = empirical_ntk(model, x, t, mode="trace")
+        ref = ntk_loop(model, x, t, mode="trace")
+        assert (ours - ref).abs().max() <= 1e-10 * ref.abs().max()
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_loop_kernel_matches_reference() -> None:
+    """The fallback float64 reference of the benchmark (used when ours fails)."""
+    import bench_worker as W
+
+    model, x, t = _tiny()
+    for mode in ("target", "trace"):
+        ref = ntk_loop(model, x, t, mode=mode)
+        assert torch.allclose(W.loop_kernel(model, x, t, mode), ref, rtol=1e-12, atol=0)
+
+
+def test_baselines_take_dict_batches() -> None:
+    """A dict probe batch is passed as keyword arguments (the engine's convention), and
+    every baseline that can handle one gives the reference kernel; nngeometry is n/a."""
+    torch.manual_seed(0)
+
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.lin = nn.Embedding(7, 3), nn.Linear(3, 4)
+
+        def forward(self, ids: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+            return self.lin(torch.tanh(self.emb(ids).sum(1) * scale[:, None]))
+
+    model = Two().double().eval()
+    x = {"ids": torch.randint(0, 7, (5, 2)), "scale": torch.rand(5, dtype=torch.float64)}
+    t = torch.tensor([0, 3, 1, 2, 3])
+    for mode in ("target", "trace"):
+        ref = ntk_loop(model, x, t, mode=mode)
+        for method, modes in B.SUPPORTED.items():
+            if mode not in modes:
+                continue
+            if method == "nngeometry_gram":
+                with pytest.raises(B.Unsupported):
+                    B.nngeometry_gram(model, x, t, mode)
+                continue
+            got = B.BASELINES[method](model, x, t, mode)
+            assert (got - ref).abs().max() <= 1e-11 * ref.abs().max(), (method, mode)
+
+
+def test_report_transformer_and_self_check_rows() -> None:
+    """ours / G on a transformer is judged against 2x in target mode, the self-check
+    cost is ours / ours_nocheck, and a failed reference (no err) or a method marked n/a
+    still renders."""
+    rows = [R.Row("vit", 64, "target", "floor_G", "ok", time_s=1.0),
+            R.Row("vit", 64, "target", "vmap_grad", "ok", time_s=4.0),
+            R.Row("vit", 64, "target", "nngeometry_gram", "unsupported", note="dict batch"),
+            R.Row("vit", 64, "target", "vmap_jacrev", "error", note="RuntimeError: vmap"),
+            R.Row("vit", 64, "target", "ours", "ok", time_s=2.4, peak_bytes=10.0, err=None),
+            R.Row("vit", 64, "target", "ours_nocheck", "ok", time_s=2.0, peak_bytes=10.0)]
+    (e,) = R.summarise(rows)
+    assert e["vs_G"] == pytest.approx(2.4) and e["pass_G"] is False
+    assert e["self_check_cost"] == pytest.approx(1.2)
+    assert e["fastest"] == "vmap_grad" and e["pass_err"] is None
+    assert R.missed_reasons(e) == ["2.4x G > 2x"]
+    run = {"settings": {"argv": [], "repeats": 1, "max_seconds": 1.0, "n0": 16,
+                        "max_memory_gb": 4.0, "self_check_kw": False,
+                        "transformers_impl": "plain"},
+           "info": R.machine_info(1, torch.__version__),
+           "info_end": R.machine_info(1, torch.__version__), "wall_s": 1.0,
+           "rows": R.rows_to_data(rows), "meta": {"vit": {"P": 1021962, "O": 10}},
+           "checks": [{"config": "vit", "n": 64, "mode": "target", "n_check": 0, "err": None,
+                       "error": "reference failed"}]}
+    text = R.render_markdown(run)
+    assert "## Transformers: ours vs the floor G" in text
+    assert "| 1,021,962 | 10 | 64 | target | 2.4 | 1 | 2.4x | 2x |" in text
+    assert "| n/a |" in text and "self-check cost" in text
+    assert "ours / G: vit N=64 2.4x" in text
