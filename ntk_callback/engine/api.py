@@ -7,6 +7,7 @@ from typing import Any, Callable
 
 import torch
 
+from . import blocked as _blocked
 from . import structured
 from .errors import NTKError
 from .generic import explain_failure, generic_kernel
@@ -196,7 +197,10 @@ def empirical_ntk(model: torch.nn.Module, inputs: Any, targets: Any = None, *,
                   output_fn: Callable[[Any], torch.Tensor] | None = None,
                   implementation: str = "auto",
                   layer_paths: dict[str, str] | None = None,
-                  self_check: bool = True, explain: bool = False) -> Any:
+                  self_check: bool = True, explain: bool = False,
+                  batch_to_probe: Callable[[Any], Any] | None = None,
+                  block_size: int | None = None, out: str | None = None,
+                  progress: bool = False, comm: Any = None) -> Any:
     r"""Empirical Neural Tangent Kernel of ``model`` over a probe batch.
 
     With theta the parameters that have ``requires_grad=True`` (buffers are used, never
@@ -251,6 +255,14 @@ def empirical_ntk(model: torch.nn.Module, inputs: Any, targets: Any = None, *,
             it (on by default; see "Exactness" below). ``False`` saves its cost.
         explain: also return an :class:`Explanation` of which path computed each
             parameter, why a module took the exact path, and the self-check's values.
+        batch_to_probe, block_size, out, progress, comm: whole-dataset kernels.
+            ``inputs`` / ``inputs2`` may be a ``DataLoader`` (or any iterable of
+            batches; a batch is ``(inputs, targets)`` or a tensor, other shapes map
+            through ``batch_to_probe(batch) -> (inputs, targets)``); the kernel is then
+            built in blocks of ``block_size`` probes (:mod:`.blocked`), optionally
+            written to the ``.npy`` file ``out`` (returned as a ``numpy.memmap``), with
+            a tqdm bar if ``progress``, and split across ranks by the communicator
+            ``comm`` (:mod:`.distributed`; every rank passes the same probes).
 
     Exactness: a structured rule takes a parameter only when the trial forward shows
     that every use of it happens inside its own module's call, in the form the rule
@@ -277,6 +289,12 @@ def empirical_ntk(model: torch.nn.Module, inputs: Any, targets: Any = None, *,
     every submodule's train/eval flag are as they were; TF32 is disabled during the
     computation on CUDA.
     """
+    if _blocked.wanted(inputs, inputs2, block_size, out, comm):
+        result, explanation = _blocked_run(
+            model, inputs, targets, mode, dtype, chunk_size, eval_mode, inputs2, targets2,
+            memory_budget, output_fn, implementation, layer_paths, self_check, False,
+            batch_to_probe, block_size, out, progress, comm)
+        return (result, explanation) if explain else result
     kernels, explanation = _run(model, inputs, targets, mode, dtype, chunk_size, eval_mode,
                                 inputs2, targets2, memory_budget, output_fn, implementation,
                                 layer_paths, self_check, by_layer=False)
@@ -291,7 +309,10 @@ def layerwise_ntk(model: torch.nn.Module, inputs: Any, targets: Any = None, *,
                   output_fn: Callable[[Any], torch.Tensor] | None = None,
                   implementation: str = "auto",
                   layer_paths: dict[str, str] | None = None,
-                  self_check: bool = True, explain: bool = False) -> Any:
+                  self_check: bool = True, explain: bool = False,
+                  batch_to_probe: Callable[[Any], Any] | None = None,
+                  block_size: int | None = None, out: str | None = None,
+                  progress: bool = False, comm: Any = None) -> Any:
     """Per-layer breakdown of :func:`empirical_ntk`: ``{name: K_name}`` with
     ``sum(K_name) == empirical_ntk(...)``.
 
@@ -302,6 +323,12 @@ def layerwise_ntk(model: torch.nn.Module, inputs: Any, targets: Any = None, *,
     parameters count: a layer whose parameters are all frozen is absent. Arguments,
     shapes and side-effect guarantees are those of :func:`empirical_ntk`.
     """
+    if _blocked.wanted(inputs, inputs2, block_size, out, comm):
+        result, explanation = _blocked_run(
+            model, inputs, targets, mode, dtype, chunk_size, eval_mode, inputs2, targets2,
+            memory_budget, output_fn, implementation, layer_paths, self_check, True,
+            batch_to_probe, block_size, out, progress, comm)
+        return (result, explanation) if explain else result
     kernels, explanation = _run(model, inputs, targets, mode, dtype, chunk_size, eval_mode,
                                 inputs2, targets2, memory_budget, output_fn, implementation,
                                 layer_paths, self_check, by_layer=True)
@@ -320,6 +347,29 @@ def _run(model, inputs, targets, mode, dtype, chunk_size, eval_mode, inputs2, ta
             keys.setdefault(key, []).append(name)
         return _kernels(problem, keys, implementation, budget, chunk_size, layer_paths,
                         bool(self_check))
+
+
+def _blocked_run(model, inputs, targets, mode, dtype, chunk_size, eval_mode, inputs2, targets2,
+                 memory_budget, output_fn, implementation, layer_paths, self_check, by_layer,
+                 batch_to_probe, block_size, out, progress, comm):
+    """Loader / blocked / memory-mapped / distributed kernels: :mod:`.blocked` calls the
+    one-shot engine once a block."""
+    def block_fn(x, t, x2, t2, check, paths):
+        return _run(model, x, t, mode, dtype, chunk_size, eval_mode, x2, t2, memory_budget,
+                    output_fn, implementation, paths, check, by_layer)
+
+    def num_outputs(x):
+        return model_outputs(model, x, dtype=dtype, eval_mode=eval_mode,
+                             output_fn=output_fn).shape[1]
+
+    first = next((p for p in model.parameters() if p.requires_grad), None)
+    return _blocked.blocked_kernel(
+        block_fn, inputs, targets, inputs2, targets2, mode=mode,
+        dtype=resolve_dtype(model, dtype),
+        device=first.device if first is not None else torch.device("cpu"),
+        num_outputs=num_outputs, budget=memory_budget or DEFAULT_MEMORY_BUDGET,
+        batch_to_probe=batch_to_probe, block_size=block_size, out=out, progress=progress,
+        comm=comm, self_check=bool(self_check), layer_paths=layer_paths, layerwise=by_layer)
 
 
 def model_outputs(model: torch.nn.Module, inputs: Any, *, dtype: torch.dtype | None = None,

@@ -1,0 +1,345 @@
+"""Kernels of any number of probes: data loaders, blocks, memory-mapped output, ranks.
+
+:func:`empirical_ntk` / :func:`layerwise_ntk` hand their work here when the probes come
+from a ``DataLoader`` (or any other iterable of batches), when ``out=`` asks for a file,
+when ``block_size=`` is given, or when a communicator splits the work across ranks.
+
+How: the probes are collected once (inputs and targets only, never activations) and cut
+into blocks of ``block_size`` probes. Block ``(i, j)`` of the kernel is one call of the
+ordinary engine: the self-kernel of block i on the diagonal (exactly symmetric, as every
+self-kernel of the engine), the cross kernel ``inputs=block_i, inputs2=block_j`` above
+it, mirrored below (full mode: ``K[j, i, b, a] = K[i, j, a, b]``). Each call keeps the
+engine's own memory budget; the result lives in memory or, with ``out="k.npy"``, in a
+memory-mapped ``.npy`` file written block by block, so only one block of the kernel is in
+memory at a time.
+
+Cost: with B blocks of b probes, the B(B+1)/2 calls run the model's forward and backward
+passes over about ``B * N`` probes in all (a block's layer inputs and cotangents are
+recomputed for every pair it is part of: the structured path keeps them only inside one
+call), plus the N^2 kernel entries' products, which any method pays. Larger blocks mean
+fewer passes; the default takes the largest block whose kernel block is a small part of
+the budget (at most 2048 probes).
+
+Self-check: the first diagonal block runs with the self-check (when asked); the other
+blocks run without it and must take exactly the same path for every parameter (their
+``explain`` record is compared with the first block's); a block that does not is
+recomputed with the self-check on.
+
+Ranks (``comm=``): every rank passes the same probes (checked); the pairs ``(i, j)`` are
+dealt out to balance their passes, each rank computes its own, and an all-reduce (a sum
+with zeros elsewhere, so the entries are bit for bit those of one process) puts the
+kernel on every rank; with ``out=`` each rank writes its own blocks into the one file
+(the ranks must share its file system, e.g. one machine). Any error on a rank stops
+every rank (:mod:`.distributed`).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from . import batch as B
+from .distributed import Communicator, agree_no_error, check_same_data, guarded, resolve
+from .errors import NTKError
+from .problem import blocks
+
+DEFAULT_BLOCK_MAX = 2048
+
+# kernel(x, t, x2, t2, self_check, layer_paths) -> ({key: block}, explanation)
+BlockFn = Callable[[Any, Any, Any, Any, bool, Any], tuple[dict[str, torch.Tensor], Any]]
+
+
+def is_data_stream(obj: Any) -> bool:
+    """A ``DataLoader`` or another iterable of batches (generator, iterator, custom
+    iterable), as opposed to one batch (tensor, tuple/list or dict of tensors, array)."""
+    if isinstance(obj, torch.utils.data.DataLoader):
+        return True
+    if obj is None or isinstance(obj, (torch.Tensor, tuple, list, Mapping, str, bytes,
+                                       np.ndarray)):
+        return False
+    return isinstance(obj, Iterable)
+
+
+def wanted(inputs: Any, inputs2: Any, block_size: int | None, out: Any, comm: Any) -> bool:
+    """Whether a kernel call goes through this module rather than one engine call."""
+    return (is_data_stream(inputs) or is_data_stream(inputs2) or block_size is not None
+            or out is not None or comm is not None)
+
+
+def mode_name(mode: Any) -> str:
+    """A mode's name, whether given as a string or as a mode object with ``.name``."""
+    return str(getattr(mode, "name", mode))
+
+
+def default_batch_to_probe(batch: Any) -> tuple[Any, Any]:
+    """``(inputs, targets)`` of a batch: a tensor is inputs without targets, a pair is
+    ``(inputs, targets)``; anything else needs ``batch_to_probe=``."""
+    if isinstance(batch, torch.Tensor):
+        return batch, None
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise NTKError(f"a batch from the data loader is a {type(batch).__name__}"
+                   + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+                   + "; batches must be tensors or (inputs, targets) pairs, or pass "
+                   "`batch_to_probe=` mapping a batch to (inputs, targets), e.g. "
+                   "`batch_to_probe=lambda b: (b['image'], b['label'])`.")
+
+
+def _cat(parts: list[Any], name: str) -> Any:
+    flat0, spec = tree_flatten(parts[0])
+    columns: list[list[torch.Tensor]] = [[] for _ in flat0]
+    for part in parts:
+        flat, s = tree_flatten(part)
+        if s != spec:
+            raise NTKError(f"the batches of `{name}` do not all have the same structure "
+                           "(keys / tuple layout); every batch must look alike.")
+        for col, leaf in zip(columns, flat):
+            col.append(leaf)
+    return tree_unflatten([torch.cat(c) if len(c) > 1 else c[0] for c in columns], spec)
+
+
+def collect(data: Any, targets: Any, batch_to_probe: Callable[[Any], Any] | None,
+            name: str) -> tuple[Any, torch.Tensor | None, int]:
+    """The probes of ``data`` as one batch: ``(inputs, targets or None, N)``.
+
+    A stream is iterated once, each batch mapped by ``batch_to_probe`` (default:
+    :func:`default_batch_to_probe`); a single batch is taken as it is, with ``targets``."""
+    if not is_data_stream(data):
+        if batch_to_probe is not None:
+            data, targets = batch_to_probe(data)
+        n = B.batch_size(data, name)
+        return data, B.as_tensor_targets(targets, torch.device("cpu")), n
+    if targets is not None:
+        raise NTKError(f"`{name}` is a data loader, so its batches carry the targets; do not "
+                       "also pass targets separately (map batches with `batch_to_probe=`).")
+    to_probe = batch_to_probe or default_batch_to_probe
+    xs, ts = [], []
+    for batch in data:
+        probe = to_probe(batch)
+        if not (isinstance(probe, (tuple, list)) and len(probe) == 2):
+            raise NTKError(f"batch_to_probe returned a {type(probe).__name__}; it must return "
+                           "a pair (inputs, targets), with targets None when there are none.")
+        x, t = probe
+        B.batch_size(x, name)
+        xs.append(x)
+        ts.append(None if t is None else B.as_tensor_targets(t, "cpu"))
+    if not xs:
+        raise NTKError(f"the data loader `{name}` gave no batch; it must yield at least one.")
+    if any(t is None for t in ts) and not all(t is None for t in ts):
+        raise NTKError(f"some batches of `{name}` have targets and some do not; give every "
+                       "batch targets (or none).")
+    inputs = _cat(xs, name)
+    tgt = None if ts[0] is None else torch.cat([t.reshape(t.shape[0], *t.shape[1:]) for t in ts])
+    return inputs, tgt, B.batch_size(inputs, name)
+
+
+def checksum(inputs: Any, targets: torch.Tensor | None) -> float:
+    total = 0.0
+    for leaf in B.leaves(inputs) + ([targets] if targets is not None else []):
+        total += float(leaf.detach().double().sum()) + 0.5 * float(leaf.detach().double().abs().sum())
+    return total
+
+
+def _block_size(block_size: int | None, n: int, budget: int, itemsize: int, outputs: int,
+                world: int) -> int:
+    if block_size is not None:
+        if not isinstance(block_size, int) or block_size < 1:
+            raise NTKError(f"block_size={block_size!r} must be a positive int (probes per "
+                           "block) or None for automatic.")
+        return block_size
+    # a kernel block (and its mirrored copy) is a small part of the budget
+    fit = int(math.sqrt(budget / (8 * itemsize * outputs * outputs)))
+    size = max(1, min(n, DEFAULT_BLOCK_MAX, fit))
+    if world > 1:  # enough pairs to share: at least world blocks
+        size = min(size, max(1, -(-n // world)))
+    return size
+
+
+def _deal(costs: list[int], world: int) -> list[list[int]]:
+    """Pair indices per rank, greedily balancing ``costs`` (the probes each pair runs
+    through the model)."""
+    load = [0] * world
+    owned: list[list[int]] = [[] for _ in range(world)]
+    for p in sorted(range(len(costs)), key=lambda p: (-costs[p], p)):
+        r = min(range(world), key=lambda r: (load[r], r))
+        owned[r].append(p)
+        load[r] += costs[p]
+    return [sorted(o) for o in owned]
+
+
+def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    try:
+        return torch.empty((), dtype=dtype).numpy().dtype
+    except TypeError as exc:
+        raise NTKError(f"out= cannot store a {dtype} kernel in a .npy file; use "
+                       "dtype=torch.float32 or torch.float64.") from exc
+
+
+def _mirror(block: torch.Tensor) -> torch.Tensor:
+    return block.permute(1, 0, 3, 2) if block.dim() == 4 else block.T
+
+
+def blocked_kernel(block_fn: BlockFn, inputs: Any, targets: Any, inputs2: Any, targets2: Any,
+                   *, mode: Any, dtype: torch.dtype, device: torch.device, num_outputs: Callable[[Any], int],
+                   budget: int, batch_to_probe: Callable[[Any], Any] | None = None,
+                   block_size: int | None = None, out: str | None = None,
+                   progress: bool = False, comm: Communicator | None = None,
+                   self_check: bool = True, layer_paths: dict[str, str] | None = None,
+                   layerwise: bool = False) -> tuple[Any, Any]:
+    """The kernel (``layerwise``: the dict of per-layer kernels) of all probes, block by
+    block through ``block_fn`` (one engine call a block). Returns ``(result, explanation
+    of the first block)``; ``result`` is a tensor, or with ``out=`` the ``np.memmap`` of
+    the written ``.npy`` file."""
+    comm = resolve(comm)
+    name = mode_name(mode)
+    all_pairs = bool(getattr(mode, "all_pairs", name == "full"))
+    if out is not None and layerwise:
+        raise NTKError("out= writes one kernel; layerwise_ntk returns one kernel a layer. Use "
+                       "empirical_ntk(..., out=...) or keep layerwise_ntk in memory.")
+    def prepare() -> tuple:
+        x1, t1, n1 = collect(inputs, targets, batch_to_probe, "inputs")
+        x2, t2, n2 = x1, t1, n1
+        if cross:
+            x2, t2, n2 = collect(inputs2, targets2, batch_to_probe, "inputs2")
+        one = B.take(x1, slice(0, 1))
+        needs = bool(getattr(mode, "needs_targets", name == "target"))
+        if needs and (t1 is None or t2 is None) and num_outputs(one) > 1:
+            raise NTKError("mode='target' needs the class label of every probe, but the "
+                           "data has no targets: give batches as (inputs, targets) pairs, "
+                           "map other batches with `batch_to_probe=lambda b: (inputs, "
+                           "labels)`, or use mode='trace' / 'sum' / 'full'.")
+        o = num_outputs(one) if all_pairs else 1
+        return x1, t1, n1, x2, t2, n2, o
+
+    cross = inputs2 is not None
+    x1, t1, n1, x2, t2, n2, o = guarded(comm, prepare)
+    check_same_data(comm, n1 + (n2 if cross else 0),
+                    checksum(x1, t1) + (checksum(x2, t2) if cross else 0.0), "probes")
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    size = _block_size(block_size, max(n1, n2), budget, itemsize, o, comm.world_size)
+    rows, cols = blocks(n1, size), blocks(n2, size)
+    if cross:
+        pairs = [(i, j) for i in range(len(rows)) for j in range(len(cols))]
+    else:
+        pairs = [(i, j) for i in range(len(rows)) for j in range(i, len(rows))]
+    width = [s.stop - s.start for s in rows], [s.stop - s.start for s in cols]
+    costs = [width[0][i] + (0 if (i == j and not cross) else width[1][j]) for i, j in pairs]
+    mine = _deal(costs, comm.world_size)[comm.rank]
+    shape = (n1, n2) + ((o, o) if all_pairs else ())
+
+    writer = None
+    if out is not None:
+        np_dtype = _numpy_dtype(dtype)
+
+        def create() -> Any:
+            return np.lib.format.open_memmap(str(out), mode="w+", dtype=np_dtype, shape=shape)
+
+        if comm.rank == 0:
+            writer = guarded(comm, create)
+        else:
+            guarded(comm, lambda: None)
+        if comm.rank != 0:
+            writer = guarded(comm, lambda: np.load(str(out), mmap_mode="r+"))
+        else:
+            guarded(comm, lambda: None)
+
+    result: dict[str, torch.Tensor] = {}
+    state: dict[str, Any] = {"first": None, "paths": None}
+
+    def call(i: int, j: int) -> dict[str, torch.Tensor]:
+        si, sj = rows[i], cols[j]
+        xi, ti = B.take(x1, si), (None if t1 is None else t1[si])
+        if not cross and i == j:
+            xj, tj = None, None
+        else:
+            xj, tj = B.take(x2, sj), (None if t2 is None else t2[sj])
+        first = state["paths"] is None
+        kernels, expl = block_fn(xi, ti, xj, tj, bool(self_check) and first, layer_paths)
+        if first:
+            state["first"], state["paths"] = expl, dict(expl.paths)
+        elif self_check and dict(expl.paths) != state["paths"]:
+            # this block would take another path than the checked one: check it too
+            kernels, expl = block_fn(xi, ti, xj, tj, True, layer_paths)
+        return kernels
+
+    def place(key: str, i: int, j: int, block: torch.Tensor) -> None:
+        si, sj = rows[i], cols[j]
+        if writer is not None:
+            arr = block.detach().cpu().numpy()
+            writer[si, sj] = arr
+            if not cross and i != j:
+                writer[sj, si] = arr.transpose(1, 0, 3, 2) if arr.ndim == 4 else arr.T
+            return
+        if key not in result:
+            result[key] = torch.zeros(shape, dtype=dtype, device=device)
+        result[key][si, sj] = block
+        if not cross and i != j:
+            result[key][sj, si] = _mirror(block)
+
+    def work() -> None:
+        bar = _progress(len(mine), progress)
+        try:
+            for p in mine:
+                i, j = pairs[p]
+                for key, block in call(i, j).items():
+                    place(key, i, j, block)
+                bar.update(1)
+        finally:
+            bar.close()
+        if writer is not None:
+            writer.flush()
+
+    guarded(comm, work)
+    if writer is not None:
+        return writer, state["first"]
+    keys = _keys(result, comm, layerwise)
+    for key in keys:
+        if key not in result:
+            result[key] = torch.zeros(shape, dtype=dtype, device=device)
+        result[key] = comm.all_reduce(result[key], "sum") if comm.world_size > 1 else result[key]
+    if not layerwise:
+        return result.get("", torch.zeros(shape, dtype=dtype, device=device)), state["first"]
+    return {k: result[k] for k in keys}, state["first"]
+
+
+def _keys(result: dict[str, torch.Tensor], comm: Communicator, layerwise: bool) -> list[str]:
+    """The layer keys, in the same order on every rank (a rank may have computed no
+    block). One process: the engine's order."""
+    if comm.world_size == 1:
+        return list(result)
+    if not layerwise:
+        return [""]
+    names = "\n".join(result)
+    data = torch.tensor(list(names.encode()), dtype=torch.int64)
+    length = comm.all_reduce(torch.tensor([data.numel()], dtype=torch.int64), "max")
+    pad = torch.full((int(length.item()),), -1, dtype=torch.int64)
+    pad[:data.numel()] = data
+    for part in comm.all_gather(pad):
+        text = bytes(int(c) for c in part if c >= 0).decode()
+        if text:
+            return text.split("\n")
+    return []
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm comes with Lightning and the dev extra
+        enabled = False
+    if not enabled:
+        class _Null:
+            def update(self, n: int = 1) -> None:
+                pass
+
+            def close(self) -> None:
+                pass
+
+        return _Null()
+    return tqdm(total=total, desc="NTK blocks", unit="block")
+
+
+__all__ = ["is_data_stream", "default_batch_to_probe", "collect", "blocked_kernel"]

@@ -1,0 +1,173 @@
+"""A small communicator interface for splitting kernel and spectrum work across ranks.
+
+The engine knows nothing of Lightning or of how processes were started: it talks to a
+:class:`Communicator` (``rank``, ``world_size``, ``all_reduce``, ``all_gather``).
+:class:`TorchDistributedComm` implements it on an initialised ``torch.distributed``
+process group (gloo or NCCL); an adapter for a training framework (e.g. a Lightning
+strategy) only has to provide the same four members. ``comm=None`` means one process.
+
+Failure discipline: every collective the engine issues is preceded by
+:func:`agree_no_error`, an all-reduce of an error flag, so that an exception on one rank
+makes every rank raise (with the failing rank's number) instead of leaving the others
+waiting forever in the next collective.
+"""
+from __future__ import annotations
+
+from typing import Callable, Protocol, TypeVar, runtime_checkable
+
+import torch
+
+from .errors import NTKError
+
+T = TypeVar("T")
+
+
+@runtime_checkable
+class Communicator(Protocol):
+    """What the engine needs of a group of processes (one process each rank).
+
+    ``all_reduce(tensor, op)`` returns the element-wise ``op`` (``"sum"`` or ``"max"``)
+    of ``tensor`` over all ranks (same shape and dtype on every rank; may work in place);
+    ``all_gather(tensor)`` returns the list of every rank's tensor, by rank (same shape
+    and dtype on every rank). Both are collective: every rank must call them in the
+    same order.
+    """
+
+    rank: int
+    world_size: int
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor: ...
+
+    def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]: ...
+
+
+class LocalComm:
+    """One process: the collectives are identities."""
+
+    rank = 0
+    world_size = 1
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        return tensor
+
+    def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        return [tensor]
+
+
+class TorchDistributedComm:
+    """:class:`Communicator` on an initialised ``torch.distributed`` process group
+    (``group=None``: the default group). Tensors go through the collectives on their own
+    device (NCCL needs CUDA tensors, gloo CPU ones)."""
+
+    def __init__(self, group: object | None = None) -> None:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise NTKError("TorchDistributedComm needs an initialised process group: call "
+                           "torch.distributed.init_process_group(...) first (or pass "
+                           "comm=None for one process).")
+        self._dist = dist
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        ops = {"sum": self._dist.ReduceOp.SUM, "max": self._dist.ReduceOp.MAX}
+        if op not in ops:
+            raise NTKError(f"all_reduce op {op!r}; choose 'sum' or 'max'.")
+        out = tensor.contiguous().clone()
+        self._dist.all_reduce(out, op=ops[op], group=self.group)
+        return out
+
+    def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        tensor = tensor.contiguous()
+        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        self._dist.all_gather(parts, tensor, group=self.group)
+        return parts
+
+
+def resolve(comm: Communicator | None) -> Communicator:
+    """``comm`` itself, checked, or :class:`LocalComm` for ``None``."""
+    if comm is None:
+        return LocalComm()
+    for attr in ("rank", "world_size", "all_reduce", "all_gather"):
+        if not hasattr(comm, attr):
+            raise NTKError(f"comm={type(comm).__name__} has no `{attr}`; pass a "
+                           "Communicator (e.g. ntk_callback.engine.TorchDistributedComm() "
+                           "after torch.distributed.init_process_group) or None.")
+    if not (0 <= int(comm.rank) < int(comm.world_size)):
+        raise NTKError(f"comm has rank {comm.rank} outside 0..{comm.world_size - 1}.")
+    return comm
+
+
+def agree_no_error(comm: Communicator, error: BaseException | None) -> None:
+    """Collective: raise on every rank if ``error`` is set on any rank.
+
+    The failing rank re-raises its own exception; the others raise an NTKError naming
+    the (highest) failing rank. A no-op for one process (the error is raised as is)."""
+    if comm.world_size == 1:
+        if error is not None:
+            raise error
+        return
+    flag = torch.tensor([float(comm.rank + 1) if error is not None else 0.0],
+                        dtype=torch.float64)
+    failed = int(comm.all_reduce(flag, "max").item())
+    if error is not None:
+        raise error
+    if failed:
+        raise NTKError(f"rank {failed - 1} of {comm.world_size} failed while computing its "
+                       "share of the NTK (see that rank's error); every rank stops.")
+
+
+def guarded(comm: Communicator, fn: Callable[[], T]) -> T:
+    """Run ``fn`` locally, then :func:`agree_no_error` (collective) before returning its
+    value: call this around the local work that precedes a collective."""
+    value, error = None, None
+    try:
+        value = fn()
+    except Exception as exc:  # noqa: BLE001 - re-raised on this rank after the agreement
+        error = exc
+    agree_no_error(comm, error)
+    return value  # type: ignore[return-value]
+
+
+def shard(n: int, comm: Communicator) -> slice:
+    """This rank's contiguous share of ``n`` items (the first ``n % world`` ranks get one
+    more)."""
+    w, r = comm.world_size, comm.rank
+    base, extra = divmod(n, w)
+    start = r * base + min(r, extra)
+    return slice(start, start + base + (1 if r < extra else 0))
+
+
+def gather_rows(comm: Communicator, local: torch.Tensor, n: int) -> torch.Tensor:
+    """Concatenate every rank's :func:`shard` of a (n_r, ...) tensor into (n, ...)
+    (shards padded to a common length for the collective)."""
+    if comm.world_size == 1:
+        return local
+    size = -(-n // comm.world_size)
+    pad = torch.zeros((size,) + tuple(local.shape[1:]), dtype=local.dtype, device=local.device)
+    pad[:local.shape[0]] = local
+    parts = comm.all_gather(pad)
+    base, extra = divmod(n, comm.world_size)
+    out = [part[:base + (1 if r < extra else 0)] for r, part in enumerate(parts)]
+    return torch.cat(out)
+
+
+def check_same_data(comm: Communicator, n: int, checksum: float, what: str) -> None:
+    """Collective: every rank must hold the same ``n`` probes (compared by count and a
+    float64 checksum of their values)."""
+    if comm.world_size == 1:
+        return
+    mine = torch.tensor([float(n), float(checksum)], dtype=torch.float64)
+    parts = comm.all_gather(mine)
+    if any(not torch.equal(p, parts[0]) for p in parts):
+        counts = [int(p[0]) for p in parts]
+        raise NTKError(f"the ranks hold different {what} (counts per rank {counts}, or the "
+                       "same count with different values): with comm=, every rank must pass "
+                       "the same probes in the same order -- do not use a DistributedSampler "
+                       "or a shuffling loader for them; each rank computes its share itself.")
+
+
+__all__ = ["Communicator", "LocalComm", "TorchDistributedComm", "agree_no_error", "guarded",
+           "shard", "gather_rows", "check_same_data", "resolve"]
