@@ -1,7 +1,7 @@
 """ntk-callback: the empirical Neural Tangent Kernel of a PyTorch model, its analysis,
 and a PyTorch Lightning callback that reports it while the model trains.
 
-The engine (:func:`empirical_ntk`, :func:`layerwise_ntk`) and the analysis
+The engine (:func:`empirical_ntk`, :func:`layerwise_ntk`, :func:`ntk_spectrum`) and the analysis
 (:mod:`ntk_callback.analysis`, :func:`analyze_ntk`, :class:`NTKReport`) are plain
 PyTorch and never import Lightning; :class:`NTKReportCallback` is imported lazily so
 that ``import ntk_callback`` works without Lightning installed.
@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .engine import NTKError, empirical_ntk, finite_difference_ntk, layerwise_ntk
+from .engine import (NTKError, empirical_ntk, finite_difference_ntk, layerwise_ntk, ntk_spectrum,
+                     ntk_trace_estimate)
 from . import analysis, dynamics, theory
 from .report import NTKReport, analyze_ntk
 
@@ -25,6 +26,8 @@ __all__ = [
     "empirical_ntk",
     "finite_difference_ntk",
     "layerwise_ntk",
+    "ntk_spectrum",
+    "ntk_trace_estimate",
 ]
 
 __version__ = "0.1.0"

@@ -7,9 +7,13 @@ structured per-layer rule (:mod:`.structured`) or to the exact generic torch.fun
 from .api import Explanation, empirical_ntk, layerwise_ntk, model_outputs
 from .errors import NTKError
 from .finite_step import finite_difference_ntk
+from .distributed import Communicator, TorchDistributedComm
+from .spectrum import NormEstimate, ntk_spectrum, ntk_trace_estimate
 from .structured import (BatchNormTerm, Call, ConvTerm, OuterTerm, Rule, ScaleTerm, SumTerm,
                          TokenTerm, register_rule)
 
 __all__ = ["NTKError", "Explanation", "empirical_ntk", "finite_difference_ntk", "layerwise_ntk",
+           "ntk_spectrum", "ntk_trace_estimate", "NormEstimate", "Communicator",
+           "TorchDistributedComm",
            "model_outputs", "register_rule", "Rule", "Call", "OuterTerm", "TokenTerm",
            "ConvTerm", "SumTerm", "ScaleTerm", "BatchNormTerm"]
