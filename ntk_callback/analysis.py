@@ -53,6 +53,7 @@ __all__ = [
     "lambda_min",
     "log10_condition_number",
     "log10_eigenvalue_histogram",
+    "log10_scale_change",
     "min_raw_eigenvalue",
     "predicted_residual",
     "relative_change",
@@ -532,6 +533,23 @@ def kernel_distance(K_t: ArrayLike, K_0: ArrayLike) -> float:
     if na == 0.0 or nb == 0.0:
         return math.nan
     return 0.5 * float(torch.linalg.matrix_norm(a / na - b / nb)) ** 2
+
+
+def log10_scale_change(K_t: ArrayLike, K_0: ArrayLike) -> float:
+    """Change of the kernel's overall scale, ``log10(tr K_t / tr K_0)``.
+
+    0: same scale; +1: ten times larger. The trace is the sum of the eigenvalues (the
+    kernel's total "speed"), so this separates a change of scale from the change of shape
+    that :func:`kernel_distance` measures. Eval-mode kernels of BatchNorm networks move
+    by orders of magnitude when the running statistics leave their initial values (mean
+    0, variance 1), which dominates :func:`relative_change`. K_t, K_0 (N, N) -> float;
+    ``nan`` when either trace is not positive.
+    """
+    a, b = _pair(K_t, K_0)
+    ta, tb = float(torch.diagonal(a).sum()), float(torch.diagonal(b).sum())
+    if not (ta > 0.0 and tb > 0.0):
+        return math.nan
+    return math.log10(ta) - math.log10(tb)
 
 
 # ------------------------------------------------------------------ dynamics

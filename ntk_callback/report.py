@@ -44,6 +44,7 @@ _SCALAR_KEYS = (
     "cka",
     "relative_change",
     "kernel_distance",
+    "log10_scale_change",
     "kta_change",
     "lambda_max_change",
 )
@@ -60,12 +61,17 @@ class NTKReport:
     ``entropy_effective_rank``.
 
     With ``targets``: ``kta`` (centred targets, uncentred kernel: the default),
-    ``kta_uncentered`` (raw targets), ``cka`` (centred kernel and targets).
+    ``kta_uncentered`` (raw targets), ``cka`` (centred kernel and targets), computed on the
+    alignment kernel (``K`` itself unless :func:`analyze_ntk` got ``alignment_kernel``;
+    ``alignment_source`` names it for the console).
     With ``gamma``: ``effective_dimension``.
     With ``init_kernel`` (K_0, same probes): ``relative_change``, ``kernel_distance``,
+    ``log10_scale_change = log10(tr K / tr K_0)`` (NaN when a trace is 0),
     ``init_lambda_max``, ``lambda_max_change = (lambda_max - lambda_max_0) / lambda_max_0``
     (relative; NaN when lambda_max_0 = 0), and with targets as well ``init_kta`` and
-    ``kta_change = kta(K) - kta(K_0)`` (absolute, same targets).
+    ``kta_change = kta - kta_0`` (absolute, same targets, both on the alignment kernel;
+    left out when an alignment kernel was given for K but not for K_0).
+    ``init_label`` (e.g. ``"step 0, train start"``) says which K_0 the drift is against.
     Fields that do not apply are ``None``.
 
     ``kernel`` (float64 symmetrised K) and ``targets`` are kept for :meth:`format`;
@@ -91,6 +97,7 @@ class NTKReport:
     effective_dimension: Optional[float] = None
     relative_change: Optional[float] = None
     kernel_distance: Optional[float] = None
+    log10_scale_change: Optional[float] = None
     init_lambda_max: Optional[float] = None
     lambda_max_change: Optional[float] = None
     init_kta: Optional[float] = None
@@ -98,6 +105,8 @@ class NTKReport:
     kernel: Optional[torch.Tensor] = field(default=None, repr=False)
     targets: Optional[torch.Tensor] = field(default=None, repr=False)
     title: str = ""
+    alignment_source: str = ""
+    init_label: str = ""
 
     def to_dict(self) -> Dict[str, float]:
         """Flat ``{name: float}`` for loggers; names are the logged scalar keys without ``ntk/``.
@@ -106,7 +115,8 @@ class NTKReport:
         log10_condition_number, trace, frobenius_norm, symmetry_residual, effective_rank,
         entropy_effective_rank`` always; ``kta, kta_uncentered, cka`` only with targets;
         ``effective_dimension`` only with gamma; ``relative_change, kernel_distance,
-        lambda_max_change`` only with an initial kernel, and ``kta_change`` only with both.
+        log10_scale_change, lambda_max_change`` only with an initial kernel, and
+        ``kta_change`` only with both.
         Missing inputs omit keys rather than logging NaN. Values may be ``inf``
         (``condition_number`` of a singular kernel) or ``nan`` (undefined, e.g. one class).
         ``init_lambda_max`` / ``init_kta`` are constant over a run and stay fields only.
@@ -154,23 +164,48 @@ class NTKReport:
             f" (entropy {_f(self.entropy_effective_rank, 2)} / {n})"
         )
         if self.kta is not None:
+            source = f" ({self.alignment_source})" if self.alignment_source else ""
             lines.append(
-                f"alignment  KTA {_f(self.kta, 4)} (uncentred {_f(self.kta_uncentered, 4)})"
+                f"alignment{source}  KTA {_f(self.kta, 4)} (uncentred {_f(self.kta_uncentered, 4)})"
                 f"  CKA {_f(self.cka, 4)}"
             )
         if self.relative_change is not None:
-            drift = (
-                f"drift      rel. change {_f(self.relative_change, 4)}"
-                f"  kernel distance {_g(self.kernel_distance)}"
-            )
-            if self.kta_change is not None:
-                drift += f"  KTA change {_f(self.kta_change, 4, sign=True)}"
-            change = self.lambda_max_change
-            pct = "nan" if change is None or math.isnan(change) else f"{100 * change:+.2f}%"
-            drift += f"  lambda_max change {pct}"
-            lines.append(drift)
+            against = f" vs K0 at {self.init_label}" if self.init_label else ""
+            lines.append(f"drift{against}  " + "  ".join(self._drift_cells()))
         lines += _histogram_lines(self, int(bins))
         return "\n".join(lines)
+
+    def _drift_cells(self) -> List[str]:
+        """Drift versus K_0, the scale-free kernel distance first (the raw relative change and
+        lambda_max change also carry the change of the kernel's overall scale)."""
+        cells = [f"kernel distance {_g(self.kernel_distance)}"]
+        scale = self.log10_scale_change
+        if scale is not None:
+            cells.append("scale n/a" if not math.isfinite(scale) else f"scale x{10 ** scale:.3g} (log10 {scale:+.2f})")
+        if self.kta_change is not None:
+            cells.append(f"KTA change {_f(self.kta_change, 4, sign=True)}")
+        cells.append(f"rel. change {_f(self.relative_change, 4)}")
+        change = self.lambda_max_change
+        cells.append(
+            "lambda_max change " + ("nan" if change is None or math.isnan(change) else f"{100 * change:+.2f}%")
+        )
+        return cells
+
+    def format_compact(self, *, title: Optional[str] = None) -> str:
+        """The report in one or two lines (for long runs): spectrum, conditioning and effective
+        rank on the first; alignment and drift on the second (when present)."""
+        head = title if title is not None else self.title
+        first = (
+            f"NTK{' ' + head if head else ''} ({self.num_probes} probes): lambda_max {_g(self.lambda_max)}"
+            f"  log10 kappa {_f(self.log10_condition_number, 2)}"
+            f"  eff. rank {_f(self.effective_rank, 2)}  trace {_g(self.trace)}"
+        )
+        cells = []
+        if self.kta is not None:
+            cells.append(f"KTA {_f(self.kta, 4)}  CKA {_f(self.cka, 4)}")
+        if self.relative_change is not None:
+            cells.append(" ".join(self._drift_cells()[:3]).replace("kernel distance", "distance"))
+        return first if not cells else first + "\n    " + "  |  ".join(cells)
 
     def __str__(self) -> str:
         return self.format()
@@ -184,6 +219,10 @@ def analyze_ntk(
     num_classes: Optional[int] = None,
     gamma: Optional[float] = None,
     title: str = "",
+    alignment_kernel: Optional[ArrayLike] = None,
+    init_alignment_kernel: Optional[ArrayLike] = None,
+    alignment_source: str = "",
+    init_label: str = "",
 ) -> NTKReport:
     """Gather every metric of :mod:`ntk_callback.analysis` for the (N, N) kernel ``K``.
 
@@ -197,6 +236,20 @@ def analyze_ntk(
         num_classes: number of classes for validating int labels (does not change values).
         gamma: ridge for ``effective_dimension`` (omitted when None).
         title: heading of :meth:`NTKReport.format`, e.g. ``"epoch 5, step 120"``.
+        alignment_kernel: (N, N) kernel of the same probes the alignments (``kta``,
+            ``kta_uncentered``, ``cka``) are computed on instead of ``K``. A kernel that
+            does not depend on the labels is needed for a meaningful alignment: the
+            target-mode kernel uses each probe's own label logit and is aligned with the
+            labels before any training; pass the trace kernel (or its projected estimate).
+            Default: ``K`` itself.
+        init_alignment_kernel: the same kind of kernel at initialisation, for
+            ``kta_change``; default ``init_kernel`` when ``alignment_kernel`` is None (with
+            an ``alignment_kernel`` but no ``init_alignment_kernel``, ``kta_change`` is
+            left out rather than mixing two kinds of kernel).
+        alignment_source: which kernel the alignments come from, shown on the console
+            (e.g. ``"trace kernel"``).
+        init_label: which K_0 the drift is measured against, shown on the console (e.g.
+            ``"step 0, train start"``).
 
     Undefined alignments (one class, equal targets, N = 1, zero kernel) become NaN with a
     single :class:`~ntk_callback.analysis.AlignmentUndefinedWarning` naming the cause.
@@ -221,6 +274,8 @@ def analyze_ntk(
         entropy_effective_rank=A._entropy_effective_rank_from(lam),
         kernel=Ks,
         title=title,
+        alignment_source=alignment_source,
+        init_label=init_label,
     )
     if gamma is not None:
         report.gamma = float(gamma)
@@ -237,6 +292,7 @@ def analyze_ntk(
             )
         report.relative_change = A.relative_change(Ks, Ks0)
         report.kernel_distance = A.kernel_distance(Ks, Ks0)
+        report.log10_scale_change = A.log10_scale_change(Ks, Ks0)
         lmax0 = float(A._raw_eigenvalues_desc(Ks0)[0])
         lmax0 = max(lmax0, 0.0)
         report.init_lambda_max = lmax0
@@ -253,12 +309,18 @@ def analyze_ntk(
                 reasons.append(f"{name} ({reason})")
             return value
 
+        Ka, Ka0 = Ks, Ks0
+        if alignment_kernel is not None:
+            Ka = _same_probes(alignment_kernel, "alignment_kernel", n)
+            Ka0 = None
+        if init_alignment_kernel is not None:
+            Ka0 = _same_probes(init_alignment_kernel, "init_alignment_kernel", n)
         report.targets = A._to_tensor(targets, "targets")
-        report.kta = align(Ks, "kta", center_targets=True, center_kernel=False)
-        report.kta_uncentered = align(Ks, "kta_uncentered", center_targets=False, center_kernel=False)
-        report.cka = align(Ks, "cka", center_targets=True, center_kernel=True)
-        if Ks0 is not None:
-            report.init_kta = align(Ks0, "init kta", center_targets=True, center_kernel=False)
+        report.kta = align(Ka, "kta", center_targets=True, center_kernel=False)
+        report.kta_uncentered = align(Ka, "kta_uncentered", center_targets=False, center_kernel=False)
+        report.cka = align(Ka, "cka", center_targets=True, center_kernel=True)
+        if Ks0 is not None and Ka0 is not None:
+            report.init_kta = align(Ka0, "init kta", center_targets=True, center_kernel=False)
             report.kta_change = report.kta - report.init_kta
     if reasons:
         warnings.warn(
@@ -268,6 +330,16 @@ def analyze_ntk(
             stacklevel=2,
         )
     return report
+
+
+def _same_probes(K: ArrayLike, name: str, n: int) -> torch.Tensor:
+    Ks = A._kernel(K, name)
+    if Ks.shape != (n, n):
+        raise ValueError(
+            f"{name} has shape {tuple(Ks.shape)} but K is ({n}, {n}); it must be computed on the same "
+            "probes in the same order."
+        )
+    return Ks
 
 
 # ------------------------------------------------------------------ rendering

@@ -262,6 +262,14 @@ def test_drift(n: int) -> None:
         A.relative_change(random_psd(n + 1, seed=0), K0)
 
 
+def test_log10_scale_change() -> None:
+    K0 = random_psd(6, seed=3)
+    Kt = 250.0 * K0 + random_psd(6, seed=4)
+    assert close(A.log10_scale_change(Kt, K0), math.log10(np.trace(Kt) / np.trace(K0)), rtol=1e-12)
+    assert close(A.log10_scale_change(1e4 * K0, K0), 4.0, rtol=1e-12)
+    assert math.isnan(A.log10_scale_change(np.zeros((6, 6)), K0))
+
+
 def test_kernel_distance_precise_when_nearly_parallel() -> None:
     K0 = random_psd(8, seed=5)
     E = random_psd(8, seed=6)

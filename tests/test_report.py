@@ -20,7 +20,7 @@ ALWAYS = {
     "effective_rank", "entropy_effective_rank",
 }
 WITH_TARGETS = {"kta", "kta_uncentered", "cka"}
-WITH_INIT = {"relative_change", "kernel_distance", "lambda_max_change"}
+WITH_INIT = {"relative_change", "kernel_distance", "log10_scale_change", "lambda_max_change"}
 
 
 def psd(n: int, seed: int) -> np.ndarray:
@@ -70,6 +70,7 @@ def test_to_dict_values_equal_the_functions(case: tuple) -> None:
         "cka": A.centered_kernel_alignment(K, y),
         "relative_change": A.relative_change(K, K0),
         "kernel_distance": A.kernel_distance(K, K0),
+        "log10_scale_change": float(np.log10(np.trace(K.numpy()) / np.trace(K0.numpy()))),
         "kta_change": A.kernel_target_alignment(K, y) - A.kernel_target_alignment(K0, y),
         "lambda_max_change": (A.lambda_max(K) - A.lambda_max(K0)) / A.lambda_max(K0),
     }
@@ -231,3 +232,52 @@ def test_report_is_a_dataclass_with_readable_repr() -> None:
     report = analyze_ntk(psd(6, 0))
     assert isinstance(report, NTKReport)
     assert "lambda_max=" in repr(report) and "tensor" not in repr(report)
+
+
+def _np_kta(K: np.ndarray, y: np.ndarray, center_kernel: bool = False, center_y: bool = True) -> float:
+    """Alignment written out in numpy: <A, YY^T>_F / (||A|| ||YY^T||), one-hot Y."""
+    Y = np.eye(int(y.max()) + 1)[y]
+    if center_y:
+        Y = Y - Y.mean(0)
+    Ks = (K + K.T) / 2
+    if center_kernel:
+        H = np.eye(len(y)) - 1.0 / len(y)
+        Ks = H @ Ks @ H
+    YY = Y @ Y.T
+    return float((Ks * YY).sum() / (np.linalg.norm(Ks) * np.linalg.norm(YY)))
+
+
+def test_alignment_kernel_is_used_for_every_alignment_and_its_change(case: tuple) -> None:
+    """Alignments come from ``alignment_kernel`` (numpy reference), everything else from K."""
+    K, K0, y = case
+    Ka, Ka0 = torch.from_numpy(psd(24, 7)), torch.from_numpy(psd(24, 8))
+    yn = y.numpy()
+    r = analyze_ntk(K, y, init_kernel=K0, alignment_kernel=Ka, init_alignment_kernel=Ka0)
+    d = r.to_dict()
+    assert d["kta"] == pytest.approx(_np_kta(Ka.numpy(), yn), rel=1e-12)
+    assert d["cka"] == pytest.approx(_np_kta(Ka.numpy(), yn, center_kernel=True), rel=1e-12)
+    assert d["kta_uncentered"] == pytest.approx(_np_kta(Ka.numpy(), yn, center_y=False), rel=1e-12)
+    assert d["kta_change"] == pytest.approx(_np_kta(Ka.numpy(), yn) - _np_kta(Ka0.numpy(), yn), rel=1e-12)
+    plain = analyze_ntk(K, y, init_kernel=K0).to_dict()
+    for key in ("lambda_max", "trace", "relative_change", "kernel_distance", "log10_scale_change"):
+        assert d[key] == plain[key], key
+    assert d["kta"] != pytest.approx(plain["kta"])
+    # an alignment kernel for K but none for K0: no kta_change mixing two kinds of kernel
+    assert "kta_change" not in analyze_ntk(K, y, init_kernel=K0, alignment_kernel=Ka).to_dict()
+    with pytest.raises(ValueError, match="alignment_kernel has shape"):
+        analyze_ntk(K, y, alignment_kernel=Ka[:5, :5])
+
+
+def test_drift_line_leads_with_the_scale_free_distance_and_compact_format(case: tuple) -> None:
+    K, K0, y = case
+    r = analyze_ntk(10 * K, y, init_kernel=K0, alignment_source="trace kernel", init_label="step 0, train start")
+    text = r.format()
+    drift = next(line for line in text.splitlines() if line.startswith("drift"))
+    assert drift.startswith("drift vs K0 at step 0, train start  kernel distance")
+    assert drift.index("kernel distance") < drift.index("scale x") < drift.index("rel. change")
+    scale = float(np.log10(np.trace(10 * K.numpy()) / np.trace(K0.numpy())))
+    assert f"log10 {scale:+.2f}" in drift
+    assert "alignment (trace kernel)  KTA" in text
+    compact = r.format_compact().splitlines()
+    assert len(compact) == 2 and "KTA" in compact[1] and "distance" in compact[1]
+    assert len(analyze_ntk(K).format_compact().splitlines()) == 1
