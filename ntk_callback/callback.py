@@ -55,12 +55,11 @@ from ._probes import (
     to_cpu,
     validate_probes,
 )
-from .engine import NTKError, empirical_ntk, layerwise_ntk, model_outputs
+from .engine import NTKError, empirical_ntk, layerwise_ntk, mode_names, model_outputs
 from .insight import DynamicsTracker, layer_drift, layer_shares
 from .loggers import DEFAULT_PREFIX, LoggerDispatcher, ReportMedia, check_prefix, prefixed_scalars
 from .report import NTKReport, analyze_ntk
 
-_MODES = ("target", "trace", "sum")
 _SOURCES = ("train", "val")
 _REDUCTIONS = ("mean", "sum", "half_sum")
 STATE_VERSION = 1
@@ -270,9 +269,10 @@ class NTKReportCallback(Callback):
         super().__init__()
         self.num_probes = _check_int("num_probes", num_probes, 1)
         self.every_n_epochs = _check_int("every_n_epochs", every_n_epochs, 1)
-        if mode not in _MODES:
-            hint = " ('full' gives an (N, N, O, O) kernel; use 'trace' or 'sum' for a scalar kernel)" if mode == "full" else ""
-            raise NTKCallbackConfigError(f"NTKReportCallback(mode={mode!r}): expected one of {_MODES}{hint}.")
+        if not isinstance(mode, str) or mode not in mode_names(scalar_only=True):  # (N, N) kernels
+            known = isinstance(mode, str) and mode in mode_names()
+            hint = f" ({mode!r} gives an (N, N, O, O) kernel; use 'trace' or 'sum' for a scalar kernel)" if known else ""
+            raise NTKCallbackConfigError(f"NTKReportCallback(mode={mode!r}): expected one of {mode_names(scalar_only=True)}{hint}.")
         self.mode = mode
         if probe_source not in _SOURCES:
             raise NTKCallbackConfigError(

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ntk_callback import empirical_ntk, layerwise_ntk
-from ntk_callback.engine import symmetric
+from ntk_callback.engine import KernelMode, symmetric
 from reference import ntk_func
 from test_engine_structured import CASES, _build, _paths, rel
 
@@ -78,7 +78,7 @@ def test_add_gram_against_numpy(small_panels: None, mode: str, self_block: bool)
         want = np.einsum("ipx,jpx->ij", an, bn)
     start = np.ones(want.shape)
     out = torch.ones(want.shape, dtype=torch.float64)
-    symmetric.add_gram(out, mode, a, None if self_block else b)
+    symmetric.add_gram(out, KernelMode.parse(mode), a, None if self_block else b)
     if self_block:
         symmetric.mirror_lower(out)
     np.testing.assert_allclose(out.numpy(), start + want, rtol=1e-13, atol=1e-13)

@@ -9,6 +9,7 @@ from .errors import NTKError
 from .finite_step import finite_difference_ntk
 from .distributed import Communicator, TorchDistributedComm
 from .spectrum import NormEstimate, ntk_spectrum, ntk_trace_estimate
+from .modes import AllPairs, DiagonalPairs, KernelMode, mode_names, register_mode
 from .structured import (BatchNormTerm, Call, ConvTerm, OuterTerm, Rule, ScaleTerm, SumTerm,
                          TokenTerm, register_rule)
 
@@ -16,4 +17,5 @@ __all__ = ["NTKError", "Explanation", "empirical_ntk", "finite_difference_ntk", 
            "ntk_spectrum", "ntk_trace_estimate", "NormEstimate", "Communicator",
            "TorchDistributedComm",
            "model_outputs", "register_rule", "Rule", "Call", "OuterTerm", "TokenTerm",
-           "ConvTerm", "SumTerm", "ScaleTerm", "BatchNormTerm"]
+           "ConvTerm", "SumTerm", "ScaleTerm", "BatchNormTerm", "KernelMode", "DiagonalPairs",
+           "AllPairs", "register_mode", "mode_names"]

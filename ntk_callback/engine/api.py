@@ -11,6 +11,7 @@ from . import blocked as _blocked
 from . import structured
 from .errors import NTKError
 from .generic import explain_failure, generic_kernel
+from .modes import TRACE, ModeLike
 from .problem import DEFAULT_MEMORY_BUDGET, Problem, build_problem, output_shape, resolve_dtype
 from .state import cast_floating, frozen_measurement
 
@@ -23,7 +24,7 @@ def _group(problem: Problem, names: list[str], budget: int) -> list[list[str]]:
     """Split parameter names into consecutive groups whose Jacobian rows for every probe
     fit the budget (one extra forward pass per group); an oversized tensor stays alone and
     is handled by probe blocking."""
-    rows_per_probe = problem.cot1.shape[1] if problem.mode == "full" else 1
+    rows_per_probe = problem.mode.row_chunk(problem.cot1.shape[1], 1)
     n_all = problem.n1 + (problem.n2 or 0)
     per_entry = n_all * rows_per_probe * problem.itemsize()
     groups: list[list[str]] = []
@@ -190,7 +191,7 @@ def _kernels(problem: Problem, keys: dict[str, list[str]], implementation: str, 
 
 
 def empirical_ntk(model: torch.nn.Module, inputs: Any, targets: Any = None, *,
-                  mode: str = "target", dtype: torch.dtype | None = None,
+                  mode: ModeLike = "target", dtype: torch.dtype | None = None,
                   chunk_size: int | None = None, eval_mode: bool = True,
                   inputs2: Any = None, targets2: Any = None,
                   memory_budget: int | None = None,
@@ -227,7 +228,8 @@ def empirical_ntk(model: torch.nn.Module, inputs: Any, targets: Any = None, *,
         inputs: a tensor (float features or int64 token ids) or a tuple/dict of tensors
             whose first dimension indexes the N probes.
         targets: (N,) int64 labels for ``mode="target"`` (ignored by the other modes).
-        mode: ``"target"``, ``"trace"``, ``"sum"`` or ``"full"``.
+        mode: ``"target"``, ``"trace"``, ``"sum"`` or ``"full"`` (or a
+            :class:`.modes.KernelMode`, which owns what each mode means).
         dtype: compute in this dtype (``torch.float64`` for reference-grade kernels of a
             float32 model; the model itself is not changed). Default: the model's dtype.
         chunk_size: probes vectorised together by ``vmap`` on the generic path
@@ -302,7 +304,7 @@ def empirical_ntk(model: torch.nn.Module, inputs: Any, targets: Any = None, *,
 
 
 def layerwise_ntk(model: torch.nn.Module, inputs: Any, targets: Any = None, *,
-                  mode: str = "target", dtype: torch.dtype | None = None,
+                  mode: ModeLike = "target", dtype: torch.dtype | None = None,
                   chunk_size: int | None = None, eval_mode: bool = True,
                   inputs2: Any = None, targets2: Any = None,
                   memory_budget: int | None = None,
@@ -381,6 +383,6 @@ def model_outputs(model: torch.nn.Module, inputs: Any, *, dtype: torch.dtype | N
     Non-finite outputs are returned as they are (the kernel functions refuse them)."""
     with frozen_measurement(model, eval_mode), torch.no_grad(), \
             cast_floating(model, resolve_dtype(model, dtype)):
-        problem = build_problem(model, inputs, None, mode="trace", dtype=dtype,
+        problem = build_problem(model, inputs, None, mode=TRACE, dtype=dtype,
                                 output_fn=output_fn)
         return problem.forward(problem.tensors(), problem.x1)

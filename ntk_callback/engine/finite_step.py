@@ -14,18 +14,21 @@ import torch
 
 from . import batch as B
 from .errors import NTKError
+from .modes import KernelMode, ModeLike, mode_names
 from .problem import build_problem, resolve_dtype
 from .state import cast_floating, frozen_measurement
 
 
 def finite_difference_ntk(model: torch.nn.Module, inputs: Any, targets: Any = None, *,
-                          mode: str = "target", eta: float = 1e-4, scheme: str = "central",
+                          mode: ModeLike = "target", eta: float = 1e-4,
+                          scheme: str = "central",
                           dtype: torch.dtype | None = torch.float64, eval_mode: bool = True,
                           output_fn: Callable[[Any], torch.Tensor] | None = None) -> torch.Tensor:
     r"""Finite-step kernel ``K_eta[i, j] = <v_i, f(x_i; theta + eta g_j) - f(x_i; theta)> / eta``
     with ``g_j = d <v_j, f(x_j)> / d theta`` and ``v_i`` the mode's cotangent (``target``:
     the one-hot of ``t_i``; ``sum``: all ones; ``trace``: summed over the unit vectors of
-    the outputs). Shape (N, N); converges to ``empirical_ntk(..., mode=mode)`` as eta -> 0.
+    the outputs; any mode of an (N, N) kernel: summed over its cotangent rows). Shape
+    (N, N); converges to ``empirical_ntk(..., mode=mode)`` as eta -> 0.
 
     ``scheme="forward"`` is the definition above (error O(eta)); ``"central"`` replaces the
     difference by ``(f(theta + eta g) - f(theta - eta g)) / 2`` (error O(eta^2)). Computed in
@@ -33,14 +36,18 @@ def finite_difference_ntk(model: torch.nn.Module, inputs: Any, targets: Any = No
     Costs N (or N * O for trace) gradients and twice as many batched forward passes.
     Side-effect free like :func:`empirical_ntk`.
     """
-    if mode not in ("target", "sum", "trace"):
-        raise NTKError(f"finite_difference_ntk supports mode 'target', 'sum' or 'trace', not {mode!r}.")
+    scalar = mode_names(scalar_only=True)
+    kind = KernelMode.parse(mode) if isinstance(mode, KernelMode) or mode in scalar else None
+    if kind is None or not kind.scalar:
+        raise NTKError("finite_difference_ntk supports the modes of an (N, N) kernel, "
+                       f"{', '.join(map(repr, scalar))}, not {mode!r}.")
     if scheme not in ("forward", "central"):
         raise NTKError(f"scheme must be 'forward' or 'central', not {scheme!r}.")
     if not (isinstance(eta, (int, float)) and eta > 0):
         raise NTKError(f"eta={eta!r} must be a positive step size, e.g. 1e-4.")
     with frozen_measurement(model, eval_mode), cast_floating(model, resolve_dtype(model, dtype)):
-        problem = build_problem(model, inputs, targets, mode=mode, dtype=dtype, output_fn=output_fn)
+        problem = build_problem(model, inputs, targets, mode=kind, dtype=dtype,
+                                output_fn=output_fn)
         theta = problem.params
         names = list(theta)
         n, cot = problem.n1, problem.cot1  # cot: (N, k, O)

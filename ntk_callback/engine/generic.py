@@ -106,11 +106,8 @@ def generic_kernel(problem: Problem, names: list[str], budget: int,
     n1 = problem.n1
     n_all = n1 + (problem.n2 or 0)
     k_total = problem.cot1.shape[1]
-    if mode == "trace":
-        # Output chunks: only same-output pairs meet, so outputs can be split freely.
-        k_chunk = max(1, min(k_total, budget // max(1, n_all * p_g * itemsize)))
-    else:
-        k_chunk = k_total
+    # Row chunks: where only same-index rows meet (trace), rows can be split freely.
+    k_chunk = mode.row_chunk(k_total, budget // max(1, n_all * p_g * itemsize))
     for c0 in range(0, k_total, k_chunk):
         cs = slice(c0, min(k_total, c0 + k_chunk))
         k = cs.stop - cs.start

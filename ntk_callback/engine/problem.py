@@ -1,14 +1,9 @@
 """Everything the kernel computations share: the model as a pure function of its
 parameters, the probe batches, and the per-probe output cotangents that define the mode.
 
-Every mode is a Gram matrix of per-probe vector-Jacobian products. For probe ``i`` and a
-cotangent ``v`` (a vector over the O outputs) let ``g(i, v) = d <v, f(x_i)> / d theta``.
-Then, with ``e_a`` the unit vectors:
-
-* ``target``: ``K[i, j] = <g(i, e_{t_i}), g(j, e_{t_j})>``            (one cotangent a probe)
-* ``sum``:    ``K[i, j] = <g(i, 1), g(j, 1)>``                         (one cotangent a probe)
-* ``trace``:  ``K[i, j] = sum_a <g(i, e_a), g(j, e_a)>``               (O cotangents, diagonal pairs)
-* ``full``:   ``K[i, j, a, b] = <g(i, e_a), g(j, e_b)>``               (O cotangents, all pairs)
+Every mode is a Gram matrix of per-probe vector-Jacobian products ``g(i, v) = d <v,
+f(x_i)> / d theta`` for the mode's cotangent rows ``v``; what each mode's rows are and
+which pairs of them meet is owned by :mod:`.modes`.
 """
 from __future__ import annotations
 
@@ -23,8 +18,8 @@ from torch.utils._pytree import tree_map
 from . import batch as B
 from .census import Census, take_census
 from .errors import NTKError
+from .modes import KernelMode, ModeLike
 
-MODES = ("target", "trace", "sum", "full")
 DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of Jacobian held at once
 
 
@@ -33,7 +28,7 @@ class Problem:
     model: torch.nn.Module
     split: Callable[[Any], tuple[tuple, dict]]
     output_fn: Callable[[Any], torch.Tensor] | None
-    mode: str
+    mode: KernelMode
     dtype: torch.dtype
     device: torch.device
     params: dict[str, torch.Tensor]          # trainable, detached, cast: theta
@@ -173,52 +168,6 @@ class Problem:
         return out.reshape(out.shape[0], -1)
 
 
-def _check_targets(targets: torch.Tensor | None, n: int, num_outputs: int, name: str) -> torch.Tensor:
-    """Validated class index of every probe for target mode, shape (n,) int64."""
-    if num_outputs == 1:
-        if targets is not None and targets.shape[:1] != (n,):
-            raise NTKError(f"`{name}` has length {targets.shape[0] if targets.dim() else 0} "
-                           f"but there are {n} probes; pass one target per probe, shape ({n},).")
-        return torch.zeros(n, dtype=torch.long)
-    if targets is None:
-        raise NTKError(f"mode='target' needs `{name}` for a model with {num_outputs} outputs: "
-                       "pass the int64 class label of every probe, or use mode='trace' / "
-                       "'sum' / 'full', which need no labels.")
-    if targets.dim() == 2 and targets.shape[1] == 1:
-        targets = targets[:, 0]
-    if targets.dim() != 1:
-        raise NTKError(f"`{name}` has shape {tuple(targets.shape)}; target mode needs one class "
-                       f"label a probe, shape ({n},) int64 (for one-hot targets pass "
-                       "`targets.argmax(1)`).")
-    if targets.shape[0] != n:
-        raise NTKError(f"`{name}` has length {targets.shape[0]} but there are {n} probes; pass "
-                       "exactly one label per probe.")
-    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
-        raise NTKError(f"`{name}` has dtype {targets.dtype}; for a model with {num_outputs} "
-                       "outputs target mode needs integer class labels (int64). Convert with "
-                       "`targets.long()`, or use mode='trace' for regression-style targets.")
-    lo, hi = int(targets.min()), int(targets.max())
-    if lo < 0 or hi >= num_outputs:
-        bad = lo if lo < 0 else hi
-        raise NTKError(f"label {bad} in `{name}` is out of range for a model with "
-                       f"{num_outputs} outputs (valid labels: 0..{num_outputs - 1}); check the "
-                       "label encoding or the model's output size.")
-    return targets.long().cpu()
-
-
-def _cotangents(mode: str, targets: torch.Tensor | None, n: int, num_outputs: int,
-                name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    if mode == "target":
-        labels = _check_targets(targets, n, num_outputs, name)
-        cot = torch.zeros(n, 1, num_outputs, dtype=dtype)
-        cot[torch.arange(n), 0, labels] = 1
-    elif mode == "sum":
-        cot = torch.ones(n, 1, num_outputs, dtype=dtype)
-    else:
-        cot = torch.eye(num_outputs, dtype=dtype).expand(n, num_outputs, num_outputs)
-    return cot.to(device).contiguous()
-
-
 def _owners(model: torch.nn.Module) -> dict[str, str]:
     """Per-layer key of every parameter (the keys of ``layerwise_ntk``).
 
@@ -254,12 +203,10 @@ def resolve_dtype(model: torch.nn.Module, dtype: torch.dtype | None) -> torch.dt
     return dtype
 
 
-def build_problem(model: torch.nn.Module, inputs: Any, targets: Any, *, mode: str,
+def build_problem(model: torch.nn.Module, inputs: Any, targets: Any, *, mode: ModeLike,
                   dtype: torch.dtype | None, inputs2: Any = None, targets2: Any = None,
                   output_fn: Callable | None = None) -> Problem:
-    if mode not in MODES:
-        raise NTKError(f"unknown mode {mode!r}; choose one of {', '.join(map(repr, MODES))} "
-                       "('target', the default, needs class labels; the others do not).")
+    kind = KernelMode.parse(mode)
     if not isinstance(model, torch.nn.Module):
         raise NTKError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
     named = dict(model.named_parameters())
@@ -288,7 +235,7 @@ def build_problem(model: torch.nn.Module, inputs: Any, targets: Any, *, mode: st
         x2 = B.prepare(inputs2, device, dtype)
     split = B.call_convention(model, x1)
 
-    problem = Problem(model=model, split=split, output_fn=output_fn, mode=mode, dtype=dtype,
+    problem = Problem(model=model, split=split, output_fn=output_fn, mode=kind, dtype=dtype,
                       device=device, params=params, constants=constants, x1=x1, n1=n1,
                       cot1=torch.empty(0), num_outputs=0, x2=x2, n2=n2,
                       param_owner=_owners(model))
@@ -310,18 +257,17 @@ def build_problem(model: torch.nn.Module, inputs: Any, targets: Any, *, mode: st
                            f"({num_outputs} vs {out.shape[1]}).")
     problem.num_outputs = num_outputs
     t1 = B.as_tensor_targets(targets, device)
-    problem.cot1 = _cotangents(mode, t1, n1, num_outputs, "targets", dtype, device)
+    problem.cot1 = kind.cotangents(t1, n1, num_outputs, "targets", dtype, device)
     if x2 is not None:
         t2 = B.as_tensor_targets(targets2, device)
-        problem.cot2 = _cotangents(mode, t2, n2, num_outputs, "targets2", dtype, device)
+        problem.cot2 = kind.cotangents(t2, n2, num_outputs, "targets2", dtype, device)
     return problem
 
 
 def output_shape(problem: Problem) -> tuple[int, ...]:
+    """Shape of the kernel: (N1, N2), or (N1, N2, k, k) for a mode of all row pairs."""
     n2 = problem.n2 if problem.cross else problem.n1
-    if problem.mode == "full":
-        return (problem.n1, n2, problem.num_outputs, problem.num_outputs)
-    return (problem.n1, n2)
+    return problem.mode.kernel_shape(problem.n1, n2, problem.cot1.shape[1])
 
 
 def unsqueeze_batch(x: Any) -> Any:
@@ -341,5 +287,5 @@ def numel(tensors: dict[str, torch.Tensor], names: list[str]) -> int:
     return int(sum(tensors[n].numel() for n in names))
 
 
-__all__ = ["MODES", "DEFAULT_MEMORY_BUDGET", "Problem", "build_problem", "output_shape",
+__all__ = ["DEFAULT_MEMORY_BUDGET", "Problem", "build_problem", "output_shape",
            "unsqueeze_batch", "blocks", "ceil_div", "numel", "math"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from .modes import KernelMode
 from .problem import blocks, ceil_div
 
 # Narrow panels lose more to BLAS efficiency and per-call overhead than they save.
@@ -64,32 +65,20 @@ def mirror_lower(kernel: torch.Tensor) -> torch.Tensor:
     return kernel
 
 
-def add_gram(out: torch.Tensor, mode: str, a: torch.Tensor, b: torch.Tensor | None) -> None:
+def add_gram(out: torch.Tensor, mode: KernelMode, a: torch.Tensor,
+             b: torch.Tensor | None) -> None:
     """``out +=`` the kernel block of the Jacobian row blocks a (n_a, k, P) and
     b (n_b, k, P); with ``b=None`` the self block of ``a`` on upper panels only (see the
-    module doc).
-
-    target/sum: ``a[:, 0] b[:, 0]^T``; trace: ``sum_j a[:, j] b[:, j]^T`` as one product
-    over the flattened (j, p) axis; full: ``out[i, j, p, q] += <a[i, p], b[j, q]>``.
+    module doc). The mode contracts the rows (:meth:`.modes.KernelMode.add_gram_block`):
+    ``sum_r a[:, r] b[:, r]^T`` as one product over the flattened (r, p) axis, or every
+    row pair, ``out[i, j, r, s] += <a[i, r], b[j, s]>``.
     """
-    other = a if b is None else b
-    n = other.shape[0]
-    if mode in ("target", "sum"):
-        x, y = a[:, 0], other[:, 0]
-    elif mode == "trace":
-        x, y = a.reshape(a.shape[0], -1), other.reshape(n, -1)
-    else:
-        x, y = None, None
-    for rows in blocks(a.shape[0], panel_rows(n) if b is None else a.shape[0]):
+    x = mode.gram_operand(a)
+    y = x if b is None else mode.gram_operand(b)
+    n = y.shape[0]
+    for rows in blocks(x.shape[0], panel_rows(n) if b is None else x.shape[0]):
         cols = columns(rows, n, b is None)
-        if x is not None:
-            out[rows, cols].addmm_(x[rows], y[cols].T)
-            continue
-        ar, bc = a[rows], other[cols]
-        h, k, p = ar.shape
-        m = bc.shape[0]
-        g = ar.reshape(h * k, p) @ bc.reshape(m * k, p).T
-        out[rows, cols] += g.reshape(h, k, m, k).permute(0, 2, 1, 3)
+        mode.add_gram_block(out[rows, cols], x[rows], y[cols])
 
 
 __all__ = ["PANEL_ROWS_MIN", "PANELS_MAX", "panel_rows", "columns", "transpose_pairs",

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from .. import batch as B
+from ..modes import KernelMode
 from ..problem import Problem, blocks, output_shape
 from ..symmetric import add_gram, columns, mirror_lower, panel_rows
 from .capture import Calls, Fallback, InPlace, backward_rows, forward
@@ -48,14 +49,15 @@ def _forward(problem: Problem, plan: Plan, x: Any, n: int, label: str
     return forward(problem, plan.modules, plan.rules, True, x, n, label)
 
 
-def _add_term_gram(out: torch.Tensor, t1: Term, t2: Term, mode: str, budget: int,
+def _add_term_gram(out: torch.Tensor, t1: Term, t2: Term, mode: KernelMode, budget: int,
                    itemsize: int, symmetric: bool) -> None:
     """``out +=`` the kernel of an outer/token term by the Gram route, blocked over probes
     of set 1; a self-kernel (``symmetric``) only on upper panels (:mod:`..symmetric`).
 
-    ``K[i, j] = sum_{s,t} (D_is . D_jt) (a_is . a_jt)``; trace mode sums the cotangent
-    rows inside the first factor (one product over the (row, output) axis); full mode
-    keeps them, ``K[i, j, p, q] = sum_{s,t} (D_isp . D_jtq) (a_is . a_jt)``.
+    ``K[i, j] = sum_{s,t} (D_is . D_jt) (a_is . a_jt)``; a mode of same-index row pairs
+    sums the cotangent rows inside the first factor (one product over the (row, output)
+    axis), a mode of all pairs keeps them, ``K[i, j, p, q] = sum_{s,t} (D_isp . D_jtq)
+    (a_is . a_jt)`` (:meth:`..modes.KernelMode.add_term_block`).
     """
     k, n1, s1, o = t1.d.shape
     n2, s2 = t2.d.shape[1], t2.d.shape[2]
@@ -64,12 +66,11 @@ def _add_term_gram(out: torch.Tensor, t1: Term, t2: Term, mode: str, budget: int
     # probe-major terms of :func:`.terms.stack_rows`
     d1 = t1.d.permute(1, 2, 0, 3).contiguous()
     d2 = d1 if t2 is t1 else t2.d.permute(1, 2, 0, 3).contiguous()
-    per_row = n2 * s1 * s2 * itemsize * (3 + (k * k if mode == "full" else 0))
+    per_row = n2 * s1 * s2 * itemsize * (3 + mode.term_gram_extra(k))
     rows_max = max(1, budget // max(1, per_row))
     if symmetric:
         rows_max = min(rows_max, panel_rows(n1))
-    full = mode == "full"
-    width = o if full else k * o
+    width = mode.term_gram_width(k, o)
     outer = t1.linear
     for sl in blocks(n1, rows_max):
         cols = columns(sl, n2, symmetric)
@@ -80,22 +81,15 @@ def _add_term_gram(out: torch.Tensor, t1: Term, t2: Term, mode: str, budget: int
             ag = t1.data[sl].reshape(-1, c) @ t2.data[cols].reshape(-1, c).T
         else:
             ag = (t1.data[sl].reshape(-1, 1) == t2.data[cols].reshape(1, -1)).to(dg.dtype)
-        target = out[sl, cols]
-        if full:
-            dg = dg.reshape(h, s1, k, m, s2, k)
-            target += torch.einsum("isjt,isajtb->ijab", ag.reshape(h, s1, m, s2), dg)
-        elif s1 == 1 and s2 == 1:
-            target.addcmul_(dg, ag)
-        else:
-            target += (ag.mul_(dg)).reshape(h, s1, m, s2).sum(dim=(1, 3))
+        mode.add_term_block(out[sl, cols], dg, ag, h, s1, m, s2, k)
 
 
-def check_vectors(n: int, k: int, mode: str, count: int, seed: int,
+def check_vectors(n: int, k: int, count: int, seed: int,
                   dtype: torch.dtype, device: torch.device
                   ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Gaussian probe weights (n,) and row weights (k,) for ``count`` check vectors, from
-    a private generator (the global RNG is not touched). Target and sum mode have one
-    row (u = 1). Gaussian rather than signs: a nonzero symmetric error E has
+    a private generator (the global RNG is not touched). Modes of one row (target, sum)
+    have u = 1. Gaussian rather than signs: a nonzero symmetric error E has
     ``w^T E w = 0`` with probability zero (with signs, e.g. diag(1, -1) always cancels)."""
     gen = torch.Generator().manual_seed(seed)
     ws, us = [], []
@@ -248,7 +242,7 @@ def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]], budget: in
     for idx, (x, cot, n, label) in enumerate(sets):
         data = None
         if check:
-            w, u = check_vectors(n, k, mode, check, 1 + idx, problem.dtype, problem.device)
+            w, u = check_vectors(n, k, check, 1 + idx, problem.dtype, problem.device)
             data = CheckData(w, u, [{} for _ in w], [{} for _ in w])
             checks.append(data)
         collected.append(collect(x, cot, n, label, data))
@@ -311,7 +305,7 @@ def _rule_side(data: CheckData, bufs: dict[str, torch.Tensor], gram: dict[str, T
 
 
 def _quads(data: CheckData, bufs: dict[str, torch.Tensor], gram: dict[str, Term],
-           slots: dict[str, tuple[str, int, int]], key_of: dict[str, str], mode: str,
+           slots: dict[str, tuple[str, int, int]], key_of: dict[str, str], mode: KernelMode,
            budget: int) -> list[dict[str, float]]:
     """Per check vector and layer key, the quadratic form of the key's kernel computed
     from its rows and terms instead of the kernel (:mod:`.selfcheck`)."""
@@ -320,16 +314,9 @@ def _quads(data: CheckData, bufs: dict[str, torch.Tensor], gram: dict[str, Term]
         quads: dict[str, float] = {}
         for name, (key, start, stop) in slots.items():
             h = torch.einsum("i,irp->rp", w, bufs[key][:, :, start:stop])
-            if mode == "full":
-                h = u @ h
-            quads[key] = quads.get(key, 0.0) + float(torch.vdot(h.reshape(-1), h.reshape(-1)))
+            quads[key] = quads.get(key, 0.0) + mode.rows_quad(h, u)
         for name, term in gram.items():
             key = key_of[name.split("#")[0]]
-            if mode == "full":
-                g = term.weighted(w, u)
-                q = float(torch.vdot(g, g))
-            else:
-                q = term.quad(w, term, w, budget)
-            quads[key] = quads.get(key, 0.0) + q
+            quads[key] = quads.get(key, 0.0) + mode.term_quad(term, w, u, budget)
         out.append(quads)
     return out

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ..errors import NTKError
+from ..modes import KernelMode
 from ..problem import Problem
 from .rules import Call, Rule, rule_for
 from .terms import Term
@@ -165,14 +166,14 @@ def rows_bytes(term: Term, k: int, n_all: int, itemsize: int) -> int:
     return n_all * k * term.size()[4] * itemsize
 
 
-def choose(term: Term, k: int, n1: int, n2: int | None, mode: str, budget: int,
+def choose(term: Term, k: int, n1: int, n2: int | None, mode: KernelMode, budget: int,
            itemsize: int, forced: str | None) -> str:
     """Cost model for a term with ``k`` cotangent rows: flops of each route; the rows route
     only while its rows fit ``budget``."""
     if term.rows_only:
         return "rows"
     _, s, o, c, p = term.size()
-    pairs = {"target": 1, "sum": 1, "trace": k, "full": k * k}[mode]
+    pairs = mode.pairs(k)
     n_all = n1 + (n2 if n2 is not None else 0)
     nn2 = n1 * (n2 if n2 is not None else n1)
     if forced in ("gram", "rows"):

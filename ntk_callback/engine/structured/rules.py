@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .terms import (BatchNormTerm, ConvTerm, OuterTerm, ScaleTerm, SumTerm, Term, TokenTerm)
+from .terms import (PAD_MODES, BatchNormTerm, ConvTerm, OuterTerm, ScaleTerm, SumTerm, Term,
+                    TokenTerm)
 
 
 @dataclass
@@ -166,7 +167,7 @@ class ConvRule(Rule):
     route on unfolded patches), bias ``sum_s D_s``."""
 
     def supports(self, module):
-        return module.padding_mode in ("zeros", "reflect", "replicate", "circular")
+        return module.padding_mode in PAD_MODES
 
     def accepts(self, module, call, n):
         # an unbatched (C, L) input to Conv1d has no probe dimension

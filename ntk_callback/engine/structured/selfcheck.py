@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..modes import KernelMode
 from .driver import Result
 from .planner import Plan
 
@@ -54,7 +55,7 @@ def _close(a: float, b: float, rtol: float, floor: float) -> bool:
     return abs(a - b) <= rtol * max(abs(a), abs(b)) + floor
 
 
-def verify(plan: Plan, result: Result, keys: dict[str, list[str]], mode: str,
+def verify(plan: Plan, result: Result, keys: dict[str, list[str]], mode: KernelMode,
            dtype: torch.dtype) -> Verdict:
     rtol = RTOL.get(dtype, RTOL_OTHER)
     verdict = Verdict()
@@ -81,10 +82,7 @@ def verify(plan: Plan, result: Result, keys: dict[str, list[str]], mode: str,
             continue
         for c, quads in enumerate(result.quads):
             w, u = first.w[c], first.u[c]
-            if mode == "full":
-                q = float(torch.einsum("i,a,ijab,j,b->", w, u, kernel, w, u))
-            else:
-                q = float(w @ kernel @ w)
+            q = mode.quad(kernel, w, u)
             from_rows = quads.get(key, 0.0)
             if not _close(q, from_rows, 10 * rtol, 0.0):
                 verdict.bad_keys[key] = (f"self-check: the kernel's quadratic form {q:.6g} "

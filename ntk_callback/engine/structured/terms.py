@@ -228,13 +228,21 @@ def channels_last(t: torch.Tensor, lead: int) -> torch.Tensor:
     return t.reshape(t.shape[:lead + 1] + (-1,)).transpose(-1, -2).reshape(t.shape[:lead] + (-1, c))
 
 
+#: the padding modes of torch's convolutions, as ``F.pad`` names them
+PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate",
+             "circular": "circular"}
+
+
+def pad_like(module: nn.Module, a: torch.Tensor) -> torch.Tensor:
+    """A conv input padded the way the module's own forward pads it (all modes)."""
+    pad = module._reversed_padding_repeated_twice
+    return F.pad(a, pad, mode=PAD_MODES[module.padding_mode]) if any(pad) else a
+
+
 def conv_patches(module: nn.Module, a: torch.Tensor) -> torch.Tensor:
     """Unfolded input patches (n, L, C_in * prod(kernel)), padding as the module does."""
     conv2d = isinstance(module, nn.Conv2d)
-    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-    pad = module._reversed_padding_repeated_twice
-    if any(pad):
-        a = F.pad(a, pad, mode=mode)
+    a = pad_like(module, a)
     if conv2d:
         kernel, dil, stride = module.kernel_size, module.dilation, module.stride
     else:
@@ -314,12 +322,11 @@ class ConvTerm(Term):
             return parts[0] if k == 1 else torch.cat(parts, dim=1)
         dims = a.dim() - 2
         if "x" not in memo:
-            if module.padding_mode == "zeros" and not isinstance(module.padding, str):
-                memo["padding"] = list(module.padding)
+            if PAD_MODES[module.padding_mode] == "constant" \
+                    and not isinstance(module.padding, str):
+                memo["padding"] = list(module.padding)  # zero padding: the conv's own
             else:
-                pad = module._reversed_padding_repeated_twice
-                mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-                a = F.pad(a, pad, mode=mode) if any(pad) else a
+                a = pad_like(module, a)
                 memo["padding"] = [0] * dims
             # (a copy for channels-last maps: the grouped kernel is 3x slower on them)
             memo["x"] = a.reshape((1, n * a.shape[1]) + tuple(a.shape[2:])).contiguous()
