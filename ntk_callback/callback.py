@@ -1184,8 +1184,10 @@ class NTKReportCallback(Callback):
         histogram: bool,
     ) -> None:
         labels = None
-        if targets is not None and targets.ndim == 1 and not targets.is_floating_point():
-            labels = targets.numpy()
+        if targets is not None and targets.ndim in (1, 2) and targets.numel() == targets.shape[0]:
+            # integer labels group the heatmap by class; real (regression) targets sort it
+            labels = (targets.double() if targets.is_floating_point() else targets).reshape(-1).numpy()
+        scale = getattr(self, "heatmap_scale", "per_report")
         media = ReportMedia(
             step=record["step"],
             kernel=kernel.double().numpy(),
@@ -1194,6 +1196,11 @@ class NTKReportCallback(Callback):
             history=self._history,
             pictures=pictures,
             histogram=histogram,
+            epoch=record["epoch"],
+            tag=record["tag"],
+            inputs=self._probes[0] if self._probes is not None else None,
+            heatmap_scale=scale,
+            init_kernel=self._init_kernel.double().numpy() if scale == "initial" and self._init_kernel is not None else None,
         )
         start = time.perf_counter()
         self._dispatcher.log_media(loggers, media)

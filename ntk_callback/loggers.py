@@ -84,17 +84,39 @@ def log10_spectrum(eigenvalues: Any) -> np.ndarray:
 
 @dataclass
 class ReportMedia:
-    """Everything one report may write besides scalars (all on CPU, numpy)."""
+    """Everything one report may write besides scalars (all on CPU, numpy).
+
+    The kernel heatmap (``"kernel"``) is :func:`plotting.kernel_heatmap_figure` (colour
+    bar, class labels, the report in the title) when matplotlib is installed, else the
+    bare :func:`plotting.kernel_heatmap_image`. ``labels`` are integer classes (probes
+    grouped by class) or real regression targets (sorted by value, or by ``inputs`` when
+    each probe's input is one scalar). ``heatmap_scale`` is ``"per_report"`` (each
+    heatmap spans its own min..max: structure always visible, values read off the colour
+    bar) or ``"initial"`` (fixed to the range of ``init_kernel``, K0: colours compare
+    across steps, entries beyond it clip).
+    """
 
     step: int
     kernel: np.ndarray  # (N, N), probe order as drawn
-    labels: Optional[np.ndarray]  # (N,) integer labels or None
+    labels: Optional[np.ndarray]  # (N,) integer labels or real targets, or None
     eigenvalues: np.ndarray  # (N,) descending, clamped at 0
     history: Sequence[Mapping[str, Any]]  # every report so far, this one included
     # which pictures to write: "kernel" and any of plotting.FIGURES ("spectrum", "drift", "layers", "dynamics")
     pictures: Tuple[str, ...] = ("kernel", "spectrum", "drift")
     histogram: bool = True  # the log10-eigenvalue histogram
+    epoch: Optional[int] = None  # the report's epoch and tag ("init", "epoch", "final"), for the heatmap's title
+    tag: Optional[str] = None
+    inputs: Optional[Any] = None  # the probe inputs; used only to sort regression probes by a scalar input
+    heatmap_scale: str = "per_report"  # or "initial": see the class docstring
+    init_kernel: Optional[np.ndarray] = None  # (N, N) K0 for heatmap_scale="initial"
     _cache: Dict[str, Optional[np.ndarray]] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.heatmap_scale not in plotting.HEATMAP_SCALES:
+            raise ValueError(
+                f"heatmap_scale={self.heatmap_scale!r}: expected one of {plotting.HEATMAP_SCALES} "
+                "('per_report': each heatmap its own colour range; 'initial': the initial kernel's range)."
+            )
 
     def image(self, name: str) -> Optional[np.ndarray]:
         """The (3, H, W) uint8 picture ``name`` ("kernel" or a key of ``plotting.FIGURES``), rendered once;
@@ -108,21 +130,39 @@ class ReportMedia:
 
     @property
     def figure_names(self) -> List[str]:
-        """The requested matplotlib pictures (every picture but the numpy-only heatmap)."""
-        return [p for p in self.pictures if p != "kernel"]
+        """The requested history pictures (spectrum, drift, layers, dynamics), which need matplotlib."""
+        return [p for p in self.pictures if p in plotting.FIGURES]
 
     @property
     def figures(self) -> bool:
         """Whether a matplotlib picture (spectrum, drift, layers, dynamics) is requested."""
         return bool(self.figure_names)
 
+    def heatmap_range(self) -> Tuple[Optional[float], Optional[float]]:
+        """The fixed ``(vmin, vmax)`` of the heatmap's colours, ``(None, None)`` for each report's own range."""
+        k0 = self.init_kernel
+        if self.heatmap_scale != "initial" or k0 is None or np.shape(k0) != np.shape(self.kernel):
+            return None, None
+        return plotting.kernel_color_range(k0, self.labels, inputs=self.inputs)
+
     def _render(self, name: str) -> Optional[np.ndarray]:
-        if name == "kernel":
-            return plotting.kernel_heatmap_image(self.kernel, self.labels)
+        if name in plotting.FIGURES:
+            try:
+                fig = plotting.FIGURES[name](self.history)
+            except ImportError:
+                return None
+            return plotting.figure_to_image(fig)
+        if "kernel" not in name:
+            raise ValueError(f"unknown picture {name!r}: expected 'kernel' or one of {sorted(plotting.FIGURES)}")
+        vmin, vmax = self.heatmap_range()
+        note = None if vmin is None else "colours: initial kernel's range (fixed)"
         try:
-            fig = plotting.FIGURES[name](self.history)
+            fig = plotting.kernel_heatmap_figure(
+                self.kernel, self.labels, inputs=self.inputs, step=self.step, epoch=self.epoch, tag=self.tag,
+                vmin=vmin, vmax=vmax, scale_note=note,
+            )
         except ImportError:
-            return None
+            return plotting.kernel_heatmap_image(self.kernel, self.labels, inputs=self.inputs, vmin=vmin, vmax=vmax)
         return plotting.figure_to_image(fig)
 
 
@@ -189,7 +229,8 @@ class LoggerDispatcher:
             self._warn_once(
                 "matplotlib",
                 f"NTKReportCallback: matplotlib is not installed, so the `{self.prefix}/spectrum`, `/drift`, `/layers` "
-                "and `/dynamics` pictures are skipped (the kernel heatmap, histogram and scalars are still logged). "
+                "and `/dynamics` pictures are skipped, and the kernel heatmap has no colour bar or labels (the bare "
+                "heatmap, the histogram and the scalars are still logged). "
                 "Fix: pip install matplotlib.",
                 info=True,
             )

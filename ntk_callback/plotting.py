@@ -21,7 +21,8 @@ from __future__ import annotations
 import os
 import struct
 import zlib
-from typing import Any, Mapping, Optional, Sequence, Union
+from dataclasses import dataclass, field
+from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -68,7 +69,8 @@ def class_order(labels: Optional[Any], n: int) -> tuple[np.ndarray, list[int]]:
 
     Returns ``(order, boundaries)``: ``order`` an (n,) index array, ``boundaries`` the
     positions ``b`` in the sorted order where a new class starts (``0 < b < n``). Without
-    integer labels the order is the identity and there are no boundaries.
+    integer labels the order is the identity and there are no boundaries (regression
+    targets are ordered by :func:`probe_layout`).
     """
     if labels is None:
         return np.arange(n), []
@@ -81,61 +83,271 @@ def class_order(labels: Optional[Any], n: int) -> tuple[np.ndarray, list[int]]:
     return order, boundaries
 
 
-def kernel_heatmap_image(
-    K: Any,
-    labels: Optional[Any] = None,
-    *,
-    max_cells: int = 256,
-    cell_px: Optional[int] = None,
-    target_px: int = 256,
-) -> np.ndarray:
-    """Heatmap of a kernel as an RGB ``uint8`` image of shape (3, H, W), numpy only.
+@dataclass
+class ProbeLayout:
+    """How the probes are laid out along both axes of a heatmap.
 
-    Args:
-        K: (N, N) kernel (torch tensor or array).
-        labels: optional (N,) integer labels; probes are then ordered by class (stable)
-            and a 1-pixel white line is drawn where each new class starts.
-        max_cells: when N exceeds it, the sorted kernel is block-averaged onto a
-            ``max_cells x max_cells`` grid (groups of consecutive probes).
-        cell_px: pixels per cell; default ``max(1, target_px // cells)``.
-
-    Colour: viridis, linear from ``min(K)`` (dark purple) to ``max(K)`` (yellow) of the
-    displayed matrix; a constant matrix is drawn at the bottom of the scale. Non-finite
-    entries are drawn as the bottom colour.
+    ``kind`` is ``"class"`` (integer labels: grouped by class, stable), ``"input"`` (one
+    scalar input per probe: sorted by it, so the kernel of a 1-D regression reads as a
+    band instead of a plaid), ``"target"`` (one real target per probe, shape (N,) or
+    (N, 1): sorted by value, stable) or ``"index"`` (the probes' own order).
+    ``classes`` lists ``(start, end, label)`` per class in the sorted order;
+    ``boundaries`` the ``start`` of every class but the first; ``sorted_values`` the
+    input or target values in the sorted order (``"input"`` / ``"target"`` only).
     """
+
+    order: np.ndarray
+    kind: str = "index"
+    boundaries: List[int] = field(default_factory=list)
+    classes: List[Tuple[int, int, Any]] = field(default_factory=list)
+    sorted_values: Optional[np.ndarray] = None
+
+
+def _scalar_per_probe(values: Optional[Any], n: int) -> Optional[np.ndarray]:
+    """``values`` as an (n,) array when it holds exactly one number per probe, else None."""
+    shape = getattr(values, "shape", None)  # tensors and arrays only (not dicts / tuples of model inputs)
+    if shape is None or len(shape) == 0 or int(np.prod(tuple(shape))) != n or shape[0] != n:
+        return None
+    try:
+        v = _to_numpy(values)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+    if v.dtype == object or v.size != n or v.ndim == 0 or v.shape[0] != n:
+        return None
+    return v.reshape(n)
+
+
+def probe_layout(labels: Optional[Any], n: int, inputs: Optional[Any] = None) -> ProbeLayout:
+    """The :class:`ProbeLayout` of ``n`` probes.
+
+    Order of preference: integer ``labels`` -> grouped by class; a scalar input per probe
+    (``inputs`` of shape (N,) or (N, 1), ...) -> sorted by input; real ``labels`` with one
+    value per probe (regression targets) -> sorted by target; otherwise the given order.
+    A kernel of a 1-D regression is smooth in the input, not in the target (``sin(2x)``
+    takes each value at several far-apart inputs), hence the input first.
+    """
+    y = _scalar_per_probe(labels, n)
+    if y is not None and y.dtype.kind in "iub":
+        order, boundaries = class_order(y, n)
+        starts, ends = [0] + boundaries, boundaries + [n]
+        ys = y[order]
+        return ProbeLayout(order, "class", boundaries, [(s, e, ys[s].item()) for s, e in zip(starts, ends)])
+    for kind, v in (("input", _scalar_per_probe(inputs, n)), ("target", y)):
+        if v is not None and v.dtype.kind in "iuf":
+            v = v.astype(np.float64)
+            order = np.argsort(np.where(np.isfinite(v), v, np.inf), kind="stable")  # non-finite last
+            return ProbeLayout(order, kind, sorted_values=v[order])
+    return ProbeLayout(np.arange(n))
+
+
+def _heatmap_cells(K: Any, labels: Optional[Any], inputs: Optional[Any], max_cells: int) -> tuple[np.ndarray, ProbeLayout]:
+    """The kernel in its :func:`probe_layout` order, block-averaged onto at most ``max_cells`` cells per side."""
     A = _to_numpy(K).astype(np.float64)
     if A.ndim != 2 or A.shape[0] != A.shape[1] or A.shape[0] == 0:
-        raise ValueError(f"kernel_heatmap_image needs a non-empty square (N, N) kernel, got shape {A.shape}")
+        raise ValueError(f"the kernel heatmap needs a non-empty square (N, N) kernel, got shape {A.shape}")
     if max_cells < 1:
         raise ValueError(f"max_cells must be >= 1, got {max_cells}")
     n = A.shape[0]
-    order, boundaries = class_order(labels, n)
-    A = A[np.ix_(order, order)]
+    layout = probe_layout(labels, n, inputs)
+    A = A[np.ix_(layout.order, layout.order)]
     if n > max_cells:
         groups = (np.arange(n) * max_cells) // n  # consecutive, near-equal groups
         counts = np.bincount(groups, minlength=max_cells).astype(np.float64)
         summed = np.zeros((max_cells, max_cells))
         np.add.at(summed, (groups[:, None], groups[None, :]), A)
         A = summed / np.outer(counts, counts)
-    m = A.shape[0]
+    return A, layout
+
+
+def _finite_range(A: np.ndarray) -> tuple[float, float]:
+    finite = np.isfinite(A)
+    if not finite.any():
+        return 0.0, 0.0
+    return float(A[finite].min()), float(A[finite].max())
+
+
+def kernel_color_range(
+    K0: Any, labels: Optional[Any] = None, *, inputs: Optional[Any] = None, max_cells: int = 256
+) -> tuple[float, float]:
+    """``(vmin, vmax)`` of a kernel as its heatmap draws it (same order, same block averaging).
+
+    Passed as ``vmin``/``vmax`` to the heatmaps of later kernels, this fixes their colour
+    scale to the initial kernel's (``heatmap_scale="initial"``), so that colours compare
+    across steps; entries outside the range are clipped to the end colours.
+    """
+    A, _ = _heatmap_cells(K0, labels, inputs, max_cells)
+    return _finite_range(A)
+
+
+def _normalise(A: np.ndarray, vmin: Optional[float], vmax: Optional[float]) -> tuple[np.ndarray, float, float]:
+    lo, hi = _finite_range(A)
+    lo = lo if vmin is None else float(vmin)
+    hi = hi if vmax is None else float(vmax)
+    span = hi - lo
+    norm = (A - lo) / span if span > 0 else np.zeros_like(A)
+    return np.where(np.isfinite(A), norm, 0.0), lo, hi
+
+
+def kernel_heatmap_image(
+    K: Any,
+    labels: Optional[Any] = None,
+    *,
+    inputs: Optional[Any] = None,
+    max_cells: int = 256,
+    cell_px: Optional[int] = None,
+    target_px: int = 256,
+    vmin: Optional[float] = None,
+    vmax: Optional[float] = None,
+) -> np.ndarray:
+    """Bare heatmap of a kernel as an RGB ``uint8`` image of shape (3, H, W), numpy only.
+
+    The cells only (no title, ticks or colour bar): :func:`kernel_heatmap_figure` draws the
+    annotated picture that the loggers get when matplotlib is installed; this one is their
+    fallback without it.
+
+    Args:
+        K: (N, N) kernel (torch tensor or array).
+        labels: optional (N,) integer labels: probes are then ordered by class (stable)
+            and a 1-pixel white line is drawn where each new class starts; or (N,) /
+            (N, 1) real regression targets (see ``inputs`` and :func:`probe_layout`).
+        inputs: optional probe inputs; one scalar per probe ((N,) or (N, 1)) sorts
+            regression probes by input.
+        max_cells: when N exceeds it, the sorted kernel is block-averaged onto a
+            ``max_cells x max_cells`` grid (groups of consecutive probes).
+        cell_px: pixels per cell; default ``max(1, target_px // cells)``.
+        vmin, vmax: fixed ends of the colour scale (e.g. :func:`kernel_color_range` of
+            the initial kernel); default the displayed matrix's own min / max.
+
+    Colour: viridis, linear from ``vmin`` (dark purple) to ``vmax`` (yellow), clipped
+    outside; a constant matrix is drawn at the bottom of the scale. Non-finite entries are
+    drawn as the bottom colour.
+    """
+    A, layout = _heatmap_cells(K, labels, inputs, max_cells)
+    n, m = len(layout.order), A.shape[0]
     scale = int(cell_px) if cell_px is not None else max(1, target_px // m)
     if scale < 1:
         raise ValueError(f"cell_px must be >= 1, got {cell_px}")
-    finite = np.isfinite(A)
-    lo = float(A[finite].min()) if finite.any() else 0.0
-    hi = float(A[finite].max()) if finite.any() else 0.0
-    span = hi - lo
-    norm = (A - lo) / span if span > 0 else np.zeros_like(A)
-    norm = np.where(finite, norm, 0.0)
+    norm, _, _ = _normalise(A, vmin, vmax)
     rgb = colormap(norm)  # (m, m, 3)
     rgb = np.repeat(np.repeat(rgb, scale, axis=0), scale, axis=1)
     side = m * scale
-    for b in boundaries:
+    for b in layout.boundaries:
         px = int(round(b * m * scale / n))
         if 0 < px < side:
             rgb[px, :, :] = BOUNDARY_COLOR
             rgb[:, px, :] = BOUNDARY_COLOR
     return np.ascontiguousarray(rgb.transpose(2, 0, 1))
+
+
+HEATMAP_SCALES = ("per_report", "initial")
+"""Colour scales of the logged heatmap: each report's own min..max, or the initial kernel's."""
+
+
+def report_title(tag: Optional[str], step: Optional[int], epoch: Optional[int], what: str = "NTK") -> str:
+    """``"initial NTK (step 0)"``, ``"NTK, epoch 3 (step 150)"``, ``"NTK at the end of training (step 157)"``."""
+    where = f"step {step}" if step is not None else ""
+    if tag == "init":
+        return f"initial {what} ({where or 'before training'})"
+    if tag == "final":
+        return f"{what} at the end of training" + (f" ({where})" if where else "")
+    if epoch is not None:
+        return f"{what}, epoch {int(epoch)}" + (f" ({where})" if where else "")
+    return f"{what} ({where})" if where else what
+
+
+def _thin(k: int, max_labels: int) -> int:
+    """Label every ``stride``-th of ``k`` items so that at most ``max_labels`` are shown."""
+    return max(1, -(-k // max(1, max_labels)))
+
+
+def kernel_heatmap_figure(
+    K: Any,
+    labels: Optional[Any] = None,
+    *,
+    inputs: Optional[Any] = None,
+    step: Optional[int] = None,
+    epoch: Optional[int] = None,
+    tag: Optional[str] = None,
+    vmin: Optional[float] = None,
+    vmax: Optional[float] = None,
+    scale_note: Optional[str] = None,
+    max_cells: int = 256,
+    max_class_labels: int = 12,
+    figsize: tuple[float, float] = (4.6, 4.1),
+) -> Any:
+    """Annotated kernel heatmap, the picture logged as ``<prefix>/kernel``. Needs matplotlib.
+
+    The same cells and colours as :func:`kernel_heatmap_image` (probes grouped by class, or
+    regression probes sorted by scalar input or target, see :func:`probe_layout`;
+    block-averaged above ``max_cells``), plus:
+
+    * a colour bar in the kernel's own units. By default each report uses its own
+      min..max (structure always visible, values read off the bar); with a fixed range
+      ``vmin``/``vmax`` (e.g. :func:`kernel_color_range` of the initial kernel K0) the
+      colours compare across steps, and the bar gets arrows at the ends that clip;
+    * class boundaries (white lines, left out when classes are thinner than 4 pixels) and
+      the class labels at the class centres (every k-th label when there are more than
+      ``max_class_labels`` classes: 100 classes show every 9th); for regression probes,
+      the tick labels give the input / target value at that position of the sorted order;
+    * the report in the title (:func:`report_title` of ``tag``, ``epoch``, ``step``), N
+      and the colour scale below it (``scale_note`` overrides the default wording).
+
+    Reads from N = 8 to N = 1024 at TensorBoard's card size (~400 px wide). Returns a
+    matplotlib ``Figure``; :func:`figure_to_image` rasterises it (460 x 410 px by default).
+    """
+    Figure = _require_matplotlib()
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import ListedColormap, Normalize
+
+    A, layout = _heatmap_cells(K, labels, inputs, max_cells)
+    n = len(layout.order)
+    norm, lo, hi = _normalise(A, vmin, vmax)
+    fig = Figure(figsize=figsize, dpi=100)
+    ax = fig.add_axes((0.14, 0.13, 0.64, 0.72))
+    cax = fig.add_axes((0.81, 0.13, 0.035, 0.72))
+    # RGB cells from our own colormap (no lookup inside matplotlib): the pixels are colormap(norm) exactly
+    ax.imshow(colormap(norm), interpolation="nearest", extent=(0, n, n, 0), aspect="equal")
+    flo, fhi = _finite_range(A)
+    extend = ("neither", "max", "min", "both")[int(fhi > hi) + 2 * int(flo < lo)]
+    cmap = ListedColormap(colormap(np.linspace(0.0, 1.0, 256)) / 255.0)
+    bar = fig.colorbar(ScalarMappable(norm=Normalize(lo, hi if hi > lo else lo + 1.0), cmap=cmap), cax=cax,
+                       extend=extend)
+    bar.ax.tick_params(labelsize=8)
+    bar.formatter.set_powerlimits((-4, 5))  # offset notation only for very large / small entries
+    axes_px = 0.64 * figsize[0] * fig.dpi
+    if layout.kind == "class":
+        k = len(layout.classes)
+        if layout.boundaries and axes_px / k >= 4:  # thinner classes: the lines would hide the cells
+            for b in layout.boundaries:
+                ax.axhline(b, color="white", lw=0.7)
+                ax.axvline(b, color="white", lw=0.7)
+        stride = _thin(k, max_class_labels)
+        shown = layout.classes[::stride]
+        ticks = [(s + e) / 2 for s, e, _ in shown]
+        names = [str(c) for _, _, c in shown]
+        ax.set_xticks(ticks, names, fontsize=8, rotation=90 if max(map(len, names)) > 3 else 0)
+        ax.set_yticks(ticks, names, fontsize=8)
+        xlabel = f"class ({k} classes" + (f", every {stride}th labelled)" if stride > 1 else ")")
+        ylabel = "class"
+    elif layout.kind in ("input", "target"):
+        v = layout.sorted_values
+        pos = np.unique(np.linspace(0, n - 1, min(n, 5)).round().astype(int))
+        names = [f"{v[i]:.2g}" for i in pos]
+        ax.set_xticks(pos + 0.5, names, fontsize=8)
+        ax.set_yticks(pos + 0.5, names, fontsize=8)
+        xlabel = ylabel = f"probe {layout.kind} (sorted)"
+    else:
+        ax.tick_params(labelsize=8)
+        xlabel = ylabel = "probe index"
+    ax.set_xlabel(xlabel, fontsize=9)
+    ax.set_ylabel(ylabel, fontsize=9)
+    if scale_note is None:
+        scale_note = "colours: this report's range" if vmin is None and vmax is None else "colours: fixed range"
+    cells = A.shape[0]
+    avg = f" in {cells} x {cells} block averages" if cells < n else ""
+    fig.text(0.5, 0.975, report_title(tag, step, epoch), ha="center", va="top", fontsize=10.5)
+    fig.text(0.5, 0.925, f"N = {n} probes{avg}; {scale_note}", ha="center", va="top", fontsize=8, color="0.3")
+    return fig
 
 
 # ----------------------------------------------------------------------------- figures
@@ -147,8 +359,8 @@ def _require_matplotlib() -> Any:
         from matplotlib.figure import Figure
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError(
-            "spectrum/drift figures need matplotlib: pip install matplotlib "
-            "(the kernel heatmap and the scalars work without it)"
+            "the annotated heatmap and the spectrum/drift/layers/dynamics figures need matplotlib: "
+            "pip install matplotlib (the bare kernel heatmap and the scalars work without it)"
         ) from err
     return Figure
 
@@ -170,66 +382,131 @@ def _subsample(n: int, k: int) -> list[int]:
     return [int(i) for i in idx]
 
 
-def spectrum_figure(history: Sequence[Mapping[str, Any]], *, max_curves: int = 10) -> Any:
-    """Eigenvalue spectra of the reports in ``history`` on one log-scale plot.
+# Pictures are laid out for TensorBoard's image cards (~400 px wide): about 480 px wide at
+# 100 dpi, one panel per row, 8-10 pt text (so ~7-9 px tall at card size).
+_WIDTH_IN = 4.8
+_PANEL_IN = 2.05
 
-    x: eigenvalue index i = 1..N (descending); y: log10 lambda_i (zeros are drawn at
-    ``lambda_max * N * eps64``, the level below which eigenvalues are round-off). At most
-    ``max_curves`` reports are drawn, evenly spaced, first and last always included;
-    colour goes from dark (early) to yellow (late). Returns a matplotlib ``Figure``.
+
+def _stacked(Figure: Any, rows: int, extra_in: float = 0.0, bottom_in: float = 0.45) -> tuple[Any, list]:
+    """A figure of ``rows`` panels stacked vertically sharing the x axis (global step)."""
+    height = rows * _PANEL_IN + extra_in + bottom_in + 0.1
+    fig = Figure(figsize=(_WIDTH_IN, height), dpi=100)
+    axes = []
+    for i in range(rows):
+        ax = fig.add_subplot(rows, 1, i + 1, sharex=axes[0] if axes else None)
+        ax.tick_params(labelsize=8)
+        ax.grid(True, alpha=0.3)
+        if i < rows - 1:
+            ax.tick_params(labelbottom=False)
+        axes.append(ax)
+    axes[-1].set_xlabel("global step", fontsize=9)
+    # fixed margins: tight_layout would render the figure twice (the dominant cost)
+    fig.subplots_adjust(left=0.15, right=0.97, top=1 - 0.32 / height, bottom=(bottom_in + extra_in) / height,
+                        hspace=0.42 * 2.05 / _PANEL_IN)
+    return fig, axes
+
+
+def _numerically_zero_floor(lam: np.ndarray) -> float:
+    """``lambda_max * N * eps64``: a float64 eigenvalue of the kernel below it is round-off."""
+    return max(float(np.max(lam)) * lam.size * np.finfo(np.float64).eps, np.finfo(np.float64).tiny)
+
+
+def spectrum_figure(history: Sequence[Mapping[str, Any]], *, max_curves: int = 10) -> Any:
+    """Eigenvalue spectra of the reports in ``history`` on one plot, logged as ``<prefix>/spectrum``.
+
+    x: eigenvalue index i = 1..N (descending); y: log10 lambda_i. At most ``max_curves``
+    reports are drawn, evenly spaced, first and last always included; the colour encodes
+    the report's global step (dark: early, yellow: late), read off the colour bar (no
+    legend over the curves; each line keeps its report as its label, e.g.
+    ``"epoch 3 (step 150)"``). Eigenvalues at or below ``lambda_max * N * eps64`` are
+    numerically zero (round-off of a float64 eigensolver): a curve stops at its last
+    eigenvalue above that level, marked with a down triangle, and the note in the corner
+    says how many are numerically zero (first and last report drawn). Returns a
+    matplotlib ``Figure`` (500 x 340 px).
     """
     Figure = _require_matplotlib()
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import ListedColormap, Normalize
+
     fig = Figure(figsize=(5.0, 3.4), dpi=100)
-    ax = fig.add_subplot(1, 1, 1)
+    ax = fig.add_axes((0.13, 0.14, 0.66, 0.75))
     recs = [r for r in history if len(r.get("eigenvalues", ())) > 0]
-    chosen = _subsample(len(recs), max_curves)
-    colors = colormap(np.linspace(0.0, 0.9, max(len(chosen), 1))) / 255.0
-    for c, i in zip(colors, chosen):
-        lam = np.asarray(recs[i]["eigenvalues"], dtype=np.float64)
-        floor = max(float(np.max(lam)) * lam.size * np.finfo(np.float64).eps, np.finfo(np.float64).tiny)
+    chosen = [recs[i] for i in _subsample(len(recs), max_curves)]
+    steps = [float(r.get("step", 0) or 0) for r in chosen]
+    s0, s1 = (min(steps), max(steps)) if steps else (0.0, 1.0)
+    span = (s1 - s0) or 1.0
+    zeros = []
+    for rec, s in zip(chosen, steps):
+        lam = np.asarray(rec["eigenvalues"], dtype=np.float64)
+        lam = lam[np.isfinite(lam)]
+        if lam.size == 0:
+            continue
+        keep = lam > _numerically_zero_floor(lam)
+        zeros.append((rec, int(lam.size - keep.sum()), lam.size))
+        c = colormap(0.9 * (s - s0) / span) / 255.0
+        idx = np.flatnonzero(keep) + 1
         # log10 on a linear axis: log-scale tick labels go through mathtext, ~10x slower to draw
-        ax.plot(np.arange(1, lam.size + 1), np.log10(np.maximum(lam, floor)), color=c, lw=1.4, label=_record_label(recs[i]))
-    ax.set_xlabel("eigenvalue index (descending)")
-    ax.set_ylabel("log10 eigenvalue")
-    ax.set_title("NTK spectrum")
+        ax.plot(idx, np.log10(lam[keep]), color=c, lw=1.4, label=_record_label(rec))
+        if keep.sum() < lam.size and idx.size:
+            ax.scatter([idx[-1]], [np.log10(lam[keep][-1])], marker="v", s=28, color=[c], zorder=3)
+    ax.set_xlabel("eigenvalue index (descending)", fontsize=9)
+    ax.set_ylabel("log10 eigenvalue", fontsize=9)
+    ax.tick_params(labelsize=8)
+    ax.set_title("NTK spectrum of each report", fontsize=10)
     ax.grid(True, which="major", alpha=0.3)
-    if chosen:
-        ax.legend(fontsize=7, loc="lower left", frameon=False)
-    # fixed margins: tight_layout would render the figure twice (the dominant cost)
-    fig.subplots_adjust(left=0.14, right=0.97, bottom=0.14, top=0.91)
+    if any(z for _, z, _ in zeros):
+        first, last = zeros[0], zeros[-1]
+        note = f"\u25bc rest numerically 0:\n{last[1]} of {last[2]} at step {last[0].get('step', '?')}"
+        if len(zeros) > 1:
+            note += f"\n{first[1]} at step {first[0].get('step', '?')}"
+        ax.text(0.98, 0.97, note, transform=ax.transAxes, ha="right", va="top", fontsize=7.5, color="0.25",
+                bbox=dict(facecolor="white", edgecolor="0.8", alpha=0.85, pad=2.0))
+    if len(chosen) > 1:
+        cax = fig.add_axes((0.83, 0.14, 0.03, 0.75))
+        cmap = ListedColormap(colormap(np.linspace(0.0, 0.9, 256)) / 255.0)
+        bar = fig.colorbar(ScalarMappable(norm=Normalize(s0, s0 + span), cmap=cmap), cax=cax)
+        bar.ax.tick_params(labelsize=8)
+        bar.set_label("global step of the report", fontsize=8)
+    elif chosen:
+        ax.set_title(f"NTK spectrum, {_record_label(chosen[0])}", fontsize=10)
     return fig
 
 
-def drift_figure(history: Sequence[Mapping[str, Any]]) -> Any:
-    """Kernel drift and alignment against the trainer's global step, three panels.
+ALIGNMENT_KEYS = ("kta", "cka")
 
-    1. ``relative_change`` = ||K_t - K_0||_F / ||K_0||_F (how much the kernel moved,
-       magnitude included; 0 in the lazy / NTK regime);
-    2. ``kernel_distance`` = 1 - <K_t, K_0>_F / (||K_t||_F ||K_0||_F) (change of the
+
+def drift_figure(history: Sequence[Mapping[str, Any]]) -> Any:
+    """Kernel drift and alignment against the trainer's global step, logged as ``<prefix>/drift``.
+
+    Three panels stacked vertically (one column, so the picture reads at TensorBoard's
+    card width, ~400 px), sharing the step axis:
+
+    1. ``kernel_distance`` = 1 - <K_t, K_0>_F / (||K_t||_F ||K_0||_F) (change of the
        kernel's shape, scale-free; Fort et al. 2020);
+    2. ``relative_change`` = ||K_t - K_0||_F / ||K_0||_F (how much the kernel moved,
+       magnitude included; 0 in the lazy / NTK regime; dominated by scale changes such as
+       BatchNorm statistics);
     3. ``kta`` and ``cka`` (kernel-target alignment, centred alignment).
 
-    Missing or non-finite values are left out. Returns a matplotlib ``Figure``.
+    Missing or non-finite values are left out. Returns a matplotlib ``Figure`` (480 x 760 px).
     """
     Figure = _require_matplotlib()
-    fig = Figure(figsize=(10.5, 3.0), dpi=100)
     panels = (
-        (("relative_change",), "relative change ||K-K0|| / ||K0||"),
-        (("kernel_distance",), "kernel distance 1 - cos(K, K0)"),
-        (("kta", "cka"), "kernel-target alignment"),
+        (("kernel_distance",), "kernel distance 1 - cos(K, K0)  (shape, scale-free)"),
+        (("relative_change",), "relative change ||K - K0|| / ||K0||  (incl. scale)"),
+        (ALIGNMENT_KEYS, "alignment with the labels"),
     )
-    for i, (keys, title) in enumerate(panels):
-        ax = fig.add_subplot(1, len(panels), i + 1)
-        for key in keys:
+    fig, axes = _stacked(Figure, len(panels))
+    colors = ("#2c728e", "#d95f02")
+    for ax, (keys, title) in zip(axes, panels):
+        for key, color in zip(keys, colors):
             xs, ys = _series(history, key)
             if xs:
-                ax.plot(xs, ys, marker="o", ms=3, lw=1.4, label=key)
-        ax.set_xlabel("global step")
-        ax.set_title(title, fontsize=10)
-        ax.grid(True, alpha=0.3)
+                ax.plot(xs, ys, marker="o", ms=3, lw=1.4, color=color, label=key)
+        ax.set_title(title, fontsize=9.5)
         if len(keys) > 1 and ax.lines:
-            ax.legend(fontsize=7, frameon=False)
-    fig.subplots_adjust(left=0.06, right=0.99, bottom=0.16, top=0.89, wspace=0.28)
+            ax.legend(fontsize=8, frameon=False, loc="best")
     return fig
 
 
@@ -265,44 +542,53 @@ def layer_names(history: Sequence[Mapping[str, Any]], max_layers: Optional[int] 
     return names if max_layers is None else names[: int(max_layers)]
 
 
+def _short(name: str, width: int = 30) -> str:
+    """A long module path shortened from the left (``'...layers.3.attn.out_proj'``): the tail names the layer."""
+    return name if len(name) <= width else "\u2026" + name[-(width - 1):]
+
+
 def layers_figure(history: Sequence[Mapping[str, Any]], *, max_layers: int = 8) -> Any:
-    """Which layers make the kernel and which move it, against the global step; two panels.
+    """Which layers make the kernel and which move it, logged as ``<prefix>/layers``.
+
+    Two panels stacked vertically against the global step, and one legend below them:
 
     1. ``layer_share/<name>`` = tr K_l / tr K (the layers' shares of the kernel trace; they
        sum to 1 because the NTK is a sum over parameters);
     2. ``layer_drift/<name>`` = ||K_l - K0_l||_F / ||K0_l||_F (each layer's own drift).
 
     One line per layer for the ``max_layers`` layers with the largest share (at any
-    report), the same colour in both panels; the title says how many were left out.
-    Returns a matplotlib ``Figure``.
+    report), the same colour in both panels (each line labelled with the full layer name;
+    the legend shortens long names from the left); the legend's title says how many
+    smaller layers were left out. Returns a matplotlib ``Figure`` (480 px wide).
     """
     Figure = _require_matplotlib()
-    fig = Figure(figsize=(10.5, 3.2), dpi=100)
     names = layer_names(history)
     shown = names[: int(max_layers)]
-    colors = colormap(np.linspace(0.0, 0.9, max(len(shown), 1))) / 255.0
     hidden = len(names) - len(shown)
-    panels = ((LAYER_SHARE, "share of the kernel trace tr K_l / tr K"),
-              (LAYER_DRIFT, "layer drift ||K_l - K0_l|| / ||K0_l||"))
-    for i, (prefix, title) in enumerate(panels):
-        ax = fig.add_subplot(1, 2, i + 1)
+    ncol = 2 if shown and max(len(_short(n)) for n in shown) <= 24 else 1
+    legend_rows = -(-max(len(shown), 1) // ncol) + (1 if hidden else 0)
+    fig, axes = _stacked(Figure, 2, extra_in=0.2 + 0.16 * legend_rows, bottom_in=0.45)
+    colors = colormap(np.linspace(0.0, 0.9, max(len(shown), 1))) / 255.0
+    panels = ((LAYER_SHARE, "share of the kernel trace  tr K_l / tr K"),
+              (LAYER_DRIFT, "layer drift  ||K_l - K0_l|| / ||K0_l||"))
+    for ax, (prefix, title) in zip(axes, panels):
         for c, name in zip(colors, shown):
             xs, ys = _series(history, prefix + name)
             if xs:
                 ax.plot(xs, ys, marker="o", ms=3, lw=1.4, color=c, label=name)
-        ax.set_xlabel("global step")
-        ax.set_title(title + (f" ({hidden} smaller layers not shown)" if hidden and i == 0 else ""), fontsize=9)
-        ax.grid(True, alpha=0.3)
-    if fig.axes[0].lines:
-        # outside the axes on the right: one legend serves both panels (same colours)
-        fig.axes[1].legend(*fig.axes[0].get_legend_handles_labels(), fontsize=7, frameon=False,
-                           loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.subplots_adjust(left=0.06, right=0.84, bottom=0.16, top=0.89, wspace=0.25)
+        ax.set_title(title, fontsize=9.5)
+    if axes[0].lines:
+        handles = axes[0].lines
+        fig.legend(handles, [_short(h.get_label()) for h in handles], loc="lower center", ncol=ncol, fontsize=8,
+                   frameon=False, bbox_to_anchor=(0.5, 0.0),
+                   title=f"{hidden} smaller layers not shown" if hidden else None, title_fontsize=8)
     return fig
 
 
 def dynamics_figure(history: Sequence[Mapping[str, Any]]) -> Any:
-    """What the kernel predicted against what the network did, over the global step.
+    """What the kernel predicted against what the network did, logged as ``<prefix>/dynamics``.
+
+    Two panels stacked vertically against the global step:
 
     1. ``residual_norm`` ||f(X) - y|| on the probes (observed) and
        ``predicted_residual_norm``, the value linearised gradient descent under the
@@ -313,11 +599,10 @@ def dynamics_figure(history: Sequence[Mapping[str, Any]]) -> Any:
        the network linearised at initialisation (~0: lazy / kernel regime; O(1): rich
        regime).
 
-    Missing or non-finite values are left out. Returns a matplotlib ``Figure``.
+    Missing or non-finite values are left out. Returns a matplotlib ``Figure`` (480 px wide).
     """
     Figure = _require_matplotlib()
-    fig = Figure(figsize=(10.5, 3.2), dpi=100)
-    ax = fig.add_subplot(1, 2, 1)
+    fig, (ax, gax) = _stacked(Figure, 2)
     xs, ys = _series(history, "residual_norm")
     px, py = _series(history, "predicted_residual_norm")
     if xs:
@@ -331,22 +616,16 @@ def dynamics_figure(history: Sequence[Mapping[str, Any]]) -> Any:
         # plain tick labels: the default mathtext ones (6 x 10^0) are slow to draw and hard to read
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.yaxis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel("global step")
-    ax.set_title("residual on the probes: observed vs NTK-predicted", fontsize=9)
-    ax.grid(True, alpha=0.3)
+    ax.set_title("residual on the probes: observed vs NTK-predicted", fontsize=9.5)
     if ax.lines:
-        ax.legend(fontsize=7, frameon=False)
-    ax = fig.add_subplot(1, 2, 2)
+        ax.legend(fontsize=8, frameon=False)
     gx, gy = _series(history, "linearization_gap")
     if gx:
-        ax.plot(gx, gy, marker="o", ms=4, lw=1.6, color="#5ec962")
+        gax.plot(gx, gy, marker="o", ms=4, lw=1.6, color="#5ec962")
     else:
-        ax.text(0.5, 0.5, "no held-out probes\n(needs a validation dataloader)", ha="center", va="center",
-                transform=ax.transAxes, fontsize=9, color="0.4")
-    ax.set_xlabel("global step")
-    ax.set_title("linearisation gap ||f - f_lin|| / ||f - f_0|| (held-out)", fontsize=9)
-    ax.grid(True, alpha=0.3)
-    fig.subplots_adjust(left=0.07, right=0.99, bottom=0.16, top=0.89, wspace=0.22)
+        gax.text(0.5, 0.5, "no held-out probes\n(needs a validation dataloader)", ha="center", va="center",
+                 transform=gax.transAxes, fontsize=9, color="0.4")
+    gax.set_title("linearisation gap ||f - f_lin|| / ||f - f_0|| (held-out)", fontsize=9.5)
     return fig
 
 

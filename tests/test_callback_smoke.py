@@ -429,8 +429,9 @@ def test_media_dispatch_to_wandb_mlflow_and_scalar_only_loggers() -> None:
     assert [(k, s[2], d, st) for k, s, d, st in wb.images] == [
         ("ntk/kernel", 3, np.uint8, 7), ("ntk/spectrum", 3, np.uint8, 7), ("ntk/drift", 3, np.uint8, 7)
     ]
-    assert wb.images[0][1] == (6 * 42, 6 * 42, 3)  # HWC for wandb.Image
-    assert ml.client.calls[0] == ("image", "run-1", (252, 252, 3), "ntk/kernel/step_0000007.png")
+    heatmap_hwc = media.image("kernel").transpose(1, 2, 0).shape
+    assert wb.images[0][1] == heatmap_hwc and heatmap_hwc[2] == 3  # HWC for wandb.Image
+    assert ml.client.calls[0] == ("image", "run-1", heatmap_hwc, "ntk/kernel/step_0000007.png")
     assert ml.client.calls[-1] == ("dict", "run-1", 6, "ntk/eigenvalues/step_0000007.json")
 
 

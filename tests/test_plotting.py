@@ -104,6 +104,126 @@ def test_heatmap_degenerate_inputs() -> None:
     assert order.tolist() == [0, 1, 2] and bounds == []
 
 
+def _heatmap_cells_rgb(fig, n: int, idx=None) -> np.ndarray:
+    """Rasterise a heatmap figure and read the RGB at the centre of its n x n cells (rows/cols ``idx``, default all)."""
+    img = plotting.figure_to_image(fig).transpose(1, 2, 0)
+    x0, y0, x1, y1 = fig.axes[0].get_window_extent().extents  # display pixels, origin bottom-left
+    h = img.shape[0]
+    centres = (np.arange(n) + 0.5 if idx is None else np.asarray(idx) + 0.5) / n
+    cols = np.floor(x0 + centres * (x1 - x0)).astype(int)
+    rows = np.floor(h - (y1 - centres * (y1 - y0))).astype(int)
+    return img[rows[:, None], cols[None, :]]
+
+
+def _tick_labels(axis) -> list:
+    return [t.get_text() for t in axis.get_ticklabels()]
+
+
+def test_heatmap_figure_pixels_class_labels_boundaries_and_title() -> None:
+    pytest.importorskip("matplotlib")
+    rng = np.random.default_rng(1)
+    y = rng.permutation(np.repeat([2, 0, 1], [5, 3, 4]))
+    K = (y[:, None] == y[None, :]).astype(np.float64) * 3.0 + 0.5 + 0.01 * rng.normal(size=(12, 12))
+    K = (K + K.T) / 2
+    fig = plotting.kernel_heatmap_figure(K, torch.from_numpy(y), step=150, epoch=3, tag="epoch")
+    ax = fig.axes[0]
+    order = np.argsort(y, kind="stable")
+    Ks = K[np.ix_(order, order)]
+    expected = plotting.colormap((Ks - Ks.min()) / (Ks.max() - Ks.min()))  # independent of the module's cells
+    np.testing.assert_array_equal(_heatmap_cells_rgb(fig, 12), expected)
+    # class labels at the class centres (sizes 3, 4, 5), white boundaries at 3 and 7 on both axes
+    assert _tick_labels(ax.xaxis) == ["0", "1", "2"] and _tick_labels(ax.yaxis) == ["0", "1", "2"]
+    np.testing.assert_allclose(ax.get_xticks(), [1.5, 5.0, 9.5])
+    walls = sorted({float(ln.get_xdata()[0]) for ln in ax.lines if ln.get_xdata()[0] == ln.get_xdata()[1]})
+    assert walls == [3.0, 7.0] and len(ax.lines) == 4
+    texts = [t.get_text() for t in fig.texts]
+    assert texts[0] == "NTK, epoch 3 (step 150)"
+    assert "N = 12 probes" in texts[1] and "this report's range" in texts[1]
+    # the colour bar spans the kernel's own min..max, in the kernel's units
+    cbar = fig.axes[1]
+    assert cbar.get_ylim() == pytest.approx((Ks.min(), Ks.max()))
+    assert plotting.report_title("init", 0, 0) == "initial NTK (step 0)"
+    assert plotting.report_title("final", 57, 4) == "NTK at the end of training (step 57)"
+
+
+def test_heatmap_figure_many_classes_and_large_n_stay_readable() -> None:
+    pytest.importorskip("matplotlib")
+    rng = np.random.default_rng(2)
+    y = rng.permutation(np.repeat(np.arange(100), 10))  # N = 1024 would leave 24 extra: use 1000 + 24 of class 99
+    y = np.concatenate([y, np.full(24, 99)])
+    K = (y[:, None] == y[None, :]).astype(np.float64)
+    fig = plotting.kernel_heatmap_figure(K, y, step=3)
+    ax = fig.axes[0]
+    labels = _tick_labels(ax.xaxis)
+    assert 5 <= len(labels) <= 12 and labels[:3] == ["0", "9", "18"]  # thinned: every 9th class
+    assert "every 9th labelled" in ax.get_xlabel()
+    assert not ax.lines, "1 px classes: boundary lines would hide the cells"
+    assert "256 x 256 block averages" in fig.texts[1].get_text()
+    img = plotting.figure_to_image(fig)
+    assert img.shape == (3, 410, 460)  # the size does not grow with N or the number of classes
+    # the pixels are the 4 x 4 block averages of the class-sorted kernel (read at every 16th cell)
+    order = np.argsort(y, kind="stable")
+    avg = K[np.ix_(order, order)].reshape(256, 4, 256, 4).mean(axis=(1, 3))
+    idx = np.arange(8, 256, 16)
+    np.testing.assert_array_equal(_heatmap_cells_rgb(fig, 256, idx), plotting.colormap(avg[np.ix_(idx, idx)]))
+    fig8 = plotting.kernel_heatmap_figure(K[:8, :8], y[:8])
+    assert plotting.figure_to_image(fig8).shape == (3, 410, 460)
+
+
+def test_heatmap_regression_probes_sorted_by_scalar_input_else_target() -> None:
+    pytest.importorskip("matplotlib")
+    rng = np.random.default_rng(3)
+    x = rng.uniform(-3, 3, size=(40, 1))
+    t = np.sin(2 * x[:, 0])
+    K = np.exp(-((x - x.T) ** 2))  # smooth in the input: a band once sorted by x
+    lay = plotting.probe_layout(torch.from_numpy(t), 40, inputs=torch.from_numpy(x))
+    assert lay.kind == "input" and np.all(np.diff(x[lay.order, 0]) >= 0)
+    lay = plotting.probe_layout(t[:, None], 40)  # (N, 1) targets, no scalar input: by target
+    assert lay.kind == "target" and np.all(np.diff(t[lay.order]) >= 0) and lay.boundaries == []
+    assert plotting.probe_layout(t, 40, inputs=rng.normal(size=(40, 3))).kind == "target"  # 3-D input: by target
+    assert plotting.probe_layout(rng.normal(size=(40, 2)), 40).kind == "index"  # two outputs: no order
+    fig = plotting.kernel_heatmap_figure(K, t, inputs=x, tag="init", step=0)
+    order = np.argsort(x[:, 0], kind="stable")
+    Ks = K[np.ix_(order, order)]
+    np.testing.assert_array_equal(_heatmap_cells_rgb(fig, 40), plotting.colormap((Ks - Ks.min()) / (Ks.max() - Ks.min())))
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "probe input (sorted)"
+    assert float(_tick_labels(ax.xaxis)[0].replace("\u2212", "-")) == pytest.approx(x.min(), rel=0.05)
+    assert fig.texts[0].get_text() == "initial NTK (step 0)"
+    # the numpy-only image sorts the same way
+    img = plotting.kernel_heatmap_image(K, t, inputs=x, cell_px=1)
+    np.testing.assert_array_equal(img.transpose(1, 2, 0), plotting.colormap((Ks - Ks.min()) / (Ks.max() - Ks.min())))
+
+
+def test_heatmap_fixed_scale_from_the_initial_kernel() -> None:
+    pytest.importorskip("matplotlib")
+    from ntk_callback.loggers import ReportMedia
+
+    rng = np.random.default_rng(4)
+    A = rng.normal(size=(10, 10))
+    K0 = A @ A.T
+    K = 2.0 * K0  # the kernel doubled: on K0's scale, its large entries clip at the top
+    lo, hi = plotting.kernel_color_range(K0)
+    assert (lo, hi) == (K0.min(), K0.max())
+    fig = plotting.kernel_heatmap_figure(K, vmin=lo, vmax=hi)
+    np.testing.assert_array_equal(_heatmap_cells_rgb(fig, 10), plotting.colormap((K - lo) / (hi - lo)))
+    assert fig.axes[1].get_ylim() == pytest.approx((lo, hi))
+    assert "fixed range" in fig.texts[1].get_text()
+    img = plotting.kernel_heatmap_image(K, vmin=lo, vmax=hi, cell_px=1)
+    np.testing.assert_array_equal(img.transpose(1, 2, 0), plotting.colormap((K - lo) / (hi - lo)))
+    # through ReportMedia (what the loggers get): "initial" uses K0's range, "per_report" K's own
+    common = dict(step=5, kernel=K, labels=None, eigenvalues=np.ones(10), history=[], pictures=("kernel",))
+    fixed = ReportMedia(**common, heatmap_scale="initial", init_kernel=K0)
+    assert fixed.heatmap_range() == (lo, hi)
+    assert ReportMedia(**common).heatmap_range() == (None, None)
+    a, b = fixed.image("kernel"), ReportMedia(**common).image("kernel")
+    assert a.shape == b.shape and not np.array_equal(a, b)
+    with pytest.raises(ValueError, match="heatmap_scale='absolute'.*per_report"):
+        ReportMedia(**common, heatmap_scale="absolute")
+    with pytest.raises(ValueError, match="unknown picture 'spectra'"):
+        ReportMedia(**dict(common, pictures=("spectra",))).image("spectra")
+
+
 def test_png_roundtrip_with_an_independent_decoder(tmp_path) -> None:
     PIL = pytest.importorskip("PIL.Image")
     rng = np.random.default_rng(3)
@@ -152,14 +272,38 @@ def test_spectrum_figure_draws_a_subsample_with_first_and_last() -> None:
     assert 2 <= len(ax.lines) <= 6
     labels = [ln.get_label() for ln in ax.lines]
     assert labels[0] == "init (step 0)" and labels[-1] == "epoch 23 (step 240)"
-    # y = log10(lambda); the zero eigenvalue is floored at lambda_max * N * eps, not -inf
-    y_last = ax.lines[-1].get_ydata()
+    assert ax.get_legend() is None, "no legend over the curves: the colour bar says which report"
+    assert len(fig.axes) == 2 and "global step" in fig.axes[1].get_ylabel()
+    # colour = step: the first curve has the colour bar's bottom colour, the last its top (0.9 of viridis)
+    np.testing.assert_allclose(ax.lines[0].get_color(), plotting.colormap(np.array(0.0)) / 255.0)
+    np.testing.assert_allclose(ax.lines[-1].get_color(), plotting.colormap(np.array(0.9)) / 255.0)
+    # y = log10(lambda); the curve stops before the numerically-zero eigenvalue (no floor drawn)
     lam = np.asarray(hist[-1]["eigenvalues"])
-    np.testing.assert_allclose(y_last[:-1], np.log10(lam[:-1]))
-    assert np.isfinite(y_last[-1]) and y_last[-1] == pytest.approx(np.log10(lam[0] * 16 * np.finfo(float).eps))
+    np.testing.assert_allclose(ax.lines[-1].get_xdata(), np.arange(1, 16))
+    np.testing.assert_allclose(ax.lines[-1].get_ydata(), np.log10(lam[:-1]))
+    # one down-triangle per truncated curve, at its last eigenvalue; the note counts the zeros
+    ends = np.concatenate([c.get_offsets() for c in ax.collections])
+    assert len(ends) == len(ax.lines)
+    np.testing.assert_allclose(ends[-1], [15, np.log10(lam[-2])])
+    (note,) = ax.texts
+    assert "numerically 0" in note.get_text() and "1 of 16 at step 240" in note.get_text()
     img = plotting.figure_to_image(fig)
     assert img.dtype == np.uint8 and img.shape == (3, 340, 500)
     assert img.std() > 5  # something was drawn
+
+
+def test_spectrum_figure_without_zero_eigenvalues_has_no_note() -> None:
+    pytest.importorskip("matplotlib")
+    hist = [{"tag": "init", "epoch": 0, "step": 0, "eigenvalues": [4.0, 2.0, 1.0], "metrics": {}}]
+    fig = plotting.spectrum_figure(hist)
+    ax = fig.axes[0]
+    np.testing.assert_allclose(ax.lines[0].get_ydata(), np.log10([4.0, 2.0, 1.0]))
+    assert not ax.texts and not ax.collections
+    assert len(fig.axes) == 1 and "init (step 0)" in ax.get_title()  # one report: named in the title
+
+
+def _axes_by_title(fig) -> dict:
+    return {ax.get_title(): ax for ax in fig.axes}
 
 
 def test_drift_figure_plots_metrics_against_steps_and_skips_nan() -> None:
@@ -167,14 +311,21 @@ def test_drift_figure_plots_metrics_against_steps_and_skips_nan() -> None:
     hist = _history(5)
     fig = plotting.drift_figure(hist)
     assert len(fig.axes) == 3
-    rel = fig.axes[0].lines[0]
+    dist_ax, rel_ax, align_ax = fig.axes  # one column: scale-free distance first
+    assert "kernel distance" in dist_ax.get_title() and "relative change" in rel_ax.get_title()
+    np.testing.assert_allclose(dist_ax.lines[0].get_ydata(), [0.0, 0.01, 0.02, 0.03, 0.04])
+    rel = rel_ax.lines[0]
     np.testing.assert_allclose(rel.get_xdata(), [0, 10, 20, 30, 40])
     np.testing.assert_allclose(rel.get_ydata(), [0.0, 0.1, 0.2, 0.3, 0.4])
-    lines = {ln.get_label(): ln for ln in fig.axes[2].lines}
+    lines = {ln.get_label(): ln for ln in align_ax.lines}
     np.testing.assert_allclose(lines["cka"].get_xdata(), [0, 10, 30, 40])  # the NaN at step 20 left out
     np.testing.assert_allclose(lines["kta"].get_ydata(), [0.5, 0.51, 0.52, 0.53, 0.54])
     img = plotting.figure_to_image(fig)
-    assert img.shape == (3, 300, 1050)
+    assert img.shape == (3, 670, 480)  # one column: reads at TensorBoard's ~400 px card width
+    # stacked, not side by side: each panel spans most of the width, the panels do not overlap vertically
+    boxes = [ax.get_position() for ax in fig.axes]
+    assert all(b.width > 0.75 for b in boxes)
+    assert boxes[0].y0 > boxes[1].y1 and boxes[1].y0 > boxes[2].y1
 
 
 def test_log10_spectrum_floor() -> None:
@@ -229,10 +380,18 @@ def test_layers_figure_draws_the_largest_layers_in_both_panels() -> None:
         np.testing.assert_allclose(ln.get_ydata(), [r["metrics"][f"layer_share/{name}"] for r in hist])
     for a, b in zip(share_ax.lines, drift_ax.lines):  # one colour per layer across the panels
         np.testing.assert_array_equal(a.get_color(), b.get_color())
-    assert "6 smaller layers not shown" in share_ax.get_title()
-    assert drift_ax.get_legend() is not None
+    (legend,) = fig.legends  # one legend below both panels
+    assert legend.get_title().get_text() == "6 smaller layers not shown"
+    assert [t.get_text() for t in legend.get_texts()] == top
     img = plotting.figure_to_image(fig)
-    assert img.shape == (3, 320, 1050) and img.std() > 5
+    assert img.shape[2] == 480 and img.std() > 5
+    assert share_ax.get_position().y0 > drift_ax.get_position().y1  # stacked
+    # long module paths are shortened from the left in the legend, the lines keep the full name
+    long = [{"step": s, "metrics": {"layer_share/encoder.layers.11.attention.output.dense": 1.0}} for s in (0, 5)]
+    fig = plotting.layers_figure(long)
+    assert fig.axes[0].lines[0].get_label() == "encoder.layers.11.attention.output.dense"
+    (text,) = fig.legends[0].get_texts()
+    assert text.get_text().startswith("\u2026") and text.get_text().endswith("attention.output.dense")
 
 
 def test_dynamics_figure_observed_predicted_and_gap() -> None:
@@ -248,7 +407,8 @@ def test_dynamics_figure_observed_predicted_and_gap() -> None:
     (gap,) = gap_ax.lines
     np.testing.assert_allclose(gap.get_xdata(), [7, 21, 28])  # NaN at step 14 left out
     np.testing.assert_allclose(gap.get_ydata(), [0.02, 0.06, 0.08])
-    assert plotting.figure_to_image(fig).shape == (3, 320, 1050)
+    assert plotting.figure_to_image(fig).shape == (3, 465, 480)
+    assert res_ax.get_position().y0 > gap_ax.get_position().y1  # stacked
     # within one decade: linear axis (log ticks would have no labels); no held-out probes: a note
     flat = [{"step": s, "metrics": {"residual_norm": 5.0 - s}} for s in range(3)]
     fig = plotting.dynamics_figure(flat)
