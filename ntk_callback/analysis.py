@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import NamedTuple, Optional, Sequence, Tuple, Union
+from collections.abc import Sequence
+from typing import NamedTuple, Union
 
 import numpy as np
 import torch
@@ -113,7 +114,8 @@ def _raw_kernel(K: ArrayLike, name: str = "K") -> torch.Tensor:
         raise ValueError(
             f"kernel {name} has shape {tuple(t.shape)}, a mode='full' (N, N, O, O) kernel; the "
             "analysis needs an (N, N) kernel. Reduce it first, e.g. "
-            "K.diagonal(dim1=2, dim2=3).sum(-1) for the trace kernel, or compute with mode='target'."
+            "K.diagonal(dim1=2, dim2=3).sum(-1) for the trace kernel, or compute with "
+            "mode='target'."
         )
     if t.ndim != 2 or t.shape[0] != t.shape[1]:
         raise ValueError(
@@ -125,8 +127,9 @@ def _raw_kernel(K: ArrayLike, name: str = "K") -> torch.Tensor:
     if not bool(torch.isfinite(t).all()):
         bad = int((~torch.isfinite(t)).sum())
         raise ValueError(
-            f"kernel {name} has {bad} NaN/inf entries; the model's outputs or gradients overflowed. "
-            "Check the model for non-finite outputs, or compute the kernel with dtype=torch.float64."
+            f"kernel {name} has {bad} NaN/inf entries; the model's outputs or gradients "
+            "overflowed. Check the model for non-finite outputs, or compute the kernel with "
+            "dtype=torch.float64."
         )
     return t
 
@@ -145,7 +148,7 @@ def _raw_eigenvalues_desc(Ks: torch.Tensor) -> torch.Tensor:
     return torch.flip(torch.linalg.eigvalsh(Ks), dims=(0,))
 
 
-def _eigh_desc(Ks: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def _eigh_desc(Ks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(lambda_raw, Q)``: raw eigenvalues descending and eigenvectors as columns of Q."""
     lam, Q = torch.linalg.eigh(Ks)
     return torch.flip(lam, dims=(0,)), torch.flip(Q, dims=(1,))
@@ -156,7 +159,8 @@ def _residual(r: ArrayLike, n: int, name: str) -> torch.Tensor:
     t = _to_tensor(r, name)
     if t.ndim not in (1, 2) or t.shape[0] != n:
         raise ValueError(
-            f"{name} must have shape (N,) or (N, O) with N = {n} (the kernel size); got {tuple(t.shape)}."
+            f"{name} must have shape (N,) or (N, O) with N = {n} (the kernel size); got "
+            f"{tuple(t.shape)}."
         )
     t = t.to(torch.float64)
     if not bool(torch.isfinite(t).all()):
@@ -165,8 +169,8 @@ def _residual(r: ArrayLike, n: int, name: str) -> torch.Tensor:
 
 
 def _target_matrix(
-    targets: ArrayLike, n: int, num_classes: Optional[int]
-) -> Tuple[torch.Tensor, bool]:
+    targets: ArrayLike, n: int, num_classes: int | None
+) -> tuple[torch.Tensor, bool]:
     """``(Y, is_labels)``: the raw (uncentred) float64 target matrix of shape (N, C).
 
     1-D integer (or bool) targets are class labels and become one-hot rows with
@@ -398,7 +402,7 @@ def _alignment(
     *,
     center_targets: bool,
     center_kernel: bool,
-) -> Tuple[float, Optional[str]]:
+) -> tuple[float, str | None]:
     """``(alignment, None)`` or ``(nan, reason)`` when it is 0/0.
 
     alignment = <A, B>_F / (||A||_F ||B||_F) with A = Ks (or H Ks H) and B = Yc Yc^T.
@@ -445,7 +449,7 @@ def _warn_undefined(fn: str, reason: str, stacklevel: int = 3) -> None:
 def kernel_target_alignment(
     K: ArrayLike,
     targets: ArrayLike,
-    num_classes: Optional[int] = None,
+    num_classes: int | None = None,
     centered: bool = True,
 ) -> float:
     """Kernel-target alignment ``<Ks, YY^T>_F / (||Ks||_F ||YY^T||_F)``, in [-1, 1].
@@ -472,7 +476,7 @@ def kernel_target_alignment(
 
 
 def centered_kernel_alignment(
-    K: ArrayLike, targets: ArrayLike, num_classes: Optional[int] = None
+    K: ArrayLike, targets: ArrayLike, num_classes: int | None = None
 ) -> float:
     """Centred kernel alignment ``<HKsH, HYY^TH>_F / (||HKsH||_F ||HYY^TH||_F)``.
 
@@ -495,7 +499,7 @@ def centered_kernel_alignment(
 # --------------------------------------------------------------------- drift
 
 
-def _pair(K_t: ArrayLike, K_0: ArrayLike) -> Tuple[torch.Tensor, torch.Tensor]:
+def _pair(K_t: ArrayLike, K_0: ArrayLike) -> tuple[torch.Tensor, torch.Tensor]:
     a, b = _kernel(K_t, "K_t"), _kernel(K_0, "K_0")
     if a.shape != b.shape:
         raise ValueError(
