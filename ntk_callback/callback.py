@@ -56,11 +56,20 @@ from ._probes import (
     validate_probes,
 )
 from .engine import NTKError, empirical_ntk, layerwise_ntk, mode_names, model_outputs
+from .engine.projection import output_projections, projected_output_fn
 from .insight import DynamicsTracker, layer_drift, layer_shares
 from .loggers import DEFAULT_PREFIX, LoggerDispatcher, ReportMedia, check_prefix, prefixed_scalars
 from .report import NTKReport, analyze_ntk
 
 _SOURCES = ("train", "val")
+_ALIGNMENTS = ("auto", "trace", "projected")
+_INIT_AT = ("train_start", "first_epoch_end")
+_CONSOLE = ("full", "compact", "off")
+_LABEL_FREE_MODES = ("trace", "sum")  # kernels that do not read the labels: alignment uses them directly
+_EXACT_TRACE_MAX_OUTPUTS = 16  # alignment="auto": the exact trace kernel up to this many outputs
+_PROJECTION_SEED_OFFSET = 2  # the projections' generator seed is seed + 2 (probes: seed, held-out: seed + 1)
+_FIGURE_EVERY = 5  # history pictures: always at the first, every 5th and the last report
+_BN_SCALE_WARN = 1.0  # |log10(tr K / tr K0)| from which a BatchNorm statistics change is flagged
 _REDUCTIONS = ("mean", "sum", "half_sum")
 STATE_VERSION = 1
 _BASE_PICTURES = ("spectrum", "drift")  # history pictures always drawn; "layers" / "dynamics" when active
@@ -265,6 +274,10 @@ class NTKReportCallback(Callback):
         loss_reduction: str = "mean",
         residual_top_k: int = 5,
         prefix: str = DEFAULT_PREFIX,
+        alignment: str = "auto",
+        alignment_projections: int = 8,
+        init_kernel_at: str = "train_start",
+        console: Optional[str] = None,
     ) -> None:
         super().__init__()
         self.num_probes = _check_int("num_probes", num_probes, 1)
@@ -319,6 +332,28 @@ class NTKReportCallback(Callback):
             self.prefix = check_prefix(prefix)
         except ValueError as err:
             raise NTKCallbackConfigError(f"NTKReportCallback({err}") from None
+        if alignment not in _ALIGNMENTS:
+            raise NTKCallbackConfigError(
+                f"NTKReportCallback(alignment={alignment!r}): expected one of {_ALIGNMENTS} ('auto': the exact trace "
+                f"kernel up to {_EXACT_TRACE_MAX_OUTPUTS} outputs, its random-projection estimate beyond)."
+            )
+        self.alignment = alignment
+        self.alignment_projections = _check_int("alignment_projections", alignment_projections, 1)
+        if init_kernel_at not in _INIT_AT:
+            raise NTKCallbackConfigError(
+                f"NTKReportCallback(init_kernel_at={init_kernel_at!r}): expected one of {_INIT_AT} ('first_epoch_end' "
+                "measures K0 after one epoch, once BatchNorm running statistics have warmed up)."
+            )
+        self.init_kernel_at = init_kernel_at
+        if console is None:
+            console = "full" if self.log_console else "off"
+        elif console not in _CONSOLE:
+            raise NTKCallbackConfigError(
+                f"NTKReportCallback(console={console!r}): expected one of {_CONSOLE} ('compact': one or two lines "
+                "per report)."
+            )
+        self.console = console
+        self.log_console = console != "off"
 
         self._explicit = probes is not None
         self._probes: Optional[Probes] = None
@@ -338,6 +373,11 @@ class NTKReportCallback(Callback):
             self._probes = (to_cpu(inputs), to_cpu(targets) if targets is not None else None)
 
         self._init_kernel: Optional[Tensor] = None
+        self._init_alignment_kernel: Optional[Tensor] = None  # label-free K0 for kta_change (target mode)
+        self._init_label = ""  # which K0 drift is measured against ("step 0, train start")
+        self._bn_stats0: Optional[Dict[str, Tensor]] = None  # BatchNorm running statistics when K0 was measured
+        self._num_outputs: Optional[int] = None  # O, read once per fit for the alignment kernel
+        self.last_alignment_kernel: Optional[Tensor] = None
         self._init_layer_kernels: Optional[Dict[str, Tensor]] = None
         self._history: List[Dict[str, Any]] = []
         self.last_kernel: Optional[Tensor] = None
@@ -436,6 +476,8 @@ class NTKReportCallback(Callback):
 
         ``{"version": 1, "probes": {"inputs": CPU tensor (or tuple/list/dict of tensors),
         "targets": CPU tensor or None} or None, "init_kernel": (N, N) CPU tensor or None,
+        "init_alignment_kernel": (N, N) CPU tensor or None (the label-free K0 of the alignments,
+        target mode only), "init_label": str (which K0: step and when),
         "init_layer_kernels": {layer: (N, N) CPU tensor} or None, "dynamics": {"lr_sum":
         float, "lr_step": int or None, "param_steps": int, "lr_mixed": {"count": int,
         "at_init": int or None, "at_prev": int or None}, "heldout": {"inputs", "targets"} or
@@ -456,6 +498,8 @@ class NTKReportCallback(Callback):
             "version": STATE_VERSION,
             "probes": probes,
             "init_kernel": self._init_kernel,
+            "init_alignment_kernel": self._init_alignment_kernel,
+            "init_label": self._init_label,
             "init_layer_kernels": dict(self._init_layer_kernels) if self._init_layer_kernels is not None else None,
             "dynamics": {
                 "lr_sum": self._lr_sum,
@@ -485,6 +529,9 @@ class NTKReportCallback(Callback):
                 "prefix": self.prefix,
                 "layerwise": self.layerwise,
                 "dynamics": str(self.dynamics),
+                "alignment": self.alignment,
+                "alignment_projections": self.alignment_projections,
+                "init_kernel_at": self.init_kernel_at,
             },
         }
 
@@ -516,6 +563,14 @@ class NTKReportCallback(Callback):
         self._load_dynamics_state(state_dict.get("dynamics"))
         if isinstance(k0, Tensor) and saved_mode == self.mode:
             self._init_kernel = k0.detach().cpu()
+            self._init_label = str(state_dict.get("init_label") or "")
+            settings = state_dict.get("settings", {}) or {}
+            same_alignment = all(
+                settings.get(k, getattr(self, k)) == getattr(self, k) for k in ("alignment", "alignment_projections")
+            )
+            k0a = state_dict.get("init_alignment_kernel")
+            # an alignment K0 of other settings (exact vs projected) would make kta_change compare two kernels
+            self._init_alignment_kernel = k0a.detach().cpu() if isinstance(k0a, Tensor) and same_alignment else None
         elif k0 is not None:
             rank_zero_warn(
                 f"NTKReportCallback: the saved initial kernel was measured in mode {saved_mode!r}, this callback uses "
@@ -578,6 +633,7 @@ class NTKReportCallback(Callback):
             return
         self._disabled_reason = None  # a new fit gets a new chance to draw probes
         self._dynamics_on = False
+        self._num_outputs = None
         name = sharded_strategy_name(trainer.strategy)
         if name is not None:
             raise MisconfigurationException(
@@ -597,7 +653,7 @@ class NTKReportCallback(Callback):
             if self._probes is None:
                 return
         self._setup_dynamics(trainer, pl_module)
-        if self._init_kernel is None:
+        if self._init_kernel is None and self.init_kernel_at == "train_start":
             if trainer.global_step > 0:
                 rank_zero_warn(
                     f"NTKReportCallback: training resumes at step {trainer.global_step} without a saved initial "
@@ -646,6 +702,9 @@ class NTKReportCallback(Callback):
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if not self._active(trainer):
+            return
+        if self._init_kernel is None and self.init_kernel_at == "first_epoch_end":
+            self._report(trainer, pl_module, tag="init")  # K0 after BatchNorm statistics warmed up
             return
         if (trainer.current_epoch + 1) % self.every_n_epochs == 0:
             self._report(trainer, pl_module, tag="epoch")
@@ -1077,6 +1136,75 @@ class NTKReportCallback(Callback):
             + " Training continues (strict=True turns this into an error)."
         )
 
+    def _alignment_kernel(self, trainer: Any, pl_module: Any) -> Tuple[Optional[Tensor], str]:
+        """The label-free kernel the alignments (kta, cka, ...) are computed on, and its name.
+
+        ``(None, name)`` when the report's own kernel is label-free already (``mode`` trace
+        or sum; one output, where the target kernel is the trace kernel) or there are no
+        targets. Otherwise the trace kernel ``J J^T`` (sum over outputs; exact up to
+        ``_EXACT_TRACE_MAX_OUTPUTS`` outputs with ``alignment="auto"``) or its unbiased
+        estimate ``J V V^T J^T`` from ``alignment_projections`` seeded Gaussian output
+        projections V, the same V at every report (see ``engine/projection.py``)."""
+        assert self._probes is not None
+        if self.mode in _LABEL_FREE_MODES:
+            return None, f"{self.mode} kernel"
+        if self._probes[1] is None:
+            return None, ""
+        inputs, _ = self._model_inputs(trainer, pl_module)
+        if self._num_outputs is None:
+            out = self._outputs(pl_module, inputs)
+            self._num_outputs = int(out.shape[1]) if out.ndim == 2 else 1
+        num_outputs = self._num_outputs
+        if num_outputs == 1:
+            return None, ""  # the target kernel of a single output is its trace kernel
+        kwargs = self._engine_kwargs()
+        kwargs["mode"] = "trace"
+        if self.alignment == "trace" or (self.alignment == "auto" and num_outputs <= _EXACT_TRACE_MAX_OUTPUTS):
+            source = "trace kernel"
+        else:
+            k = self.alignment_projections
+            V = output_projections(num_outputs, k, self.seed + _PROJECTION_SEED_OFFSET)
+            kwargs["output_fn"] = projected_output_fn(V, self.output_fn)
+            source = f"trace kernel est. from {k} output projections"
+        with torch.inference_mode(False), torch.enable_grad():
+            kernel = empirical_ntk(pl_module, inputs, None, **kwargs)
+        kernel = kernel.detach().to("cpu")
+        if not bool(torch.isfinite(kernel).all()):
+            raise NTKError("the alignment (trace) kernel has NaN/inf entries: the model's outputs or gradients overflowed.")
+        return kernel, source
+
+    @staticmethod
+    def _bn_stats(pl_module: Any) -> Dict[str, Tensor]:
+        """``{module name: [running_mean, running_var]}`` (CPU copies) of every BatchNorm layer
+        that tracks running statistics: eval-mode kernels depend on them."""
+        out: Dict[str, Tensor] = {}
+        for name, m in pl_module.named_modules():
+            if isinstance(m, torch.nn.modules.batchnorm._NormBase) and m.running_mean is not None:
+                out[name] = torch.cat([m.running_mean.detach().reshape(-1), m.running_var.detach().reshape(-1)]).cpu()
+        return out
+
+    def _check_bn_scale(self, pl_module: Any, metrics: Mapping[str, float], step: int) -> None:
+        """Warn once when the kernel's scale moved by orders of magnitude while BatchNorm
+        running statistics changed since K0 (the eval-mode kernel follows them)."""
+        scale = metrics.get("log10_scale_change")
+        if scale is None or not math.isfinite(scale) or abs(scale) < _BN_SCALE_WARN or not self._bn_stats0:
+            return
+        now = self._bn_stats(pl_module)
+        moved = [n for n, v in self._bn_stats0.items() if n in now and not torch.equal(now[n], v)]
+        if not moved:
+            return
+        p = self.prefix
+        self._dispatcher._warn_once(
+            "bn-scale",
+            f"NTKReportCallback: at step {step} the kernel's scale is 10^{scale:+.1f} times that of K0 "
+            f"({p}/log10_scale_change = {scale:+.2f}) and the BatchNorm running statistics of {len(moved)} layer(s) "
+            f"({_name_list(moved)}) changed since K0 was measured. The kernel is measured in eval mode, so K0 used "
+            "BatchNorm's initial running mean 0 and variance 1 rather than the data's statistics: "
+            f"{p}/relative_change and {p}/lambda_max_change are then dominated by this change of normalisation, not "
+            f"by feature learning. Read {p}/kernel_distance (scale-free) for the change of the kernel's shape, or "
+            "measure K0 once the statistics have warmed up: NTKReportCallback(init_kernel_at='first_epoch_end').",
+        )
+
     def _report(self, trainer: Any, pl_module: Any, tag: str) -> None:
         measured = self._compute_kernel(trainer, pl_module)
         if measured is None:
@@ -1084,18 +1212,44 @@ class NTKReportCallback(Callback):
         kernel, layers = measured
         _, targets = self._probes  # type: ignore[misc]
         step = int(trainer.global_step)
+        try:
+            align, source = self._alignment_kernel(trainer, pl_module)
+        except Exception as err:  # noqa: BLE001 - a measurement must never stop training
+            self._fault(trainer, err, where=f"alignment kernel at step {step}")
+            return
         # K0 failed (NaN, OOM, ...) at the initial report: the first kernel measured becomes the reference
         fallback = tag != "init" and self._init_kernel is None
-        init = kernel if (tag == "init" or fallback) else self._init_kernel
+        new_init = tag == "init" or fallback
+        init = kernel if new_init else self._init_kernel
+        init_align = align if new_init else self._init_alignment_kernel
         epoch = max(trainer.current_epoch - 1 if tag == "final" else trainer.current_epoch, 0)
-        where = {"init": "initial kernel", "final": "end of training"}.get(tag, f"after epoch {epoch}")
+        if tag == "init" and step > 0:
+            where = f"initial kernel K0 (after epoch {trainer.current_epoch})"
+        else:
+            where = {"init": "initial kernel K0", "final": "end of training"}.get(tag, f"after epoch {epoch}")
+        if new_init:
+            init_label = f"step {step}, " + (
+                "first successful report" if fallback else ("train start" if step == 0 else f"end of epoch {epoch}")
+            )
+        else:
+            init_label = self._init_label
         try:
-            report = analyze_ntk(kernel, targets, init_kernel=init, title=f"NTK {where}, step {step}")
+            report = analyze_ntk(
+                kernel,
+                targets,
+                init_kernel=init,
+                title=f"NTK {where}, step {step}",
+                alignment_kernel=align,
+                init_alignment_kernel=init_align,
+                alignment_source=source,
+                init_label=init_label,
+            )
         except Exception as err:  # noqa: BLE001
             self._fault(trainer, err, where=f"report at step {step}", stage="analysis")
             return
-        if tag == "init" or fallback:
-            self._init_kernel = kernel
+        if new_init:
+            self._init_kernel, self._init_alignment_kernel, self._init_label = kernel, align, init_label
+            self._bn_stats0 = self._bn_stats(pl_module)
         if fallback:
             self._dispatcher._warn_once(
                 "k0-fallback",
@@ -1110,6 +1264,8 @@ class NTKReportCallback(Callback):
                 f"{self.prefix}/layer_drift/... is measured against the kernels at step {step}.",
             )
         flat = {str(k): float(v) for k, v in report.to_dict().items()}
+        if trainer.is_global_zero:
+            self._check_bn_scale(pl_module, flat, step)
         if layers is not None:
             flat.update(self._layer_metrics(layers, step))
             self.last_layer_kernels = layers
@@ -1125,7 +1281,7 @@ class NTKReportCallback(Callback):
             "eigenvalues": eig.tolist(),
         }
         self._history.append(record)
-        self.last_kernel, self.last_report = kernel, report
+        self.last_kernel, self.last_report, self.last_alignment_kernel = kernel, report, align
         self._publish(trainer, pl_module, record, report, kernel, targets)
 
     def _publish(
@@ -1141,11 +1297,17 @@ class NTKReportCallback(Callback):
             self._dispatcher.warn_scalar_only(loggers)
         if trainer.is_global_zero and self._dispatcher.wants_media(loggers):
             pictures: Tuple[str, ...] = ("kernel",)
+            if record["tag"] == "init":
+                pictures += ("kernel_init",)  # its own tag: TensorBoard keeps only 10 images per tag
             if self._figures_due(record["tag"]):
                 pictures += self._history_pictures()
             self._log_media(loggers, record, kernel, targets, pictures, histogram=True)
-        if self.log_console and trainer.is_global_zero:
-            pl_module.print("\n" + report.format() + _insight_lines(record["metrics"]))
+        if self.console != "off" and trainer.is_global_zero:
+            if self.console == "compact":
+                text = report.format_compact() + _insight_lines(record["metrics"], compact=True)
+            else:
+                text = "\n" + report.format() + _insight_lines(record["metrics"])
+            _console_print(trainer, text)
 
     def _history_pictures(self) -> Tuple[str, ...]:
         """The pictures drawn from the whole history: spectrum, drift, layers, dynamics."""
@@ -1157,19 +1319,19 @@ class NTKReportCallback(Callback):
         return pictures
 
     def _figures_due(self, tag: str) -> bool:
-        """Whether the history pictures (spectrum, drift) are redrawn at this report.
+        """Whether the history pictures (spectrum, drift, layers, dynamics) are drawn at this report.
 
-        They show every report so far, so one drawing at the end of training holds all the
-        information; drawing them (matplotlib, ~0.1-0.3 s) at every report would cost more
-        than the kernel of a small model. They are therefore redrawn during training only
-        while the time spent drawing them stays within ``_FIGURE_BUDGET`` (2 %) of the
-        training time so far (so long runs get fresh pictures at every report and short
-        runs do not pay for them), and always for the last report (from ``on_train_end``).
-        The initial report alone draws none.
+        Rule: always at the first report, at every ``_FIGURE_EVERY``-th (5th) report after it
+        and at the last one (``on_train_end`` redraws them if that report skipped them); at
+        the reports in between only while the time spent drawing them (matplotlib, ~0.1-0.3
+        s a time) stays within ``_FIGURE_BUDGET`` (2 %) of the training time so far, so
+        short runs do not pay for a drawing at every report and long runs still get one.
+        Called after the report's record was appended to the history.
         """
-        if not self.log_figures or tag == "init":
+        if not self.log_figures:
             return False
-        if tag == "final":
+        index = len(self._history) - 1
+        if tag == "final" or index % _FIGURE_EVERY == 0:
             return True
         elapsed = time.perf_counter() - self._fit_start
         return self._figures_spent + self._figures_estimate <= _FIGURE_BUDGET * elapsed
@@ -1204,7 +1366,7 @@ class NTKReportCallback(Callback):
         )
         start = time.perf_counter()
         self._dispatcher.log_media(loggers, media)
-        if any(p != "kernel" for p in pictures):
+        if any(p not in ("kernel", "kernel_init") for p in pictures):
             self._figures_estimate = time.perf_counter() - start
             self._figures_spent += self._figures_estimate
             self._figures_step = record["step"]
@@ -1229,15 +1391,35 @@ class NTKReportCallback(Callback):
         )
 
 
+_BAR_ATTRS = ("_train_progress_bar", "_val_progress_bar", "_test_progress_bar", "_predict_progress_bar")
+
+
+def _console_print(trainer: Any, text: str) -> None:
+    """Print on the console (call on global rank zero) without breaking the progress bar.
+
+    ``LightningModule.print`` hands the text to an enabled progress bar, and the TQDM bar
+    drops it while none of its bars is open (``on_train_start``, ``on_train_end``): print
+    through the bar only while one of its bars is open, plainly otherwise."""
+    bar = getattr(trainer, "progress_bar_callback", None)
+    if bar is not None and getattr(bar, "is_enabled", False):
+        present = [a for a in _BAR_ATTRS if hasattr(bar, a)]
+        open_bar = any(getattr(bar, a) is not None and not getattr(getattr(bar, a), "disable", True) for a in present)
+        if open_bar or not present:  # not a TQDM bar: its own print does not drop text
+            bar.print(text)
+            return
+    print(text, flush=True)
+
+
 def _fmt(v: Optional[float], spec: str = ".3g") -> str:
     return "n/a" if v is None or not math.isfinite(v) else format(v, spec)
 
 
-def _insight_lines(metrics: Mapping[str, float]) -> str:
-    """Console lines for the per-layer shares and the dynamics metrics ("" when neither is present)."""
+def _insight_lines(metrics: Mapping[str, float], compact: bool = False) -> str:
+    """Console lines for the per-layer shares and the dynamics metrics ("" when neither is present);
+    ``compact``: the dynamics on one line, no layer line."""
     lines = []
     shares = {k[len("layer_share/"):]: v for k, v in metrics.items() if k.startswith("layer_share/")}
-    if shares:
+    if shares and not compact:
         top = sorted(shares, key=lambda k: -shares[k] if math.isfinite(shares[k]) else math.inf)
         cells = [
             f"{k} {_fmt(100 * shares[k], '.0f')}% (drift {_fmt(metrics.get('layer_drift/' + k))})"
@@ -1259,10 +1441,10 @@ def _insight_lines(metrics: Mapping[str, float]) -> str:
             halve = f"halves in {_fmt(metrics['steps_to_halve_residual'], '.0f')} steps"
             if "epochs_to_halve_residual" in metrics:
                 halve += f" ({_fmt(metrics['epochs_to_halve_residual'])} epochs)"
-            cells.append(halve)
+            cells.append(halve + " if the kernel stayed frozen")
         if "linearization_gap" in metrics:
             cells.append(f"lin. gap {_fmt(metrics['linearization_gap'])}")
-        lines.append("dynamics   " + "  ".join(cells))
+        lines.append(("    " if compact else "dynamics   ") + "  ".join(cells))
     return "".join("\n" + line for line in lines)
 
 

@@ -1,6 +1,6 @@
 """Independent references for the callback tests: a float64 torch.func kernel, plain
-numpy metrics (DESIGN.md section 3 formulas written out again, not imported from the
-library), a TensorBoard event-file reader using TensorBoard's own EventAccumulator, and
+numpy metrics (the formulas of docs/conventions.md written out again, not imported from
+the library), a TensorBoard event-file reader using TensorBoard's own EventAccumulator, and
 a callback that snapshots the weights whenever the NTK callback would report.
 """
 from __future__ import annotations
@@ -24,9 +24,13 @@ def reference_kernel(
     state: Optional[Dict[str, torch.Tensor]],
     inputs: torch.Tensor,
     targets: Optional[torch.Tensor],
+    mode: str = "target",
+    projections: Optional[torch.Tensor] = None,
 ) -> np.ndarray:
     """Target-mode empirical NTK ``K[i, j] = <d f_{t_i}(x_i)/dθ, d f_{t_j}(x_j)/dθ>``
-    in float64, ``(N, N)``.
+    in float64, ``(N, N)``; ``mode="trace"``: ``sum_a <d f_a(x_i)/dθ, d f_a(x_j)/dθ>`` (the
+    label-free kernel of the alignments), or with ``projections`` V (O, k) the kernel of the
+    projected outputs ``sum_c <d (f V)_c(x_i)/dθ, d (f V)_c(x_j)/dθ>`` = ``J V V^T J^T``.
 
     ``model`` must be a plain ``nn.Module`` (pass ``lightning_module.net``: a deep copy
     of a LightningModule would drag its Trainer along). ``state`` (a ``state_dict``
@@ -56,6 +60,10 @@ def reference_kernel(
     # full per-sample Jacobian (N, O, P), then the target row of each sample
     jac = vmap(jacrev(f_single), in_dims=(None, 0))(params, x)
     full = torch.cat([j.reshape(n, j.shape[1], -1) for j in jac.values()], dim=2)
+    if mode == "trace":
+        if projections is not None:
+            full = torch.einsum("nap,ac->ncp", full, projections.double())
+        return torch.einsum("iap,jap->ij", full, full).numpy()
     flat = full[torch.arange(n), t]  # (N, P)
     return (flat @ flat.T).numpy()
 
@@ -100,8 +108,12 @@ def cka(K: np.ndarray, targets: np.ndarray) -> float:
     return _alignment(H @ _sym(K) @ H, _label_matrix(targets))
 
 
-def metrics(K: np.ndarray, targets: np.ndarray, K0: Optional[np.ndarray] = None) -> Dict[str, float]:
-    """Every scalar of DESIGN.md section 4 (without the ``ntk/`` prefix), float64."""
+def metrics(
+    K: np.ndarray, targets: np.ndarray, K0: Optional[np.ndarray] = None, K_align: Optional[np.ndarray] = None
+) -> Dict[str, float]:
+    """The main logged scalars (without the ``ntk/`` prefix), float64; the alignments on
+    ``K_align`` (the label-free kernel) when given, else on ``K``."""
+    Ka = K if K_align is None else K_align
     lam = eigenvalues(K)
     Ks = _sym(K)
     n = K.shape[0]
@@ -112,8 +124,8 @@ def metrics(K: np.ndarray, targets: np.ndarray, K0: Optional[np.ndarray] = None)
         "lambda_min": lmin,
         "condition_number": float(kappa),
         "trace": float(np.trace(Ks)),
-        "kta": kta(K, targets),
-        "cka": cka(K, targets),
+        "kta": kta(Ka, targets),
+        "cka": cka(Ka, targets),
         "effective_rank": float(lam.sum() ** 2 / np.sum(lam**2)),
     }
     if K0 is not None:
@@ -122,6 +134,7 @@ def metrics(K: np.ndarray, targets: np.ndarray, K0: Optional[np.ndarray] = None)
         out["kernel_distance"] = float(
             1.0 - np.sum(Ks * K0s) / (np.linalg.norm(Ks) * np.linalg.norm(K0s))
         )
+        out["log10_scale_change"] = float(np.log10(np.trace(Ks) / np.trace(K0s)))
     return out
 
 
