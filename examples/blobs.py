@@ -127,8 +127,13 @@ def save_figures(callback: NTKReportCallback, out_dir: str) -> None:
         print("no NTK report to draw", file=sys.stderr)
         return
     labels = callback.probes[1]
-    paths = [plotting.save_png(os.path.join(out_dir, "kernel_heatmap.png"),
-                               plotting.kernel_heatmap_image(callback.last_kernel, labels))]
+    last = callback.history[-1]
+    try:  # the annotated heatmap the loggers get (colour bar, class labels, report in the title)
+        heatmap = plotting.kernel_heatmap_figure(callback.last_kernel, labels, step=last["step"], epoch=last["epoch"],
+                                                 tag=last["tag"])
+    except ImportError:
+        heatmap = plotting.kernel_heatmap_image(callback.last_kernel, labels)
+    paths = [plotting.save_png(os.path.join(out_dir, "kernel_heatmap.png"), heatmap)]
     try:
         paths.append(plotting.save_png(os.path.join(out_dir, "spectrum.png"), plotting.spectrum_figure(callback.history)))
         paths.append(plotting.save_png(os.path.join(out_dir, "drift.png"), plotting.drift_figure(callback.history)))

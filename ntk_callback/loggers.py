@@ -121,9 +121,11 @@ class ReportMedia:
     def image(self, name: str) -> Optional[np.ndarray]:
         """The (3, H, W) uint8 picture ``name`` ("kernel" or a key of ``plotting.FIGURES``), rendered once;
         None if unavailable (matplotlib missing)."""
-        if name not in self._cache:
-            self._cache[name] = self._render(name)
-        return self._cache[name]
+        # "kernel" and e.g. "kernel_init" (the initial report's heatmap under its own tag) are one picture
+        key = "kernel" if name not in plotting.FIGURES and "kernel" in name else name
+        if key not in self._cache:
+            self._cache[key] = self._render(name)
+        return self._cache[key]
 
     def names(self) -> List[str]:
         return list(self.pictures)
@@ -155,7 +157,7 @@ class ReportMedia:
         if "kernel" not in name:
             raise ValueError(f"unknown picture {name!r}: expected 'kernel' or one of {sorted(plotting.FIGURES)}")
         vmin, vmax = self.heatmap_range()
-        note = None if vmin is None else "colours: initial kernel's range (fixed)"
+        note = None if vmin is None else "colour range: initial kernel (fixed)"
         try:
             fig = plotting.kernel_heatmap_figure(
                 self.kernel, self.labels, inputs=self.inputs, step=self.step, epoch=self.epoch, tag=self.tag,

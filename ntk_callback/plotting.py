@@ -45,6 +45,13 @@ _VIRIDIS = np.array(
 )
 BOUNDARY_COLOR = (255, 255, 255)
 
+# Text sizes (points at 100 dpi) of every picture. TensorBoard shows an image scaled to its
+# card (~340 px wide in a 1400 px window): at ~420 px wide a 9 pt tick label stays ~10 px tall.
+_FS_TICK = 9.0
+_FS_LABEL = 9.5
+_FS_TITLE = 10.0
+_FS_NOTE = 8.5
+
 
 def colormap(values: np.ndarray) -> np.ndarray:
     """Map values in [0, 1] (clipped; NaN -> 0) to viridis RGB, ``uint8`` of shape ``values.shape + (3,)``."""
@@ -255,9 +262,16 @@ def report_title(tag: Optional[str], step: Optional[int], epoch: Optional[int], 
     return f"{what} ({where})" if where else what
 
 
-def _thin(k: int, max_labels: int) -> int:
-    """Label every ``stride``-th of ``k`` items so that at most ``max_labels`` are shown."""
-    return max(1, -(-k // max(1, max_labels)))
+def _spaced_classes(classes: List[Tuple[int, int, Any]], n: int, max_labels: int) -> List[Tuple[int, int, Any]]:
+    """The classes to label: first, then each next class whose centre is at least ``n / max_labels``
+    probes past the last labelled one (at most ``max_labels``, never two labels on top of each
+    other, even with unequal class sizes)."""
+    gap = n / max(1, max_labels)
+    shown: List[Tuple[int, int, Any]] = []
+    for c in classes:
+        if not shown or (c[0] + c[1]) / 2 - (shown[-1][0] + shown[-1][1]) / 2 >= gap - 1e-9:
+            shown.append(c)
+    return shown[:max_labels]
 
 
 def kernel_heatmap_figure(
@@ -273,7 +287,7 @@ def kernel_heatmap_figure(
     scale_note: Optional[str] = None,
     max_cells: int = 256,
     max_class_labels: int = 12,
-    figsize: tuple[float, float] = (4.6, 4.1),
+    figsize: tuple[float, float] = (4.2, 3.8),
 ) -> Any:
     """Annotated kernel heatmap, the picture logged as ``<prefix>/kernel``. Needs matplotlib.
 
@@ -286,8 +300,8 @@ def kernel_heatmap_figure(
       ``vmin``/``vmax`` (e.g. :func:`kernel_color_range` of the initial kernel K0) the
       colours compare across steps, and the bar gets arrows at the ends that clip;
     * class boundaries (white lines, left out when classes are thinner than 4 pixels) and
-      the class labels at the class centres (every k-th label when there are more than
-      ``max_class_labels`` classes: 100 classes show every 9th); for regression probes,
+      the class labels at the class centres (at most ``max_class_labels``, spaced at least
+      N / ``max_class_labels`` probes apart: 100 equal classes show every 9th); for regression probes,
       the tick labels give the input / target value at that position of the sorted order;
     * the report in the title (:func:`report_title` of ``tag``, ``epoch``, ``step``), N
       and the colour scale below it (``scale_note`` overrides the default wording).
@@ -312,7 +326,7 @@ def kernel_heatmap_figure(
     cmap = ListedColormap(colormap(np.linspace(0.0, 1.0, 256)) / 255.0)
     bar = fig.colorbar(ScalarMappable(norm=Normalize(lo, hi if hi > lo else lo + 1.0), cmap=cmap), cax=cax,
                        extend=extend)
-    bar.ax.tick_params(labelsize=8)
+    bar.ax.tick_params(labelsize=_FS_TICK)
     bar.formatter.set_powerlimits((-4, 5))  # offset notation only for very large / small entries
     axes_px = 0.64 * figsize[0] * fig.dpi
     if layout.kind == "class":
@@ -321,32 +335,31 @@ def kernel_heatmap_figure(
             for b in layout.boundaries:
                 ax.axhline(b, color="white", lw=0.7)
                 ax.axvline(b, color="white", lw=0.7)
-        stride = _thin(k, max_class_labels)
-        shown = layout.classes[::stride]
+        shown = _spaced_classes(layout.classes, n, max_class_labels)
         ticks = [(s + e) / 2 for s, e, _ in shown]
         names = [str(c) for _, _, c in shown]
-        ax.set_xticks(ticks, names, fontsize=8, rotation=90 if max(map(len, names)) > 3 else 0)
-        ax.set_yticks(ticks, names, fontsize=8)
-        xlabel = f"class ({k} classes" + (f", every {stride}th labelled)" if stride > 1 else ")")
+        ax.set_xticks(ticks, names, fontsize=_FS_TICK, rotation=90 if max(map(len, names)) > 3 else 0)
+        ax.set_yticks(ticks, names, fontsize=_FS_TICK)
+        xlabel = f"class ({k} classes" + (f", {len(shown)} labelled)" if len(shown) < k else ")")
         ylabel = "class"
     elif layout.kind in ("input", "target"):
         v = layout.sorted_values
         pos = np.unique(np.linspace(0, n - 1, min(n, 5)).round().astype(int))
         names = [f"{v[i]:.2g}" for i in pos]
-        ax.set_xticks(pos + 0.5, names, fontsize=8)
-        ax.set_yticks(pos + 0.5, names, fontsize=8)
+        ax.set_xticks(pos + 0.5, names, fontsize=_FS_TICK)
+        ax.set_yticks(pos + 0.5, names, fontsize=_FS_TICK)
         xlabel = ylabel = f"probe {layout.kind} (sorted)"
     else:
-        ax.tick_params(labelsize=8)
+        ax.tick_params(labelsize=_FS_TICK)
         xlabel = ylabel = "probe index"
-    ax.set_xlabel(xlabel, fontsize=9)
-    ax.set_ylabel(ylabel, fontsize=9)
+    ax.set_xlabel(xlabel, fontsize=_FS_LABEL)
+    ax.set_ylabel(ylabel, fontsize=_FS_LABEL)
     if scale_note is None:
-        scale_note = "colours: this report's range" if vmin is None and vmax is None else "colours: fixed range"
+        scale_note = "colour range: this report" if vmin is None and vmax is None else "colour range: fixed"
     cells = A.shape[0]
-    avg = f" in {cells} x {cells} block averages" if cells < n else ""
-    fig.text(0.5, 0.975, report_title(tag, step, epoch), ha="center", va="top", fontsize=10.5)
-    fig.text(0.5, 0.925, f"N = {n} probes{avg}; {scale_note}", ha="center", va="top", fontsize=8, color="0.3")
+    avg = f", {cells}x{cells} block means" if cells < n else ""
+    fig.text(0.5, 0.975, report_title(tag, step, epoch), ha="center", va="top", fontsize=_FS_TITLE + 0.5)
+    fig.text(0.5, 0.925, f"N = {n}{avg}; {scale_note}", ha="center", va="top", fontsize=_FS_NOTE, color="0.3")
     return fig
 
 
@@ -384,7 +397,7 @@ def _subsample(n: int, k: int) -> list[int]:
 
 # Pictures are laid out for TensorBoard's image cards (~400 px wide): about 480 px wide at
 # 100 dpi, one panel per row, 8-10 pt text (so ~7-9 px tall at card size).
-_WIDTH_IN = 4.8
+_WIDTH_IN = 4.2
 _PANEL_IN = 2.05
 
 
@@ -395,12 +408,12 @@ def _stacked(Figure: Any, rows: int, extra_in: float = 0.0, bottom_in: float = 0
     axes = []
     for i in range(rows):
         ax = fig.add_subplot(rows, 1, i + 1, sharex=axes[0] if axes else None)
-        ax.tick_params(labelsize=8)
+        ax.tick_params(labelsize=_FS_TICK)
         ax.grid(True, alpha=0.3)
         if i < rows - 1:
             ax.tick_params(labelbottom=False)
         axes.append(ax)
-    axes[-1].set_xlabel("global step", fontsize=9)
+    axes[-1].set_xlabel("global step", fontsize=_FS_LABEL)
     # fixed margins: tight_layout would render the figure twice (the dominant cost)
     fig.subplots_adjust(left=0.15, right=0.97, top=1 - 0.32 / height, bottom=(bottom_in + extra_in) / height,
                         hspace=0.42 * 2.05 / _PANEL_IN)
@@ -429,7 +442,7 @@ def spectrum_figure(history: Sequence[Mapping[str, Any]], *, max_curves: int = 1
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import ListedColormap, Normalize
 
-    fig = Figure(figsize=(5.0, 3.4), dpi=100)
+    fig = Figure(figsize=(4.4, 3.3), dpi=100)
     ax = fig.add_axes((0.13, 0.14, 0.66, 0.75))
     recs = [r for r in history if len(r.get("eigenvalues", ())) > 0]
     chosen = [recs[i] for i in _subsample(len(recs), max_curves)]
@@ -450,26 +463,29 @@ def spectrum_figure(history: Sequence[Mapping[str, Any]], *, max_curves: int = 1
         ax.plot(idx, np.log10(lam[keep]), color=c, lw=1.4, label=_record_label(rec))
         if keep.sum() < lam.size and idx.size:
             ax.scatter([idx[-1]], [np.log10(lam[keep][-1])], marker="v", s=28, color=[c], zorder=3)
-    ax.set_xlabel("eigenvalue index (descending)", fontsize=9)
-    ax.set_ylabel("log10 eigenvalue", fontsize=9)
-    ax.tick_params(labelsize=8)
-    ax.set_title("NTK spectrum of each report", fontsize=10)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("eigenvalue index (descending)", fontsize=_FS_LABEL)
+    ax.set_ylabel("log10 eigenvalue", fontsize=_FS_LABEL)
+    ax.tick_params(labelsize=_FS_TICK)
+    ax.set_title("NTK spectrum of each report", fontsize=_FS_TITLE)
     ax.grid(True, which="major", alpha=0.3)
     if any(z for _, z, _ in zeros):
         first, last = zeros[0], zeros[-1]
         note = f"\u25bc rest numerically 0:\n{last[1]} of {last[2]} at step {last[0].get('step', '?')}"
         if len(zeros) > 1:
             note += f"\n{first[1]} at step {first[0].get('step', '?')}"
-        ax.text(0.98, 0.97, note, transform=ax.transAxes, ha="right", va="top", fontsize=7.5, color="0.25",
+        ax.text(0.98, 0.97, note, transform=ax.transAxes, ha="right", va="top", fontsize=_FS_NOTE, color="0.25",
                 bbox=dict(facecolor="white", edgecolor="0.8", alpha=0.85, pad=2.0))
     if len(chosen) > 1:
         cax = fig.add_axes((0.83, 0.14, 0.03, 0.75))
         cmap = ListedColormap(colormap(np.linspace(0.0, 0.9, 256)) / 255.0)
         bar = fig.colorbar(ScalarMappable(norm=Normalize(s0, s0 + span), cmap=cmap), cax=cax)
-        bar.ax.tick_params(labelsize=8)
-        bar.set_label("global step of the report", fontsize=8)
+        bar.ax.tick_params(labelsize=_FS_TICK)
+        bar.set_label("global step of the report", fontsize=_FS_NOTE)
     elif chosen:
-        ax.set_title(f"NTK spectrum, {_record_label(chosen[0])}", fontsize=10)
+        ax.set_title(f"NTK spectrum, {_record_label(chosen[0])}", fontsize=_FS_TITLE)
     return fig
 
 
@@ -504,9 +520,9 @@ def drift_figure(history: Sequence[Mapping[str, Any]]) -> Any:
             xs, ys = _series(history, key)
             if xs:
                 ax.plot(xs, ys, marker="o", ms=3, lw=1.4, color=color, label=key)
-        ax.set_title(title, fontsize=9.5)
+        ax.set_title(title, fontsize=_FS_TITLE)
         if len(keys) > 1 and ax.lines:
-            ax.legend(fontsize=8, frameon=False, loc="best")
+            ax.legend(fontsize=_FS_NOTE, frameon=False, loc="best")
     return fig
 
 
@@ -576,12 +592,12 @@ def layers_figure(history: Sequence[Mapping[str, Any]], *, max_layers: int = 8) 
             xs, ys = _series(history, prefix + name)
             if xs:
                 ax.plot(xs, ys, marker="o", ms=3, lw=1.4, color=c, label=name)
-        ax.set_title(title, fontsize=9.5)
+        ax.set_title(title, fontsize=_FS_TITLE)
     if axes[0].lines:
         handles = axes[0].lines
-        fig.legend(handles, [_short(h.get_label()) for h in handles], loc="lower center", ncol=ncol, fontsize=8,
+        fig.legend(handles, [_short(h.get_label()) for h in handles], loc="lower center", ncol=ncol, fontsize=_FS_NOTE,
                    frameon=False, bbox_to_anchor=(0.5, 0.0),
-                   title=f"{hidden} smaller layers not shown" if hidden else None, title_fontsize=8)
+                   title=f"{hidden} smaller layers not shown" if hidden else None, title_fontsize=_FS_NOTE)
     return fig
 
 
@@ -616,16 +632,16 @@ def dynamics_figure(history: Sequence[Mapping[str, Any]]) -> Any:
         # plain tick labels: the default mathtext ones (6 x 10^0) are slow to draw and hard to read
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.yaxis.set_minor_formatter(NullFormatter())
-    ax.set_title("residual on the probes: observed vs NTK-predicted", fontsize=9.5)
+    ax.set_title("residual on the probes: observed vs NTK-predicted", fontsize=_FS_TITLE)
     if ax.lines:
-        ax.legend(fontsize=8, frameon=False)
+        ax.legend(fontsize=_FS_NOTE, frameon=False)
     gx, gy = _series(history, "linearization_gap")
     if gx:
         gax.plot(gx, gy, marker="o", ms=4, lw=1.6, color="#5ec962")
     else:
         gax.text(0.5, 0.5, "no held-out probes\n(needs a validation dataloader)", ha="center", va="center",
-                 transform=gax.transAxes, fontsize=9, color="0.4")
-    gax.set_title("linearisation gap ||f - f_lin|| / ||f - f_0|| (held-out)", fontsize=9.5)
+                 transform=gax.transAxes, fontsize=_FS_LABEL, color="0.4")
+    gax.set_title("linearisation gap ||f - f_lin|| / ||f - f_0|| (held-out)", fontsize=_FS_TITLE)
     return fig
 
 

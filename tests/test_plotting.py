@@ -138,7 +138,7 @@ def test_heatmap_figure_pixels_class_labels_boundaries_and_title() -> None:
     assert walls == [3.0, 7.0] and len(ax.lines) == 4
     texts = [t.get_text() for t in fig.texts]
     assert texts[0] == "NTK, epoch 3 (step 150)"
-    assert "N = 12 probes" in texts[1] and "this report's range" in texts[1]
+    assert "N = 12;" in texts[1] and "colour range: this report" in texts[1]
     # the colour bar spans the kernel's own min..max, in the kernel's units
     cbar = fig.axes[1]
     assert cbar.get_ylim() == pytest.approx((Ks.min(), Ks.max()))
@@ -156,18 +156,22 @@ def test_heatmap_figure_many_classes_and_large_n_stay_readable() -> None:
     ax = fig.axes[0]
     labels = _tick_labels(ax.xaxis)
     assert 5 <= len(labels) <= 12 and labels[:3] == ["0", "9", "18"]  # thinned: every 9th class
-    assert "every 9th labelled" in ax.get_xlabel()
+    assert f"{len(labels)} labelled" in ax.get_xlabel()
     assert not ax.lines, "1 px classes: boundary lines would hide the cells"
-    assert "256 x 256 block averages" in fig.texts[1].get_text()
+    assert "256x256 block means" in fig.texts[1].get_text()
     img = plotting.figure_to_image(fig)
-    assert img.shape == (3, 410, 460)  # the size does not grow with N or the number of classes
+    assert img.shape == (3, 380, 420)  # the size does not grow with N or the number of classes
     # the pixels are the 4 x 4 block averages of the class-sorted kernel (read at every 16th cell)
     order = np.argsort(y, kind="stable")
     avg = K[np.ix_(order, order)].reshape(256, 4, 256, 4).mean(axis=(1, 3))
     idx = np.arange(8, 256, 16)
     np.testing.assert_array_equal(_heatmap_cells_rgb(fig, 256, idx), plotting.colormap(avg[np.ix_(idx, idx)]))
+    # unequal class sizes: labels at least N / 12 probes apart, never on top of each other
+    y2 = np.repeat(np.arange(100), np.random.default_rng(5).integers(1, 20, size=100))
+    ax2 = plotting.kernel_heatmap_figure(np.eye(len(y2)), y2).axes[0]
+    assert len(ax2.get_xticks()) <= 12 and np.all(np.diff(ax2.get_xticks()) >= len(y2) / 12 - 1e-9)
     fig8 = plotting.kernel_heatmap_figure(K[:8, :8], y[:8])
-    assert plotting.figure_to_image(fig8).shape == (3, 410, 460)
+    assert plotting.figure_to_image(fig8).shape == (3, 380, 420)
 
 
 def test_heatmap_regression_probes_sorted_by_scalar_input_else_target() -> None:
@@ -208,7 +212,7 @@ def test_heatmap_fixed_scale_from_the_initial_kernel() -> None:
     fig = plotting.kernel_heatmap_figure(K, vmin=lo, vmax=hi)
     np.testing.assert_array_equal(_heatmap_cells_rgb(fig, 10), plotting.colormap((K - lo) / (hi - lo)))
     assert fig.axes[1].get_ylim() == pytest.approx((lo, hi))
-    assert "fixed range" in fig.texts[1].get_text()
+    assert "colour range: fixed" in fig.texts[1].get_text()
     img = plotting.kernel_heatmap_image(K, vmin=lo, vmax=hi, cell_px=1)
     np.testing.assert_array_equal(img.transpose(1, 2, 0), plotting.colormap((K - lo) / (hi - lo)))
     # through ReportMedia (what the loggers get): "initial" uses K0's range, "per_report" K's own
@@ -218,6 +222,7 @@ def test_heatmap_fixed_scale_from_the_initial_kernel() -> None:
     assert ReportMedia(**common).heatmap_range() == (None, None)
     a, b = fixed.image("kernel"), ReportMedia(**common).image("kernel")
     assert a.shape == b.shape and not np.array_equal(a, b)
+    assert fixed.image("kernel_init") is a  # the initial report's own tag: the same picture, drawn once
     with pytest.raises(ValueError, match="heatmap_scale='absolute'.*per_report"):
         ReportMedia(**common, heatmap_scale="absolute")
     with pytest.raises(ValueError, match="unknown picture 'spectra'"):
@@ -288,7 +293,7 @@ def test_spectrum_figure_draws_a_subsample_with_first_and_last() -> None:
     (note,) = ax.texts
     assert "numerically 0" in note.get_text() and "1 of 16 at step 240" in note.get_text()
     img = plotting.figure_to_image(fig)
-    assert img.dtype == np.uint8 and img.shape == (3, 340, 500)
+    assert img.dtype == np.uint8 and img.shape == (3, 330, 440)
     assert img.std() > 5  # something was drawn
 
 
@@ -321,7 +326,7 @@ def test_drift_figure_plots_metrics_against_steps_and_skips_nan() -> None:
     np.testing.assert_allclose(lines["cka"].get_xdata(), [0, 10, 30, 40])  # the NaN at step 20 left out
     np.testing.assert_allclose(lines["kta"].get_ydata(), [0.5, 0.51, 0.52, 0.53, 0.54])
     img = plotting.figure_to_image(fig)
-    assert img.shape == (3, 670, 480)  # one column: reads at TensorBoard's ~400 px card width
+    assert img.shape == (3, 670, 420)  # one column: reads at TensorBoard's ~400 px card width
     # stacked, not side by side: each panel spans most of the width, the panels do not overlap vertically
     boxes = [ax.get_position() for ax in fig.axes]
     assert all(b.width > 0.75 for b in boxes)
@@ -384,7 +389,7 @@ def test_layers_figure_draws_the_largest_layers_in_both_panels() -> None:
     assert legend.get_title().get_text() == "6 smaller layers not shown"
     assert [t.get_text() for t in legend.get_texts()] == top
     img = plotting.figure_to_image(fig)
-    assert img.shape[2] == 480 and img.std() > 5
+    assert img.shape[2] == 420 and img.std() > 5
     assert share_ax.get_position().y0 > drift_ax.get_position().y1  # stacked
     # long module paths are shortened from the left in the legend, the lines keep the full name
     long = [{"step": s, "metrics": {"layer_share/encoder.layers.11.attention.output.dense": 1.0}} for s in (0, 5)]
@@ -407,7 +412,7 @@ def test_dynamics_figure_observed_predicted_and_gap() -> None:
     (gap,) = gap_ax.lines
     np.testing.assert_allclose(gap.get_xdata(), [7, 21, 28])  # NaN at step 14 left out
     np.testing.assert_allclose(gap.get_ydata(), [0.02, 0.06, 0.08])
-    assert plotting.figure_to_image(fig).shape == (3, 465, 480)
+    assert plotting.figure_to_image(fig).shape == (3, 465, 420)
     assert res_ax.get_position().y0 > gap_ax.get_position().y1  # stacked
     # within one decade: linear axis (log ticks would have no labels); no held-out probes: a note
     flat = [{"step": s, "metrics": {"residual_norm": 5.0 - s}} for s in range(3)]
