@@ -196,7 +196,7 @@ class NTKReport:
         rank on the first; alignment and drift on the second (when present)."""
         head = title if title is not None else self.title
         first = (
-            f"NTK{' ' + head if head else ''} ({self.num_probes} probes): lambda_max {_g(self.lambda_max)}"
+            f"{head or 'NTK'} ({self.num_probes} probes): lambda_max {_g(self.lambda_max)}"
             f"  log10 kappa {_f(self.log10_condition_number, 2)}"
             f"  eff. rank {_f(self.effective_rank, 2)}  trace {_g(self.trace)}"
         )
