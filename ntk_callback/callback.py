@@ -2,7 +2,8 @@
 
 A thin Lightning adapter: the kernel comes from :func:`ntk_callback.empirical_ntk`, the
 numbers from :func:`ntk_callback.analyze_ntk`; this module only decides *when* to measure,
-*which* probes to use, and *where* the results go (DESIGN.md section 4).
+*which* probes to use, and *where* the results go (the logged keys and their conventions:
+README.md and docs/conventions.md).
 
 Timeline of one ``trainer.fit``:
 
@@ -11,7 +12,8 @@ Timeline of one ``trainer.fit``:
 * ``on_train_start`` (after the sanity check, before the first optimizer step): probes
   are drawn (or taken from ``probes=`` / the restored state) and broadcast from rank 0;
   when the training-dynamics metrics apply, held-out probes are drawn from the validation
-  data the same way; then the initial kernel K0 is measured and reported (``tag="init"``).
+  data the same way; then the initial kernel K0 is measured and reported (``tag="init"``;
+  with ``init_kernel_at="first_epoch_end"`` at the end of the first epoch instead).
 * ``on_before_optimizer_step`` / ``on_train_batch_end`` (dynamics only): the learning rate
   every trainable parameter is stepped with is read from its optimizer's ``param_groups``
   (read only); a batch whose steps moved all of them with one learning rate adds it to the
@@ -146,7 +148,9 @@ class NTKReportCallback(Callback):
         every_n_epochs: report after epoch ``e`` when ``(e + 1) % every_n_epochs == 0``.
         mode: ``"target"`` (NTK of the logit of each probe's own label; regression
             models: their single output), ``"trace"`` (sum over outputs) or ``"sum"``
-            (NTK of the summed outputs). See DESIGN.md section 2.
+            (NTK of the summed outputs); see docs/conventions.md. The spectrum, drift and
+            layer metrics are computed on this kernel; the alignments on a label-free one
+            (``alignment``).
         probes: explicit ``(inputs, targets)`` (targets may be None); overrides drawing.
         probe_source: ``"train"`` or ``"val"``: which dataloader probes are drawn from.
         seed: seed of the callback's own ``torch.Generator`` used to draw probes (the
@@ -161,11 +165,12 @@ class NTKReportCallback(Callback):
             grade numbers); default the model's dtype.
         log_images: write the heatmap/histogram/pictures to loggers that support media.
         log_figures: include the matplotlib pictures ``ntk/spectrum`` (the spectrum of
-            every report on one plot) and ``ntk/drift`` (drift and alignment against the
-            step). They summarise the whole history, so they are always drawn for the last
-            report and, during training, only while drawing them takes at most 2 % of the
+            every report on one plot), ``ntk/drift`` (drift and alignment against the
+            step), ``ntk/layers`` and ``ntk/dynamics``. They summarise the whole history, so
+            they are drawn at the first report, at every 5th report and at the last one,
+            and at the reports in between only while drawing them takes at most 2 % of the
             training time (needs matplotlib; the heatmap and histogram do not).
-        log_console: print ``NTKReport.format()`` on global rank zero (via the progress bar).
+        log_console: print the report on the console; ``False`` is ``console="off"``.
         memory_budget: bytes for the engine's Jacobian blocks (engine default when None).
         output_fn: maps ``pl_module(inputs)`` to (N, O) logits / (N,) outputs when
             ``forward`` returns something else (a dict, a tuple, a distribution).
@@ -182,8 +187,8 @@ class NTKReportCallback(Callback):
             (own generator, seed ``seed + 1``) for ``ntk/linearization_gap`` and the
             held-out errors; 0, or no validation dataloader, skips those metrics.
         loss_reduction: how the training loss reduces the squared errors, which fixes the
-            learning-rate convention (DESIGN.md ``predicted_residual`` uses the SUM loss
-            ``1/2 sum (f - y)^2``): ``"mean"`` (PyTorch ``mse_loss`` default; an optimizer
+            learning-rate convention (the linearised dynamics use the SUM loss
+            ``1/2 sum (f - y)^2``, docs/conventions.md): ``"mean"`` (PyTorch ``mse_loss`` default; an optimizer
             step ``lr`` counts as ``2 lr / n`` with n the number of probes, exact for
             full-batch training on the probes and the Monte-Carlo estimate for mini-batches
             drawn from the training set the probes come from), ``"sum"`` (``2 lr``) or
@@ -192,13 +197,41 @@ class NTKReportCallback(Callback):
         residual_top_k: k of ``ntk/residual_energy_top{k}``.
         prefix: the first part of every logged name (``<prefix>/kta``), TensorBoard media
             tag, MLflow artifact path and of the CSV logger's subfolder; give two callbacks
-            on one logger different prefixes. Default ``"ntk"`` (the DESIGN names).
+            on one logger different prefixes. Default ``"ntk"``.
+        alignment: the label-free kernel ``kta``, ``kta_uncentered``, ``cka`` and
+            ``kta_change`` are computed on. The target-mode kernel reads each probe's own
+            label logit, so it is aligned with the labels before any training (KTA ~0.7-0.8
+            on an untrained net with random labels); in target mode the callback therefore
+            computes a second kernel: ``"auto"`` (default) the exact trace kernel (sum over
+            outputs, O backward rows per probe) up to 16 outputs, beyond that its unbiased
+            estimate ``J V V^T J^T`` from ``alignment_projections`` Gaussian output
+            projections (``E[V V^T] = I``; k rows per probe); ``"trace"`` always exact;
+            ``"projected"`` always the estimate. In ``"trace"``/``"sum"`` mode, or with one
+            output, the report's own kernel is label-free and used as it is.
+        alignment_projections: k, the number of output projections of the estimate (>= 1).
+            They are drawn once from ``torch.Generator().manual_seed(seed + 2)`` (global RNGs
+            untouched) and reused at every report, so K0 and later kernels share them.
+        init_kernel_at: when K0, the reference of every drift metric, is measured:
+            ``"train_start"`` (default, before the first optimizer step) or
+            ``"first_epoch_end"`` (after one epoch, once BatchNorm running statistics have
+            left their initial mean 0 / variance 1; the kernel is measured in eval mode, so
+            a K0 at train start normalises with those). The console and ``init_label`` in
+            the state say which K0 is used.
+        console: ``"full"`` (the report with the text heatmap and histogram), ``"compact"``
+            (one or two lines per report, for long runs) or ``"off"``; default ``"full"``
+            (``"off"`` when ``log_console=False``). Printed on global rank zero, through the
+            progress bar while one of its bars is open, plainly otherwise.
 
     Logged per report (step = ``trainer.global_step``): every key of
     ``NTKReport.to_dict()`` as ``ntk/<key>`` to every logger and into
     ``trainer.callback_metrics``; TensorBoard also gets ``ntk/eigenvalues`` (histogram of
-    log10 lambda) and the images ``ntk/kernel``, ``ntk/spectrum``, ``ntk/drift``,
-    ``ntk/layers`` and (dynamics) ``ntk/dynamics``.
+    log10 lambda) and the images ``ntk/kernel`` (K0's also once under ``ntk/kernel_init``),
+    ``ntk/spectrum``, ``ntk/drift``, ``ntk/layers`` and (dynamics) ``ntk/dynamics``.
+
+    BatchNorm: the kernel is measured in eval mode, on the running statistics. When the
+    kernel's scale moved by 10x or more since K0 (``ntk/log10_scale_change``) while the
+    BatchNorm running statistics changed, one warning names this cause and the fixes (read
+    the scale-free ``ntk/kernel_distance``; ``init_kernel_at="first_epoch_end"``).
 
     Training dynamics (regression, O = 1; Lee et al. 2019; Jacot et al. 2018), computed by
     :class:`ntk_callback.insight.DynamicsTracker` from the kernel, the outputs on the probes
@@ -207,7 +240,8 @@ class NTKReportCallback(Callback):
 
         ntk/residual_norm                  ||r|| on the probes
         ntk/residual_energy_top{k}         share of ||r||^2 in the k top eigenvectors of K
-        ntk/steps_to_halve_residual        linearised GD steps at the current lr until ||r|| halves
+        ntk/steps_to_halve_residual        linearised GD steps at the current lr until ||r|| halves,
+                                           with the kernel frozen (an estimate, not a forecast)
         ntk/epochs_to_halve_residual       the same in epochs (optimizer steps per epoch)
         ntk/slowest_mode_time_constant     steps per e-fold of the slowest mode holding residual
         ntk/predicted_residual_norm        ||r|| predicted from the previous report: its residual

@@ -20,7 +20,7 @@ from M training points, like the SUM loss with ``lr = 2 * eta / (M * O)``; see
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Union
 
 import numpy as np
 import torch
@@ -37,11 +37,12 @@ def _f64(x: ArrayLike, what: str) -> torch.Tensor:
     return t
 
 
-def _check_lr_steps(lr: float, steps: Optional[int]) -> None:
+def _check_lr_steps(lr: float, steps: int | None) -> None:
     if not math.isfinite(float(lr)) or float(lr) < 0:
         raise ValueError(f"lr must be a finite non-negative number; got {lr!r}.")
     if steps is not None and (isinstance(steps, bool) or int(steps) != steps or steps < 0):
-        raise ValueError(f"steps must be a non-negative integer or None (infinite time); got {steps!r}.")
+        raise ValueError("steps must be a non-negative integer or None (infinite time); "
+                         f"got {steps!r}.")
 
 
 def sum_loss_lr(lr: float, num_train: int, num_outputs: int = 1, reduction: str = "mean") -> float:
@@ -62,7 +63,7 @@ def sum_loss_lr(lr: float, num_train: int, num_outputs: int = 1, reduction: str 
     raise ValueError(f"unknown reduction {reduction!r}; use 'mean', 'sum' or 'half_sum'.")
 
 
-def _gain(lam: torch.Tensor, lr: float, steps: Optional[int]) -> torch.Tensor:
+def _gain(lam: torch.Tensor, lr: float, steps: int | None) -> torch.Tensor:
     """sum_{s<t} lr (1 - lr l)^s per eigenvalue (the 'time integral' of each mode)."""
     tol = lam.shape[0] * torch.finfo(torch.float64).eps * max(float(lam.max()), 0.0)
     pos = lam > tol
@@ -77,7 +78,7 @@ def _gain(lam: torch.Tensor, lr: float, steps: Optional[int]) -> torch.Tensor:
 
 def linearized_predictions(K_train: ArrayLike, K_cross: ArrayLike, f0_train: ArrayLike,
                            f0_test: ArrayLike, y_train: ArrayLike, lr: float = 1.0,
-                           steps: Optional[int] = None) -> torch.Tensor:
+                           steps: int | None = None) -> torch.Tensor:
     """Outputs on test points of the network linearised at initialisation after ``steps``
     steps of gradient descent on ``1/2 sum (f - y)^2`` (``steps=None``: the t -> infinity
     limit, kernel regression ``f0(x*) + K(x*, X) K^+ (y - f0(X))``).
@@ -93,10 +94,12 @@ def linearized_predictions(K_train: ArrayLike, K_cross: ArrayLike, f0_train: Arr
     Kx = _f64(K_cross, "K_cross")
     if Kx.dim() != 2 or Kx.shape[1] != n:
         raise ValueError(f"K_cross must have shape (m, {n}); got {tuple(Kx.shape)}.")
-    r0 = _f64(f0_train, "f0_train") - _f64(y_train, "y_train").reshape(_f64(f0_train, "f0_train").shape)
+    f0 = _f64(f0_train, "f0_train")
+    r0 = f0 - _f64(y_train, "y_train").reshape(f0.shape)
     f0t = _f64(f0_test, "f0_test")
     if r0.shape[0] != n or f0t.shape[0] != Kx.shape[0]:
-        raise ValueError("f0_train/y_train must have n rows and f0_test m rows, matching the kernels.")
+        raise ValueError("f0_train/y_train must have n rows and f0_test m rows, matching the "
+                         "kernels.")
     lam, Q = A._eigh_desc(Ks)
     g = _gain(lam.clamp_min(0.0), float(lr), steps)
     coeff = Q.T @ r0
@@ -105,7 +108,7 @@ def linearized_predictions(K_train: ArrayLike, K_cross: ArrayLike, f0_train: Arr
 
 
 def linearization_gap(f_actual: ArrayLike, f_linear: ArrayLike,
-                      f_init: Optional[ArrayLike] = None) -> float:
+                      f_init: ArrayLike | None = None) -> float:
     """How far the trained network is from its linearisation (lazy vs rich regime).
 
     ``||f_actual - f_linear|| / ||f_actual - f_init||`` when ``f_init`` is given (the
@@ -146,7 +149,12 @@ def _mode_energies(K: ArrayLike, r: ArrayLike, name: str) -> tuple[torch.Tensor,
 def steps_to_reduce(K: ArrayLike, r0: ArrayLike, lr: float, factor: float) -> float:
     """Fewest GD steps t with ``||r_t|| <= factor * ||r_0||`` under the linearised dynamics
     (:func:`ntk_callback.analysis.predicted_residual`); ``inf`` when it is never reached
-    (energy in non-decaying or diverging modes). ``0 < factor <= 1``."""
+    (energy in non-decaying or diverging modes). ``0 < factor <= 1``.
+
+    A frozen-kernel estimate, not a forecast: it assumes K stays as it is for all t steps.
+    A network whose kernel grows or aligns with the residual while it trains gets there
+    sooner (the sine-regression example halves its residual in ~245 steps where the
+    kernel at step 0 says 857)."""
     if not 0.0 < float(factor) <= 1.0:
         raise ValueError(f"factor must be in (0, 1]; got {factor!r}.")
     _check_lr_steps(lr, 0)
