@@ -274,6 +274,18 @@ def _spaced_classes(classes: List[Tuple[int, int, Any]], n: int, max_labels: int
     return shown[:max_labels]
 
 
+def _value_labels(values: np.ndarray) -> list[str]:
+    """Short tick labels for sorted input / target values: as many decimals as their spread needs
+    (``-3.1 -1.8 -0.1 1.4 3.1`` rather than ``-0.056``), general format when far from 1."""
+    finite = values[np.isfinite(values)]
+    spread = float(np.ptp(finite)) if finite.size > 1 else 0.0
+    top = float(np.max(np.abs(finite))) if finite.size else 0.0
+    if spread > 0 and 1e-3 <= top < 1e4:
+        decimals = int(min(4, max(0, 1 - np.floor(np.log10(spread)))))
+        return [f"{x:.{decimals}f}" for x in values]
+    return [f"{x:.2g}" for x in values]
+
+
 def kernel_heatmap_figure(
     K: Any,
     labels: Optional[Any] = None,
@@ -317,7 +329,7 @@ def kernel_heatmap_figure(
     n = len(layout.order)
     norm, lo, hi = _normalise(A, vmin, vmax)
     fig = Figure(figsize=figsize, dpi=100)
-    ax = fig.add_axes((0.14, 0.13, 0.64, 0.72))
+    ax = fig.add_axes((0.15, 0.13, 0.63, 0.72))
     cax = fig.add_axes((0.81, 0.13, 0.035, 0.72))
     # RGB cells from our own colormap (no lookup inside matplotlib): the pixels are colormap(norm) exactly
     ax.imshow(colormap(norm), interpolation="nearest", extent=(0, n, n, 0), aspect="equal")
@@ -328,7 +340,7 @@ def kernel_heatmap_figure(
                        extend=extend)
     bar.ax.tick_params(labelsize=_FS_TICK)
     bar.formatter.set_powerlimits((-4, 5))  # offset notation only for very large / small entries
-    axes_px = 0.64 * figsize[0] * fig.dpi
+    axes_px = 0.63 * figsize[0] * fig.dpi
     if layout.kind == "class":
         k = len(layout.classes)
         if layout.boundaries and axes_px / k >= 4:  # thinner classes: the lines would hide the cells
@@ -345,7 +357,7 @@ def kernel_heatmap_figure(
     elif layout.kind in ("input", "target"):
         v = layout.sorted_values
         pos = np.unique(np.linspace(0, n - 1, min(n, 5)).round().astype(int))
-        names = [f"{v[i]:.2g}" for i in pos]
+        names = _value_labels(v[pos])
         ax.set_xticks(pos + 0.5, names, fontsize=_FS_TICK)
         ax.set_yticks(pos + 0.5, names, fontsize=_FS_TICK)
         xlabel = ylabel = f"probe {layout.kind} (sorted)"
@@ -509,8 +521,8 @@ def drift_figure(history: Sequence[Mapping[str, Any]]) -> Any:
     """
     Figure = _require_matplotlib()
     panels = (
-        (("kernel_distance",), "kernel distance 1 - cos(K, K0)  (shape, scale-free)"),
-        (("relative_change",), "relative change ||K - K0|| / ||K0||  (incl. scale)"),
+        (("kernel_distance",), "kernel distance 1 - cos(K, K0)  (scale-free)"),
+        (("relative_change",), "relative change ||K - K0|| / ||K0||"),
         (ALIGNMENT_KEYS, "alignment with the labels"),
     )
     fig, axes = _stacked(Figure, len(panels))
@@ -585,7 +597,7 @@ def layers_figure(history: Sequence[Mapping[str, Any]], *, max_layers: int = 8) 
     legend_rows = -(-max(len(shown), 1) // ncol) + (1 if hidden else 0)
     fig, axes = _stacked(Figure, 2, extra_in=0.2 + 0.16 * legend_rows, bottom_in=0.45)
     colors = colormap(np.linspace(0.0, 0.9, max(len(shown), 1))) / 255.0
-    panels = ((LAYER_SHARE, "share of the kernel trace  tr K_l / tr K"),
+    panels = ((LAYER_SHARE, "share of the kernel  tr K_l / tr K"),
               (LAYER_DRIFT, "layer drift  ||K_l - K0_l|| / ||K0_l||"))
     for ax, (prefix, title) in zip(axes, panels):
         for c, name in zip(colors, shown):
@@ -632,7 +644,7 @@ def dynamics_figure(history: Sequence[Mapping[str, Any]]) -> Any:
         # plain tick labels: the default mathtext ones (6 x 10^0) are slow to draw and hard to read
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.yaxis.set_minor_formatter(NullFormatter())
-    ax.set_title("residual on the probes: observed vs NTK-predicted", fontsize=_FS_TITLE)
+    ax.set_title("residual ||f - y||: observed vs NTK-predicted", fontsize=_FS_TITLE)
     if ax.lines:
         ax.legend(fontsize=_FS_NOTE, frameon=False)
     gx, gy = _series(history, "linearization_gap")
@@ -641,7 +653,7 @@ def dynamics_figure(history: Sequence[Mapping[str, Any]]) -> Any:
     else:
         gax.text(0.5, 0.5, "no held-out probes\n(needs a validation dataloader)", ha="center", va="center",
                  transform=gax.transAxes, fontsize=_FS_LABEL, color="0.4")
-    gax.set_title("linearisation gap ||f - f_lin|| / ||f - f_0|| (held-out)", fontsize=_FS_TITLE)
+    gax.set_title("held-out linearisation gap ||f - f_lin|| / ||f - f_0||", fontsize=_FS_TITLE)
     return fig
 
 
