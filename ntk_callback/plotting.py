@@ -262,11 +262,17 @@ def report_title(tag: Optional[str], step: Optional[int], epoch: Optional[int], 
     return f"{what} ({where})" if where else what
 
 
-def _spaced_classes(classes: List[Tuple[int, int, Any]], n: int, max_labels: int) -> List[Tuple[int, int, Any]]:
-    """The classes to label: first, then each next class whose centre is at least ``n / max_labels``
-    probes past the last labelled one (at most ``max_labels``, never two labels on top of each
-    other, even with unequal class sizes)."""
-    gap = n / max(1, max_labels)
+def _spaced_classes(
+    classes: List[Tuple[int, int, Any]], n: int, max_labels: int, min_gap: float = 0.0
+) -> List[Tuple[int, int, Any]]:
+    """The classes to label: all of them when there are at most ``max_labels`` and no two centres
+    are closer than ``min_gap`` probes; otherwise the first, then each next class whose centre is
+    at least ``max(n / max_labels, min_gap)`` probes past the last labelled one (never two labels
+    on top of each other, even with unequal class sizes)."""
+    centres = [(s + e) / 2 for s, e, _ in classes]
+    if len(classes) <= max_labels and all(b - a >= min_gap for a, b in zip(centres, centres[1:])):
+        return list(classes)
+    gap = max(n / max(1, max_labels), min_gap)
     shown: List[Tuple[int, int, Any]] = []
     for c in classes:
         if not shown or (c[0] + c[1]) / 2 - (shown[-1][0] + shown[-1][1]) / 2 >= gap - 1e-9:
@@ -312,8 +318,9 @@ def kernel_heatmap_figure(
       ``vmin``/``vmax`` (e.g. :func:`kernel_color_range` of the initial kernel K0) the
       colours compare across steps, and the bar gets arrows at the ends that clip;
     * class boundaries (white lines, left out when classes are thinner than 4 pixels) and
-      the class labels at the class centres (at most ``max_class_labels``, spaced at least
-      N / ``max_class_labels`` probes apart: 100 equal classes show every 9th); for regression probes,
+      the class labels at the class centres (all of them when there are at most
+      ``max_class_labels`` and they do not collide; else spaced at least N /
+      ``max_class_labels`` probes and ~12 px apart: 100 equal classes show every 9th); for regression probes,
       the tick labels give the input / target value at that position of the sorted order;
     * the report in the title (:func:`report_title` of ``tag``, ``epoch``, ``step``), N
       and the colour scale below it (``scale_note`` overrides the default wording).
@@ -347,14 +354,15 @@ def kernel_heatmap_figure(
             for b in layout.boundaries:
                 ax.axhline(b, color="white", lw=0.7)
                 ax.axvline(b, color="white", lw=0.7)
-        shown = _spaced_classes(layout.classes, n, max_class_labels)
+        # labels ~12 px apart at least (9 pt text), whatever the class sizes
+        shown = _spaced_classes(layout.classes, n, max_class_labels, min_gap=12.0 * n / axes_px)
         ticks = [(s + e) / 2 for s, e, _ in shown]
         names = [str(c) for _, _, c in shown]
         ax.set_xticks(ticks, names, fontsize=_FS_TICK, rotation=90 if max(map(len, names)) > 3 else 0)
         ax.set_yticks(ticks, names, fontsize=_FS_TICK)
         xlabel = f"class ({k} classes" + (f", {len(shown)} labelled)" if len(shown) < k else ")")
         ylabel = "class"
-    elif layout.kind in ("input", "target"):
+    elif layout.sorted_values is not None:  # kind "input" or "target"
         v = layout.sorted_values
         pos = np.unique(np.linspace(0, n - 1, min(n, 5)).round().astype(int))
         names = _value_labels(v[pos])
@@ -413,11 +421,11 @@ _WIDTH_IN = 4.2
 _PANEL_IN = 2.05
 
 
-def _stacked(Figure: Any, rows: int, extra_in: float = 0.0, bottom_in: float = 0.45) -> tuple[Any, list]:
+def _stacked(Figure: Any, rows: int, extra_in: float = 0.0, bottom_in: float = 0.45) -> tuple[Any, list[Any]]:
     """A figure of ``rows`` panels stacked vertically sharing the x axis (global step)."""
     height = rows * _PANEL_IN + extra_in + bottom_in + 0.1
     fig = Figure(figsize=(_WIDTH_IN, height), dpi=100)
-    axes = []
+    axes: list[Any] = []
     for i in range(rows):
         ax = fig.add_subplot(rows, 1, i + 1, sharex=axes[0] if axes else None)
         ax.tick_params(labelsize=_FS_TICK)
@@ -434,7 +442,7 @@ def _stacked(Figure: Any, rows: int, extra_in: float = 0.0, bottom_in: float = 0
 
 def _numerically_zero_floor(lam: np.ndarray) -> float:
     """``lambda_max * N * eps64``: a float64 eigenvalue of the kernel below it is round-off."""
-    return max(float(np.max(lam)) * lam.size * np.finfo(np.float64).eps, np.finfo(np.float64).tiny)
+    return max(float(np.max(lam)) * lam.size * float(np.finfo(np.float64).eps), float(np.finfo(np.float64).tiny))
 
 
 def spectrum_figure(history: Sequence[Mapping[str, Any]], *, max_curves: int = 10) -> Any:
@@ -469,7 +477,7 @@ def spectrum_figure(history: Sequence[Mapping[str, Any]], *, max_curves: int = 1
             continue
         keep = lam > _numerically_zero_floor(lam)
         zeros.append((rec, int(lam.size - keep.sum()), lam.size))
-        c = colormap(0.9 * (s - s0) / span) / 255.0
+        c = colormap(np.asarray(0.9 * (s - s0) / span)) / 255.0
         idx = np.flatnonzero(keep) + 1
         # log10 on a linear axis: log-scale tick labels go through mathtext, ~10x slower to draw
         ax.plot(idx, np.log10(lam[keep]), color=c, lw=1.4, label=_record_label(rec))
@@ -538,7 +546,7 @@ def drift_figure(history: Sequence[Mapping[str, Any]]) -> Any:
     return fig
 
 
-def _series(history: Sequence[Mapping[str, Any]], key: str) -> tuple[list, list]:
+def _series(history: Sequence[Mapping[str, Any]], key: str) -> tuple[list[Any], list[float]]:
     """(steps, values) of ``metrics[key]`` over the history, non-finite and missing left out."""
     xs, ys = [], []
     for rec in history:

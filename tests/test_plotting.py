@@ -170,6 +170,10 @@ def test_heatmap_figure_many_classes_and_large_n_stay_readable() -> None:
     y2 = np.repeat(np.arange(100), np.random.default_rng(5).integers(1, 20, size=100))
     ax2 = plotting.kernel_heatmap_figure(np.eye(len(y2)), y2).axes[0]
     assert len(ax2.get_xticks()) <= 12 and np.all(np.diff(ax2.get_xticks()) >= len(y2) / 12 - 1e-9)
+    # 10 unequal classes (sizes 5..21 of N = 128): all labelled
+    y3 = np.repeat(np.arange(10), [5, 21, 12, 8, 17, 11, 14, 9, 19, 12])
+    ax3 = plotting.kernel_heatmap_figure(np.eye(128), y3).axes[0]
+    assert _tick_labels(ax3.xaxis) == [str(c) for c in range(10)] and ax3.get_xlabel() == "class (10 classes)"
     fig8 = plotting.kernel_heatmap_figure(K[:8, :8], y[:8])
     assert plotting.figure_to_image(fig8).shape == (3, 380, 420)
 
