@@ -10,15 +10,24 @@ from __future__ import annotations
 
 from typing import Any
 
-from .engine import (NTKError, empirical_ntk, finite_difference_ntk, layerwise_ntk, ntk_spectrum,
-                     ntk_trace_estimate)
 from . import analysis, dynamics, theory
+from .engine import (
+    KernelMode,
+    NTKError,
+    empirical_ntk,
+    finite_difference_ntk,
+    layerwise_ntk,
+    ntk_spectrum,
+    ntk_trace_estimate,
+    register_mode,
+)
 from .report import NTKReport, analyze_ntk
 
 __all__ = [
     "analysis",
     "dynamics",
     "theory",
+    "KernelMode",
     "NTKError",
     "NTKReport",
     "NTKReportCallback",
@@ -28,6 +37,7 @@ __all__ = [
     "layerwise_ntk",
     "ntk_spectrum",
     "ntk_trace_estimate",
+    "register_mode",
 ]
 
 __version__ = "0.1.0"

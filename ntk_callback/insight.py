@@ -14,8 +14,8 @@ training-set sum otherwise (Lee et al. 2019).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Dict, Mapping, Optional
 
 import torch
 
@@ -23,7 +23,7 @@ from . import analysis as A
 from . import dynamics as D
 
 
-def layer_shares(layer_kernels: Mapping[str, torch.Tensor]) -> Dict[str, float]:
+def layer_shares(layer_kernels: Mapping[str, torch.Tensor]) -> dict[str, float]:
     """Each layer's share of the kernel trace, ``tr K_l / sum_l tr K_l`` (sums to 1;
     the NTK is a sum over parameters, so the shares say which layers make the kernel)."""
     traces = {k: float(torch.diagonal(v.detach().double()).sum()) for k, v in layer_kernels.items()}
@@ -32,7 +32,7 @@ def layer_shares(layer_kernels: Mapping[str, torch.Tensor]) -> Dict[str, float]:
 
 
 def layer_drift(layer_kernels: Mapping[str, torch.Tensor],
-                init_layer_kernels: Mapping[str, torch.Tensor]) -> Dict[str, float]:
+                init_layer_kernels: Mapping[str, torch.Tensor]) -> dict[str, float]:
     """Per-layer ``||K_l - K0_l||_F / ||K0_l||_F`` for the layers present in both."""
     out = {}
     for k, v in layer_kernels.items():
@@ -75,7 +75,7 @@ class DynamicsTracker:
     ``linearized_heldout_mse`` / ``heldout_mse`` when held-out targets are given.
     """
 
-    def __init__(self, targets: torch.Tensor, num_train: Optional[int] = None,
+    def __init__(self, targets: torch.Tensor, num_train: int | None = None,
                  residual_top_k: int = 5, loss_reduction: str = "mean") -> None:
         y = torch.as_tensor(targets).detach().double().cpu()
         self.y = y.reshape(y.shape[0])
@@ -83,29 +83,30 @@ class DynamicsTracker:
         self.num_train = int(num_train or self.n)
         self.k = max(1, min(int(residual_top_k), self.n))
         self.loss_reduction = loss_reduction
-        self.init: Optional[_Snapshot] = None
-        self.prev: Optional[_Snapshot] = None
-        self.f0_heldout: Optional[torch.Tensor] = None
-        self.k0_cross: Optional[torch.Tensor] = None
+        self.init: _Snapshot | None = None
+        self.prev: _Snapshot | None = None
+        self.f0_heldout: torch.Tensor | None = None
+        self.k0_cross: torch.Tensor | None = None
         # the linearised network, advanced one report interval at a time so that a learning
         # rate that changes between reports is followed exactly: (probe outputs, held-out
         # outputs, step, cumulative lr)
-        self.lin: Optional[tuple] = None
+        self.lin: tuple | None = None
 
     def _rate(self, lr: float) -> float:
         return D.sum_loss_lr(lr, self.num_train, 1, self.loss_reduction)
 
     def update(self, kernel: torch.Tensor, outputs: torch.Tensor, step: int, lr_sum: float,
-               current_lr: float, heldout_outputs: Optional[torch.Tensor] = None,
-               cross_kernel: Optional[torch.Tensor] = None,
-               heldout_targets: Optional[torch.Tensor] = None) -> Dict[str, float]:
+               current_lr: float, heldout_outputs: torch.Tensor | None = None,
+               cross_kernel: torch.Tensor | None = None,
+               heldout_targets: torch.Tensor | None = None) -> dict[str, float]:
         K = kernel.detach().double().cpu()
         f = outputs.detach().double().cpu().reshape(self.n)
         r = f - self.y
         snap = _Snapshot(K, r, int(step), float(lr_sum))
         norm = float(r.norm())
-        out: Dict[str, float] = {"residual_norm": norm}
-        out[f"residual_energy_top{self.k}"] = A.residual_spectral_energy(K, r, self.k) if norm > 0 else float("nan")
+        out: dict[str, float] = {"residual_norm": norm}
+        out[f"residual_energy_top{self.k}"] = (A.residual_spectral_energy(K, r, self.k)
+                                               if norm > 0 else float("nan"))
         rate = self._rate(current_lr)
         if rate > 0 and norm > 0:
             out["steps_to_halve_residual"] = D.steps_to_reduce(K, r, rate, 0.5)
@@ -118,7 +119,8 @@ class DynamicsTracker:
             pn = float(pred.norm())
             out["predicted_residual_norm"] = pn
             out["predicted_vs_observed_residual"] = pn / norm if norm > 0 else float("nan")
-            out["residual_prediction_error"] = float((pred - r).norm()) / norm if norm > 0 else float("nan")
+            out["residual_prediction_error"] = (float((pred - r).norm()) / norm if norm > 0
+                                                else float("nan"))
         if self.init is None:
             self.init = snap
             if heldout_outputs is not None and cross_kernel is not None:
@@ -143,7 +145,7 @@ class DynamicsTracker:
         return {k: (float(v) if v is not None else math.nan) for k, v in out.items()}
 
     def state_dict(self) -> dict:
-        def snap(s: Optional[_Snapshot]):
+        def snap(s: _Snapshot | None):
             return None if s is None else {"kernel": s.kernel, "residual": s.residual,
                                            "step": s.step, "lr_sum": s.lr_sum}
         lin = None
@@ -155,7 +157,9 @@ class DynamicsTracker:
 
     def load_state_dict(self, state: Mapping) -> None:
         def snap(d):
-            return None if not d else _Snapshot(d["kernel"], d["residual"], int(d["step"]), float(d["lr_sum"]))
+            if not d:
+                return None
+            return _Snapshot(d["kernel"], d["residual"], int(d["step"]), float(d["lr_sum"]))
         self.init, self.prev = snap(state.get("init")), snap(state.get("prev"))
         self.f0_heldout, self.k0_cross = state.get("f0_heldout"), state.get("k0_cross")
         lin = state.get("lin")

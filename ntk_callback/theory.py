@@ -147,7 +147,8 @@ def _relu_kernels(x1: Any, x2: Any, depth: Any, w_std: Any,
         abn = a1n[:, None] * a2n[None, :]
         # E' = 2 (|u'||u''| - Sigma') as a sum of non-negative, cancellation-free terms:
         #   2 b^2 (s1 - s2)^2 / (|u'||u''| + s1 s2 + b^2) + w^2 (E/2 - |u||u'| g(theta) / pi)
-        # (the second bracket is |u||u'| ((1 - cos theta) - g(theta)/pi) >= |u||u'|(1 - cos theta)/2).
+        # (the second bracket is |u||u'| ((1 - cos theta) - g(theta)/pi)
+        #  >= |u||u'|(1 - cos theta)/2).
         ds = s1[:, None] - s2[None, :]
         den = abn + s1[:, None] * s2[None, :] + b2
         bias_part = torch.where(den > 0, 2 * b2 * ds**2 / torch.where(den > 0, den, 1.0), 0.0)
@@ -178,7 +179,8 @@ def relu_ntk(x1: Any, x2: Any = None, *, depth: int, w_std: float = 2**0.5,
     al. 2019), with ``d`` the input dimension::
 
         Sigma_0(x, x') = w_std^2 x.x' / d + b_std^2,          Theta_0 = Sigma_0
-        for l = 1 .. depth, with cos(theta) = Sigma_{l-1}(x,x') / sqrt(Sigma_{l-1}(x,x) Sigma_{l-1}(x',x')):
+        for l = 1 .. depth, with
+        cos(theta) = Sigma_{l-1}(x,x') / sqrt(Sigma_{l-1}(x,x) Sigma_{l-1}(x',x')):
             Sigma_l(x, x') = w_std^2 / (2 pi) * sqrt(Sigma_{l-1}(x,x) Sigma_{l-1}(x',x'))
                              * (sin theta + (pi - theta) cos theta) + b_std^2
             Theta_l(x, x') = Sigma_l(x, x') + w_std^2 * (pi - theta) / (2 pi) * Theta_{l-1}(x, x')
@@ -186,9 +188,10 @@ def relu_ntk(x1: Any, x2: Any = None, *, depth: int, w_std: float = 2**0.5,
 
     ``Sigma_l(x, x) = w_std^2 Sigma_{l-1}(x, x) / 2 + b_std^2``. With the default
     ``w_std = sqrt(2)`` (He scaling) and ``b_std = 0`` the diagonal stays
-    ``2 |x|^2 / d`` at every layer and ``Theta(x, x) = 2 (depth + 1) |x|^2 / d``. A zero-norm pre-activation has an undefined angle;
-    as in neural-tangents theta = pi/2 is used there (only reachable with
-    ``b_std = 0`` and ``x = 0``, where the kernel row is 0 anyway).
+    ``2 |x|^2 / d`` at every layer and ``Theta(x, x) = 2 (depth + 1) |x|^2 / d``. A
+    zero-norm pre-activation has an undefined angle; as in neural-tangents theta = pi/2 is
+    used there (only reachable with ``b_std = 0`` and ``x = 0``, where the kernel row is 0
+    anyway).
 
     Numerics: theta is never taken from ``arccos`` (which loses half the digits at
     cos = +-1, where its derivative is infinite). Layer 0 computes ``theta`` and

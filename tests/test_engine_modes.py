@@ -162,3 +162,14 @@ def test_bad_cotangent_rows_are_refused() -> None:
         empirical_ntk(model, x, mode=Wrong())
     with pytest.raises(NTKError, match="named KernelMode"):
         register_mode(KernelMode())
+
+
+@pytest.mark.parametrize("mode", NEW_MODES, ids=lambda m: m.name)
+def test_new_mode_in_blocks(mode: KernelMode) -> None:
+    """The blocked path (blocks of probes, mirrored) reads the kernel's shape and the
+    mode's needs from the mode too."""
+    model, x, y = _three_outputs("seq_linear")
+    whole = empirical_ntk(model, x, mode=mode, dtype=torch.float64)
+    blocked = empirical_ntk(model, x, mode=mode, dtype=torch.float64, block_size=2)
+    assert blocked.shape == whole.shape
+    assert rel(torch.as_tensor(blocked), whole) <= 1e-12

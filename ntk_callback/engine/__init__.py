@@ -5,13 +5,22 @@ structured per-layer rule (:mod:`.structured`) or to the exact generic torch.fun
 (:mod:`.generic`).
 """
 from .api import Explanation, empirical_ntk, layerwise_ntk, model_outputs
+from .distributed import Communicator, TorchDistributedComm
 from .errors import NTKError
 from .finite_step import finite_difference_ntk
-from .distributed import Communicator, TorchDistributedComm
-from .spectrum import NormEstimate, ntk_spectrum, ntk_trace_estimate
 from .modes import AllPairs, DiagonalPairs, KernelMode, mode_names, register_mode
-from .structured import (BatchNormTerm, Call, ConvTerm, OuterTerm, Rule, ScaleTerm, SumTerm,
-                         TokenTerm, register_rule)
+from .spectrum import NormEstimate, ntk_spectrum, ntk_trace_estimate
+from .structured import (
+    BatchNormTerm,
+    Call,
+    ConvTerm,
+    OuterTerm,
+    Rule,
+    ScaleTerm,
+    SumTerm,
+    TokenTerm,
+    register_rule,
+)
 
 __all__ = ["NTKError", "Explanation", "empirical_ntk", "finite_difference_ntk", "layerwise_ntk",
            "ntk_spectrum", "ntk_trace_estimate", "NormEstimate", "Communicator",

@@ -291,16 +291,9 @@ def empirical_ntk(model: torch.nn.Module, inputs: Any, targets: Any = None, *,
     every submodule's train/eval flag are as they were; TF32 is disabled during the
     computation on CUDA.
     """
-    if _blocked.wanted(inputs, inputs2, block_size, out, comm):
-        result, explanation = _blocked_run(
-            model, inputs, targets, mode, dtype, chunk_size, eval_mode, inputs2, targets2,
-            memory_budget, output_fn, implementation, layer_paths, self_check, False,
-            batch_to_probe, block_size, out, progress, comm)
-        return (result, explanation) if explain else result
-    kernels, explanation = _run(model, inputs, targets, mode, dtype, chunk_size, eval_mode,
-                                inputs2, targets2, memory_budget, output_fn, implementation,
-                                layer_paths, self_check, by_layer=False)
-    return (kernels[""], explanation) if explain else kernels[""]
+    return _dispatch(model, inputs, targets, mode, dtype, chunk_size, eval_mode, inputs2,
+                     targets2, memory_budget, output_fn, implementation, layer_paths,
+                     self_check, False, batch_to_probe, block_size, out, progress, comm, explain)
 
 
 def layerwise_ntk(model: torch.nn.Module, inputs: Any, targets: Any = None, *,
@@ -325,20 +318,41 @@ def layerwise_ntk(model: torch.nn.Module, inputs: Any, targets: Any = None, *,
     parameters count: a layer whose parameters are all frozen is absent. Arguments,
     shapes and side-effect guarantees are those of :func:`empirical_ntk`.
     """
+    return _dispatch(model, inputs, targets, mode, dtype, chunk_size, eval_mode, inputs2,
+                     targets2, memory_budget, output_fn, implementation, layer_paths,
+                     self_check, True, batch_to_probe, block_size, out, progress, comm, explain)
+
+
+def _dispatch(model: torch.nn.Module, inputs: Any, targets: Any, mode: ModeLike,
+              dtype: torch.dtype | None, chunk_size: int | None, eval_mode: bool,
+              inputs2: Any, targets2: Any, memory_budget: int | None,
+              output_fn: Callable[[Any], torch.Tensor] | None, implementation: str,
+              layer_paths: dict[str, str] | None, self_check: bool, by_layer: bool,
+              batch_to_probe: Callable[[Any], Any] | None, block_size: int | None,
+              out: str | None, progress: bool, comm: Any, explain: bool) -> Any:
+    """The kernel (``by_layer``: the dict of per-layer kernels), with its
+    :class:`Explanation` if ``explain``: blocked (:mod:`.blocked`) when the probes come
+    from a loader, a file, blocks or ranks are asked for, else in one engine call."""
+    result: Any
     if _blocked.wanted(inputs, inputs2, block_size, out, comm):
         result, explanation = _blocked_run(
             model, inputs, targets, mode, dtype, chunk_size, eval_mode, inputs2, targets2,
-            memory_budget, output_fn, implementation, layer_paths, self_check, True,
+            memory_budget, output_fn, implementation, layer_paths, self_check, by_layer,
             batch_to_probe, block_size, out, progress, comm)
-        return (result, explanation) if explain else result
-    kernels, explanation = _run(model, inputs, targets, mode, dtype, chunk_size, eval_mode,
-                                inputs2, targets2, memory_budget, output_fn, implementation,
-                                layer_paths, self_check, by_layer=True)
-    return (kernels, explanation) if explain else kernels
+    else:
+        kernels, explanation = _run(model, inputs, targets, mode, dtype, chunk_size,
+                                    eval_mode, inputs2, targets2, memory_budget, output_fn,
+                                    implementation, layer_paths, self_check, by_layer)
+        result = kernels if by_layer else kernels[""]
+    return (result, explanation) if explain else result
 
 
-def _run(model, inputs, targets, mode, dtype, chunk_size, eval_mode, inputs2, targets2,
-         memory_budget, output_fn, implementation, layer_paths, self_check, by_layer):
+def _run(model: torch.nn.Module, inputs: Any, targets: Any, mode: ModeLike,
+         dtype: torch.dtype | None, chunk_size: int | None, eval_mode: bool, inputs2: Any,
+         targets2: Any, memory_budget: int | None,
+         output_fn: Callable[[Any], torch.Tensor] | None, implementation: str,
+         layer_paths: dict[str, str] | None, self_check: bool, by_layer: bool
+         ) -> tuple[dict[str, torch.Tensor], Explanation]:
     with frozen_measurement(model, eval_mode), cast_floating(model, resolve_dtype(model, dtype)):
         problem = build_problem(model, inputs, targets, mode=mode, dtype=dtype,
                                 inputs2=inputs2, targets2=targets2, output_fn=output_fn)
@@ -351,16 +365,21 @@ def _run(model, inputs, targets, mode, dtype, chunk_size, eval_mode, inputs2, ta
                         bool(self_check))
 
 
-def _blocked_run(model, inputs, targets, mode, dtype, chunk_size, eval_mode, inputs2, targets2,
-                 memory_budget, output_fn, implementation, layer_paths, self_check, by_layer,
-                 batch_to_probe, block_size, out, progress, comm):
+def _blocked_run(model: torch.nn.Module, inputs: Any, targets: Any, mode: ModeLike,
+                 dtype: torch.dtype | None, chunk_size: int | None, eval_mode: bool,
+                 inputs2: Any, targets2: Any, memory_budget: int | None,
+                 output_fn: Callable[[Any], torch.Tensor] | None, implementation: str,
+                 layer_paths: dict[str, str] | None, self_check: bool, by_layer: bool,
+                 batch_to_probe: Callable[[Any], Any] | None, block_size: int | None,
+                 out: str | None, progress: bool, comm: Any) -> tuple[Any, Any]:
     """Loader / blocked / memory-mapped / distributed kernels: :mod:`.blocked` calls the
     one-shot engine once a block."""
-    def block_fn(x, t, x2, t2, check, paths):
+    def block_fn(x: Any, t: Any, x2: Any, t2: Any, check: bool,
+                 paths: dict[str, str] | None) -> tuple[dict[str, torch.Tensor], Explanation]:
         return _run(model, x, t, mode, dtype, chunk_size, eval_mode, x2, t2, memory_budget,
                     output_fn, implementation, paths, check, by_layer)
 
-    def num_outputs(x):
+    def num_outputs(x: Any) -> int:
         return model_outputs(model, x, dtype=dtype, eval_mode=eval_mode,
                              output_fn=output_fn).shape[1]
 

@@ -8,6 +8,7 @@ signature says so (several required positional parameters / exactly the dict's k
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import torch
@@ -18,8 +19,9 @@ from .errors import NTKError
 Batch = Any
 
 
-def leaves(batch: Batch) -> list:
-    return tree_flatten(batch)[0]
+def leaves(batch: Batch) -> list[Any]:
+    flat: list[Any] = tree_flatten(batch)[0]
+    return flat
 
 
 def batch_size(batch: Batch, name: str = "inputs") -> int:
@@ -51,16 +53,6 @@ def take(batch: Batch, index: slice | torch.Tensor) -> Batch:
     return tree_map(lambda t: t[index], batch)
 
 
-def concat(a: Batch, b: Batch) -> Batch:
-    fa, spec = tree_flatten(a)
-    fb, spec_b = tree_flatten(b)
-    if spec != spec_b:
-        raise NTKError("`inputs2` must have the same structure as `inputs`.")
-    from torch.utils._pytree import tree_unflatten
-
-    return tree_unflatten([torch.cat([x, y]) for x, y in zip(fa, fb)], spec)
-
-
 def prepare(batch: Batch, device: torch.device, dtype: torch.dtype | None) -> Batch:
     """Move to the model's device, cast floating leaves to ``dtype``, and make ordinary
     (non-inference) tensors so that autograd can run even if the caller built them under
@@ -75,7 +67,7 @@ def prepare(batch: Batch, device: torch.device, dtype: torch.dtype | None) -> Ba
     return tree_map(fix, batch)
 
 
-def _required_positional(fn: Callable) -> list[str] | None:
+def _required_positional(fn: Callable[..., Any]) -> list[str] | None:
     try:
         sig = inspect.signature(fn)
     except (TypeError, ValueError):
@@ -89,7 +81,10 @@ def _required_positional(fn: Callable) -> list[str] | None:
     return names
 
 
-def call_convention(model: torch.nn.Module, batch: Batch) -> Callable[[Batch], tuple[tuple, dict]]:
+Split = Callable[[Batch], tuple[tuple[Any, ...], dict[str, Any]]]
+
+
+def call_convention(model: torch.nn.Module, batch: Batch) -> Split:
     """Decide once how a batch maps onto ``model.forward``'s arguments.
 
     Returns ``split(batch) -> (args, kwargs)``.
@@ -102,7 +97,7 @@ def call_convention(model: torch.nn.Module, batch: Batch) -> Callable[[Batch], t
     if isinstance(batch, dict):
         required = _required_positional(forward)
         try:
-            params = inspect.signature(forward).parameters
+            params: Mapping[str, inspect.Parameter] = inspect.signature(forward).parameters
         except (TypeError, ValueError):
             params = {}
         if required is not None and len(required) != 1 and set(required) <= set(batch) \
@@ -111,7 +106,7 @@ def call_convention(model: torch.nn.Module, batch: Batch) -> Callable[[Batch], t
     return lambda b: ((b,), {})
 
 
-def as_tensor_targets(targets: Any, device: torch.device) -> torch.Tensor | None:
+def as_tensor_targets(targets: Any, device: torch.device | str) -> torch.Tensor | None:
     if targets is None:
         return None
     if not isinstance(targets, torch.Tensor):
@@ -120,4 +115,5 @@ def as_tensor_targets(targets: Any, device: torch.device) -> torch.Tensor | None
         except Exception as exc:  # noqa: BLE001 - re-raised with the fix
             raise NTKError(f"`targets` could not be converted to a tensor ({exc}); pass a "
                            "tensor of shape (N,) with int64 class labels.") from exc
-    return targets.to(device)
+    moved: torch.Tensor = targets.to(device)
+    return moved

@@ -43,8 +43,9 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import batch as B
-from .distributed import Communicator, agree_no_error, check_same_data, guarded, resolve
+from .distributed import Communicator, check_same_data, guarded, resolve
 from .errors import NTKError
+from .modes import KernelMode, ModeLike
 from .problem import blocks
 
 DEFAULT_BLOCK_MAX = 2048
@@ -68,11 +69,6 @@ def wanted(inputs: Any, inputs2: Any, block_size: int | None, out: Any, comm: An
     """Whether a kernel call goes through this module rather than one engine call."""
     return (is_data_stream(inputs) or is_data_stream(inputs2) or block_size is not None
             or out is not None or comm is not None)
-
-
-def mode_name(mode: Any) -> str:
-    """A mode's name, whether given as a string or as a mode object with ``.name``."""
-    return str(getattr(mode, "name", mode))
 
 
 def default_batch_to_probe(batch: Any) -> tuple[Any, Any]:
@@ -133,14 +129,16 @@ def collect(data: Any, targets: Any, batch_to_probe: Callable[[Any], Any] | None
         raise NTKError(f"some batches of `{name}` have targets and some do not; give every "
                        "batch targets (or none).")
     inputs = _cat(xs, name)
-    tgt = None if ts[0] is None else torch.cat([t.reshape(t.shape[0], *t.shape[1:]) for t in ts])
+    present = [t for t in ts if t is not None]  # all or none (checked above)
+    tgt = torch.cat([t.reshape(t.shape[0], *t.shape[1:]) for t in present]) if present else None
     return inputs, tgt, B.batch_size(inputs, name)
 
 
 def checksum(inputs: Any, targets: torch.Tensor | None) -> float:
     total = 0.0
     for leaf in B.leaves(inputs) + ([targets] if targets is not None else []):
-        total += float(leaf.detach().double().sum()) + 0.5 * float(leaf.detach().double().abs().sum())
+        values = leaf.detach().double()
+        total += float(values.sum()) + 0.5 * float(values.abs().sum())
     return total
 
 
@@ -184,7 +182,8 @@ def _mirror(block: torch.Tensor) -> torch.Tensor:
 
 
 def blocked_kernel(block_fn: BlockFn, inputs: Any, targets: Any, inputs2: Any, targets2: Any,
-                   *, mode: Any, dtype: torch.dtype, device: torch.device, num_outputs: Callable[[Any], int],
+                   *, mode: ModeLike, dtype: torch.dtype, device: torch.device,
+                   num_outputs: Callable[[Any], int],
                    budget: int, batch_to_probe: Callable[[Any], Any] | None = None,
                    block_size: int | None = None, out: str | None = None,
                    progress: bool = False, comm: Communicator | None = None,
@@ -195,24 +194,25 @@ def blocked_kernel(block_fn: BlockFn, inputs: Any, targets: Any, inputs2: Any, t
     of the first block)``; ``result`` is a tensor, or with ``out=`` the ``np.memmap`` of
     the written ``.npy`` file."""
     comm = resolve(comm)
-    name = mode_name(mode)
-    all_pairs = bool(getattr(mode, "all_pairs", name == "full"))
+    kind = KernelMode.parse(mode)
+    all_pairs = kind.all_pairs
     if out is not None and layerwise:
         raise NTKError("out= writes one kernel; layerwise_ntk returns one kernel a layer. Use "
                        "empirical_ntk(..., out=...) or keep layerwise_ntk in memory.")
-    def prepare() -> tuple:
+    def prepare() -> tuple[Any, torch.Tensor | None, int, Any, torch.Tensor | None, int, int]:
         x1, t1, n1 = collect(inputs, targets, batch_to_probe, "inputs")
         x2, t2, n2 = x1, t1, n1
         if cross:
             x2, t2, n2 = collect(inputs2, targets2, batch_to_probe, "inputs2")
         one = B.take(x1, slice(0, 1))
-        needs = bool(getattr(mode, "needs_targets", name == "target"))
-        if needs and (t1 is None or t2 is None) and num_outputs(one) > 1:
+        if kind.needs_targets and (t1 is None or t2 is None) and num_outputs(one) > 1:
             raise NTKError("mode='target' needs the class label of every probe, but the "
                            "data has no targets: give batches as (inputs, targets) pairs, "
                            "map other batches with `batch_to_probe=lambda b: (inputs, "
                            "labels)`, or use mode='trace' / 'sum' / 'full'.")
-        o = num_outputs(one) if all_pairs else 1
+        # rows a probe (of an all-pairs kernel (N1, N2, k, k)): the mode says
+        o = (kind.cotangent_rows(None if t1 is None else t1[:1], 1, num_outputs(one),
+                                 "targets", dtype).shape[1] if all_pairs else 1)
         return x1, t1, n1, x2, t2, n2, o
 
     cross = inputs2 is not None

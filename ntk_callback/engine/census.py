@@ -12,6 +12,7 @@ exact path.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -36,8 +37,8 @@ class ModuleCall:
     """One call of a module: inputs as passed to ``forward`` (after pre-hooks) and the
     output, on the trial batch."""
 
-    args: tuple
-    kwargs: dict
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
     output: Any
 
 
@@ -54,8 +55,9 @@ class _UseRecorder(TorchFunctionMode):
         super().__init__()
         self.ids, self.census, self.stack = ids, census, stack
 
-    def __torch_function__(self, func: Callable, types: Any, args: tuple = (),
-                           kwargs: dict | None = None) -> Any:
+    def __torch_function__(self, func: Callable[..., Any], types: Any,
+                           args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
         kwargs = kwargs or {}
         if func not in _METADATA and getattr(func, "__name__", "") != "__get__":
             for leaf in tree_flatten((args, kwargs))[0]:
@@ -67,7 +69,7 @@ class _UseRecorder(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def take_census(model: nn.Module, params: dict[str, torch.Tensor],
+def take_census(model: nn.Module, params: Mapping[str, torch.Tensor],
                 run: Callable[[], Any], batch: int) -> tuple[Any, Census]:
     """Run ``run()`` (one forward of ``model``) while recording module calls and the uses
     of ``params`` (name -> the tensor objects the forward sees). Returns the forward's
@@ -75,16 +77,17 @@ def take_census(model: nn.Module, params: dict[str, torch.Tensor],
     census = Census(batch=batch)
     stack: list[str] = []
     ids = {id(t): name for name, t in params.items()}
-    handles = []
+    handles: list[torch.utils.hooks.RemovableHandle] = []
     owners = {name: m for name, m in model.named_modules() if m._parameters}
 
-    def enter(name: str) -> Callable:
-        def fn(module: nn.Module, args: tuple) -> None:
+    def enter(name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+        def fn(module: nn.Module, args: tuple[Any, ...]) -> None:
             stack.append(name)  # after the module's other pre-hooks: their uses are outside
         return fn
 
-    def leave(name: str) -> Callable:
-        def fn(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+    def leave(name: str) -> Callable[[nn.Module, tuple[Any, ...], dict[str, Any], Any], None]:
+        def fn(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+               out: Any) -> None:
             if stack and stack[-1] == name:
                 stack.pop()
             if out is not None and name in owners:  # (None: the call raised)

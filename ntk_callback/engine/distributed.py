@@ -13,11 +13,14 @@ waiting forever in the next collective.
 """
 from __future__ import annotations
 
-from typing import Callable, Protocol, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, Callable, Protocol, TypeVar, runtime_checkable
 
 import torch
 
 from .errors import NTKError
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 T = TypeVar("T")
 
@@ -59,7 +62,7 @@ class TorchDistributedComm:
     (``group=None``: the default group). Tensors go through the collectives on their own
     device (NCCL needs CUDA tensors, gloo CPU ones)."""
 
-    def __init__(self, group: object | None = None) -> None:
+    def __init__(self, group: ProcessGroup | None = None) -> None:
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()):

@@ -43,7 +43,8 @@ def _rows(problem: Problem, names: list[str], x: Any, cot: torch.Tensor,
             tensors.update(live)
             return problem.forward(tensors, unsqueeze_batch(xi))[0]
 
-        value, pullback = vjp(f, live0)
+        result = vjp(f, live0)  # (value, pullback) without has_aux
+        value, pullback = result[0], result[1]
         (grads,) = vmap(pullback)(vi)
         k = vi.shape[0]
         return torch.cat([grads[n].reshape(k, -1) for n in names], dim=1), value
@@ -108,6 +109,13 @@ def generic_kernel(problem: Problem, names: list[str], budget: int,
     k_total = problem.cot1.shape[1]
     # Row chunks: where only same-index rows meet (trace), rows can be split freely.
     k_chunk = mode.row_chunk(k_total, budget // max(1, n_all * p_g * itemsize))
+    sets = problem.probe_sets()
+
+    def rows(which: int, sl: slice, cs: slice, vchunk: int) -> torch.Tensor:
+        """Rows of probes ``sl`` of set ``which`` (1 or 2) for the cotangent rows ``cs``."""
+        x, name, _, cot = sets[which - 1]
+        return rows_of(problem, names, B.take(x, sl), cot[sl, cs], vchunk, name)
+
     for c0 in range(0, k_total, k_chunk):
         cs = slice(c0, min(k_total, c0 + k_chunk))
         k = cs.stop - cs.start
@@ -116,30 +124,25 @@ def generic_kernel(problem: Problem, names: list[str], budget: int,
         # chunk holds ~2x its rows: keep chunks to a quarter of the budget.
         vchunk = chunk_size or max(1, budget // (4 * per_probe))
 
-        def rows(which: int, sl: slice) -> torch.Tensor:
-            x = problem.x1 if which == 1 else problem.x2
-            cot = problem.cot1 if which == 1 else problem.cot2
-            return rows_of(problem, names, B.take(x, sl), cot[sl, cs], vchunk,
-                           "inputs" if which == 1 else "inputs2")
-
         if n_all * per_probe <= budget:
-            j1 = rows(1, slice(0, n1))
-            add_gram(kernel, mode, j1, rows(2, slice(0, problem.n2)) if problem.cross else None)
+            j1 = rows(1, slice(0, n1), cs, vchunk)
+            j2 = rows(2, slice(0, problem.n_cols), cs, vchunk) if problem.cross else None
+            add_gram(kernel, mode, j1, j2)
             continue
         size = max(1, budget // (2 * per_probe))
         if problem.cross:
             for si in blocks(n1, size):
-                ji = rows(1, si)
-                for sj in blocks(problem.n2, size):
-                    add_gram(kernel[si, sj], mode, ji, rows(2, sj))
+                ji = rows(1, si, cs, vchunk)
+                for sj in blocks(problem.n_cols, size):
+                    add_gram(kernel[si, sj], mode, ji, rows(2, sj, cs, vchunk))
             continue
         # self-kernel: the blocks on and above the diagonal; the rest is mirrored
         parts = blocks(n1, size)
         for a, si in enumerate(parts):
-            ji = rows(1, si)
+            ji = rows(1, si, cs, vchunk)
             add_gram(kernel[si, si], mode, ji, None)
             for sj in parts[a + 1:]:
-                add_gram(kernel[si, sj], mode, ji, rows(1, sj))
+                add_gram(kernel[si, sj], mode, ji, rows(1, sj, cs, vchunk))
     if not problem.cross:
         mirror_lower(kernel)
     return kernel

@@ -26,7 +26,7 @@ DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of Jacobian held at once
 @dataclass
 class Problem:
     model: torch.nn.Module
-    split: Callable[[Any], tuple[tuple, dict]]
+    split: B.Split
     output_fn: Callable[[Any], torch.Tensor] | None
     mode: KernelMode
     dtype: torch.dtype
@@ -52,6 +52,21 @@ class Problem:
     def cross(self) -> bool:
         return self.x2 is not None
 
+    @property
+    def n_cols(self) -> int:
+        """Probes indexing the kernel's columns: N2 for a cross kernel, else N1."""
+        return self.n2 if self.n2 is not None else self.n1
+
+    def probe_sets(self) -> list[tuple[Any, str, int, torch.Tensor]]:
+        """``(batch, argument name, N, cotangents)`` of ``inputs`` and, for a cross
+        kernel, of ``inputs2``."""
+        sets = [(self.x1, "inputs", self.n1, self.cot1)]
+        if self.x2 is not None:
+            if self.n2 is None or self.cot2 is None:
+                raise RuntimeError("a second probe set without its size or cotangents")
+            sets.append((self.x2, "inputs2", self.n2, self.cot2))
+        return sets
+
     def itemsize(self) -> int:
         return torch.empty((), dtype=self.dtype).element_size()
 
@@ -75,14 +90,15 @@ class Problem:
         args, kwargs = self.split(x)
         return self.model(*args, **kwargs)
 
-    def trial_forward(self, x: Any, name: str, measure: bool = False) -> tuple[torch.Tensor, tuple]:
+    def trial_forward(self, x: Any, name: str, measure: bool = False
+                      ) -> tuple[torch.Tensor, tuple[int, ...]]:
         """Forward without gradient; a failing call becomes an NTKError naming the fix.
         ``measure`` records the entries of every module output, per probe of ``x``, in
         ``activation_numel``."""
-        handles = []
+        handles: list[torch.utils.hooks.RemovableHandle] = []
         total = [0]
         if measure:
-            def count(module: torch.nn.Module, args: tuple, out: Any) -> None:
+            def count(module: torch.nn.Module, args: tuple[Any, ...], out: Any) -> None:
                 if isinstance(out, torch.Tensor):
                     total[0] += out.numel()
 
@@ -101,7 +117,8 @@ class Problem:
                 raise NTKError(f"calling the model on `{name}` failed: {type(exc).__name__}: "
                                f"{exc}. `{name}` must be what `model({name})` accepts for a "
                                "batch of probes (tuple batches are unpacked when forward takes "
-                               "several arguments; use `output_fn=` for non-tensor outputs).") from exc
+                               "several arguments; use `output_fn=` for non-tensor "
+                               "outputs).") from exc
             finally:
                 for h in handles:
                     h.remove()
@@ -140,8 +157,8 @@ class Problem:
         still give one output row (``.squeeze()`` in ``forward`` would not). Once."""
         if self.single_probe_checked:
             return
-        for x, name, n in ((self.x1, "inputs", self.n1), (self.x2, "inputs2", self.n2)):
-            if x is not None and n > 1:
+        for x, name, n, _ in self.probe_sets():
+            if n > 1:
                 self.trial_rows(x, name, n, 1)
         self.single_probe_checked = True
 
@@ -199,13 +216,14 @@ def resolve_dtype(model: torch.nn.Module, dtype: torch.dtype | None) -> torch.dt
             return torch.get_default_dtype()
         dtype = first.dtype if first.is_floating_point() else torch.get_default_dtype()
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise NTKError(f"dtype={dtype} is not a floating dtype; use torch.float32 or torch.float64.")
+        raise NTKError(f"dtype={dtype} is not a floating dtype; use torch.float32 or "
+                       "torch.float64.")
     return dtype
 
 
 def build_problem(model: torch.nn.Module, inputs: Any, targets: Any, *, mode: ModeLike,
                   dtype: torch.dtype | None, inputs2: Any = None, targets2: Any = None,
-                  output_fn: Callable | None = None) -> Problem:
+                  output_fn: Callable[[Any], torch.Tensor] | None = None) -> Problem:
     kind = KernelMode.parse(mode)
     if not isinstance(model, torch.nn.Module):
         raise NTKError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
@@ -229,7 +247,8 @@ def build_problem(model: torch.nn.Module, inputs: Any, targets: Any, *, mode: Mo
 
     n1 = B.batch_size(inputs, "inputs")
     x1 = B.prepare(inputs, device, dtype)
-    x2, n2 = None, None
+    x2: Any = None
+    n2: int | None = None
     if inputs2 is not None:
         n2 = B.batch_size(inputs2, "inputs2")
         x2 = B.prepare(inputs2, device, dtype)
@@ -245,20 +264,16 @@ def build_problem(model: torch.nn.Module, inputs: Any, targets: Any, *, mode: Mo
     # (:meth:`Problem.check_single_probe`). The full batches are checked for non-finite
     # outputs where their outputs are computed anyway (:meth:`Problem.check_outputs`),
     # which saves a whole forward pass.
-    num_outputs = None
-    for x, name, n in ((x1, "inputs", n1), (x2, "inputs2", n2)):
-        if x is None:
-            continue
-        out = problem.trial_rows(x, name, n, min(n, 3), measure=x is x1)
-        if num_outputs is None:
-            num_outputs = out.shape[1]
-        elif out.shape[1] != num_outputs:
+    num_outputs = problem.trial_rows(x1, "inputs", n1, min(n1, 3), measure=True).shape[1]
+    if x2 is not None and n2 is not None:
+        other = problem.trial_rows(x2, "inputs2", n2, min(n2, 3)).shape[1]
+        if other != num_outputs:
             raise NTKError("`inputs` and `inputs2` give outputs of different sizes "
-                           f"({num_outputs} vs {out.shape[1]}).")
+                           f"({num_outputs} vs {other}).")
     problem.num_outputs = num_outputs
     t1 = B.as_tensor_targets(targets, device)
     problem.cot1 = kind.cotangents(t1, n1, num_outputs, "targets", dtype, device)
-    if x2 is not None:
+    if x2 is not None and n2 is not None:
         t2 = B.as_tensor_targets(targets2, device)
         problem.cot2 = kind.cotangents(t2, n2, num_outputs, "targets2", dtype, device)
     return problem
@@ -266,8 +281,7 @@ def build_problem(model: torch.nn.Module, inputs: Any, targets: Any, *, mode: Mo
 
 def output_shape(problem: Problem) -> tuple[int, ...]:
     """Shape of the kernel: (N1, N2), or (N1, N2, k, k) for a mode of all row pairs."""
-    n2 = problem.n2 if problem.cross else problem.n1
-    return problem.mode.kernel_shape(problem.n1, n2, problem.cot1.shape[1])
+    return problem.mode.kernel_shape(problem.n1, problem.n_cols, problem.cot1.shape[1])
 
 
 def unsqueeze_batch(x: Any) -> Any:

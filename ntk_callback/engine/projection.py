@@ -29,10 +29,12 @@ def output_projections(num_outputs: int, k: int, seed: int,
     """(num_outputs, k) CPU tensor with entries ``N(0, 1) / sqrt(k)`` (so ``E[V V^T] = I``),
     drawn from ``torch.Generator().manual_seed(seed)`` (global RNGs untouched)."""
     if int(num_outputs) < 1 or int(k) < 1:
-        raise ValueError(f"output_projections: num_outputs={num_outputs!r} and k={k!r} must be >= 1.")
+        raise ValueError(f"output_projections: num_outputs={num_outputs!r} and k={k!r} must "
+                         "be >= 1.")
     gen = torch.Generator().manual_seed(int(seed))
     v = torch.randn(int(num_outputs), int(k), generator=gen, dtype=torch.float64)
-    return (v / float(k) ** 0.5).to(dtype)
+    scaled: torch.Tensor = v / float(k) ** 0.5
+    return scaled.to(dtype)
 
 
 def projected_output_fn(V: torch.Tensor,
@@ -49,14 +51,15 @@ def projected_output_fn(V: torch.Tensor,
         if output_fn is not None:
             out = output_fn(out)
         if not isinstance(out, torch.Tensor):
-            raise TypeError(f"the model's output is a {type(out).__name__}, not a tensor; pass output_fn=... "
-                            "mapping it to (N, O) logits.")
+            raise TypeError(f"the model's output is a {type(out).__name__}, not a tensor; pass "
+                            "output_fn=... mapping it to (N, O) logits.")
         if out.ndim == 1:
             out = out.unsqueeze(-1)
         if out.shape[-1] != V.shape[0]:
-            raise ValueError(f"the model has {out.shape[-1]} outputs per probe but the projections were drawn "
-                             f"for {V.shape[0]}.")
-        return out @ V.to(device=out.device, dtype=out.dtype)
+            raise ValueError(f"the model has {out.shape[-1]} outputs per probe but the "
+                             f"projections were drawn for {V.shape[0]}.")
+        projected: torch.Tensor = out @ V.to(device=out.device, dtype=out.dtype)
+        return projected
 
     return fn
 

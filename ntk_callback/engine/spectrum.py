@@ -55,10 +55,10 @@ import torch
 from torch.func import jvp, vjp, vmap
 
 from . import batch as B
-from .blocked import collect, mode_name
+from .blocked import collect
 from .distributed import Communicator, check_same_data, gather_rows, guarded, resolve, shard
 from .errors import NTKError
-from .problem import DEFAULT_MEMORY_BUDGET, build_problem, resolve_dtype
+from .problem import DEFAULT_MEMORY_BUDGET, Problem, build_problem, resolve_dtype
 from .state import cast_floating, frozen_measurement
 
 ROUTES = ("auto", "matfree", "gram")
@@ -83,7 +83,7 @@ class _Operator:
 
     Vectors are (dim,) with dim = N (diagonal pairing) or N*k (all pairs, probe-major)."""
 
-    def __init__(self, problem: Any, comm: Communicator, chunk: int) -> None:
+    def __init__(self, problem: Problem, comm: Communicator, chunk: int) -> None:
         self.p = problem
         self.comm = comm
         self.names = list(problem.params)
@@ -91,7 +91,7 @@ class _Operator:
         self.base = problem.tensors()
         self.cot = problem.cot1                        # (N, k, O)
         self.n, self.k = self.cot.shape[0], self.cot.shape[1]
-        self.all_pairs = bool(getattr(problem.mode, "all_pairs", mode_name(problem.mode) == "full"))
+        self.all_pairs = problem.mode.all_pairs
         self.dim = self.n * self.k if self.all_pairs else self.n
         self.local = shard(self.n, comm)
         self.chunks = [slice(s, min(self.local.stop, s + chunk))
@@ -100,7 +100,7 @@ class _Operator:
             t.numel() for t in self.params.values())
         self.products = 0
 
-    def _f(self, x: Any) -> Callable[[dict], torch.Tensor]:
+    def _f(self, x: Any) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
         def f(live: dict[str, torch.Tensor]) -> torch.Tensor:
             tensors = dict(self.base)
             tensors.update(live)
@@ -122,14 +122,15 @@ class _Operator:
         return torch.einsum("rio,iro->i", t, cot)
 
     def matvec(self, v_np: np.ndarray) -> np.ndarray:
-        v = torch.as_tensor(np.ascontiguousarray(v_np).reshape(-1)).to(self.p.dtype).to(self.p.device)
+        v = torch.as_tensor(np.ascontiguousarray(v_np).reshape(-1))
+        v = v.to(self.p.dtype).to(self.p.device)
         rows = 1 if self.all_pairs else self.k
 
         def pull_back() -> torch.Tensor:
             total = None
             for sl in self.chunks:
                 x = B.take(self.p.x1, sl)
-                _, pull = vjp(self._f(x), self.params)
+                pull = vjp(self._f(x), self.params)[1]  # (value, pullback)
                 (g,) = vmap(pull)(self._weights(v, sl))
                 flat = torch.cat([g[n].reshape(rows, -1) for n in self.names], dim=1)
                 total = flat if total is None else total + flat
@@ -151,7 +152,7 @@ class _Operator:
             parts = []
             for sl in self.chunks:
                 f = self._f(B.take(self.p.x1, sl))
-                t = vmap(lambda tan: jvp(f, (self.params,), (tan,))[1])(u)
+                t = vmap(lambda tan, f=f: jvp(f, (self.params,), (tan,))[1])(u)
                 parts.append(self._readout(t, sl))
             width = self.k if self.all_pairs else 1
             if not parts:
@@ -171,7 +172,7 @@ class _Operator:
 
         def per_probe(xi: Any, ci: torch.Tensor) -> torch.Tensor:
             f = self._f(_unsqueeze(xi))
-            _, pull = vjp(lambda live: f(live)[0], self.params)
+            pull = vjp(lambda live: f(live)[0], self.params)[1]  # (value, pullback)
             (g,) = vmap(pull)(ci)
             return torch.cat([g[n].reshape(ci.shape[0], -1) for n in self.names], dim=1)
 

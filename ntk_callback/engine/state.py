@@ -11,7 +11,7 @@ running statistics without updating them.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
@@ -69,7 +69,7 @@ def cast_floating(model: torch.nn.Module, dtype: torch.dtype) -> Iterator[bool]:
     reparametrisations recompute weights in pre-hooks.
     """
     params: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
-    buffers: list[tuple[dict, str, torch.Tensor]] = []
+    buffers: list[tuple[dict[str, torch.Tensor | None], str, torch.Tensor]] = []
     seen: set[int] = set()
     for module in model.modules():
         for p in module._parameters.values():

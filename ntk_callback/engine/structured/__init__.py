@@ -25,8 +25,17 @@ from .driver import Result, compute
 from .planner import ROUTES, Plan, plan
 from .rules import Call, Rule, register_rule, rule_for
 from .selfcheck import Verdict, verify
-from .terms import (BatchNormTerm, ConvTerm, OuterTerm, ScaleTerm, SumTerm, Term, TokenTerm,
-                    UNFOLD_MAX_PATCH, pointwise)
+from .terms import (
+    UNFOLD_MAX_PATCH,
+    BatchNormTerm,
+    ConvTerm,
+    OuterTerm,
+    ScaleTerm,
+    SumTerm,
+    Term,
+    TokenTerm,
+    pointwise,
+)
 
 __all__ = ["Fallback", "Result", "compute", "ROUTES", "Plan", "plan", "Call", "Rule",
            "register_rule", "rule_for", "Verdict", "verify", "Term", "OuterTerm",

@@ -46,12 +46,13 @@ def forward(problem: Problem, modules: dict[str, nn.Module], rules: dict[str, Ru
     cloned and the output replaced by a clone, which absorbs later in-place ops."""
     calls: Calls = {m: [] for m in modules}
     versions: list[tuple[torch.Tensor, int]] = []
-    handles = []
+    handles: list[torch.utils.hooks.RemovableHandle] = []
 
-    def hook(mname: str) -> Callable:
+    def hook(mname: str) -> Callable[[nn.Module, tuple[Any, ...], dict[str, Any], Any], Any]:
         rule = rules[mname]
 
-        def fn(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
+        def fn(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+               out: Any) -> Any:
             if not rule.accepts(module, Call(args, kwargs, out), n):
                 raise Fallback(mname, "a call's inputs/outputs are not batched along the "
                                       "probe dimension")
@@ -133,7 +134,9 @@ def backward_rows(out: torch.Tensor, targets: list[torch.Tensor], cot: torch.Ten
             consume(state["row"], i, grad)
         return fn
 
-    handles = [z.register_hook(hook(i)) for i, z in enumerate(targets) if z.requires_grad]
+    # (torch declares Tensor.register_hook without annotations)
+    handles = [z.register_hook(hook(i))  # type: ignore[no-untyped-call]
+               for i, z in enumerate(targets) if z.requires_grad]
     try:
         for r in range(k):
             state["row"], state["seen"] = r, set()

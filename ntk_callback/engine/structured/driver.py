@@ -13,8 +13,7 @@ from ..problem import Problem, blocks, output_shape
 from ..symmetric import add_gram, columns, mirror_lower, panel_rows
 from .capture import Calls, Fallback, InPlace, backward_rows, forward
 from .planner import Plan, choose, rows_bytes
-from .rules import Call
-from .terms import Term, join_chunks, merge_calls, stack_rows
+from .terms import Memo, Term, join_chunks, merge_calls, stack_rows
 
 
 @dataclass
@@ -76,11 +75,12 @@ def _add_term_gram(out: torch.Tensor, t1: Term, t2: Term, mode: KernelMode, budg
         cols = columns(sl, n2, symmetric)
         h, m = sl.stop - sl.start, cols.stop - cols.start
         dg = d1[sl].reshape(-1, width) @ d2[cols].reshape(-1, width).T
+        a1, a2 = t1.inputs, t2.inputs
         if outer:
-            c = t1.data.shape[-1]
-            ag = t1.data[sl].reshape(-1, c) @ t2.data[cols].reshape(-1, c).T
+            c = a1.shape[-1]
+            ag = a1[sl].reshape(-1, c) @ a2[cols].reshape(-1, c).T
         else:
-            ag = (t1.data[sl].reshape(-1, 1) == t2.data[cols].reshape(1, -1)).to(dg.dtype)
+            ag = (a1[sl].reshape(-1, 1) == a2[cols].reshape(1, -1)).to(dg.dtype)
         mode.add_term_block(out[sl, cols], dg, ag, h, s1, m, s2, k)
 
 
@@ -149,13 +149,16 @@ def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]], budget: in
         bufs: dict[str, torch.Tensor] = {}
         gram: dict[str, list[Term]] = {}
         layout: list[str] | None = None
-        for sl in blocks(n, chunk):
+
+        def one_chunk(sl: slice) -> dict[str, list[Term]]:
+            """Capture the probes ``sl``: rows-route rows go into ``bufs`` in place; returns
+            the chunk's Gram-route terms (its graph is freed when this returns)."""
             out, calls = _forward(problem, plan, B.take(x, sl), sl.stop - sl.start, label)
             for mname, expected in plan.calls.items():
                 if len(calls[mname]) != expected:
                     raise Fallback(mname)
             entries = [(m, i, c) for m, lst in calls.items() for i, c in enumerate(lst)]
-            memos = {(m, i): {"rows": k} for m, i, _ in entries}
+            memos: dict[tuple[str, int], Memo] = {(m, i): {"rows": k} for m, i, _ in entries}
             repeated = {m for m, lst in calls.items() if len(lst) > 1}
             held: dict[int, torch.Tensor] = {}   # cotangents of repeated modules' calls
             seen: list[str] = []                 # term names of the current row
@@ -229,17 +232,16 @@ def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]], budget: in
             unfollowed = [m for m, _ in extra]
             backward_rows(out, [c.output for _, _, c in entries] + [t for _, t in extra],
                           cot[sl], consume, finish)
-            del out, calls, entries
-            for name, parts in gram_parts.items():
+            return gram_parts
+
+        for sl in blocks(n, chunk):
+            for name, parts in one_chunk(sl).items():
                 gram.setdefault(name, []).append(stack_rows(parts))
         return bufs, {name: join_chunks(parts) for name, parts in gram.items()}
 
     checks: list[CheckData] = []
-    sets = [(problem.x1, problem.cot1, problem.n1, "inputs")]
-    if problem.cross:
-        sets.append((problem.x2, problem.cot2, problem.n2, "inputs2"))
     collected = []
-    for idx, (x, cot, n, label) in enumerate(sets):
+    for idx, (x, label, n, cot) in enumerate(problem.probe_sets()):
         data = None
         if check:
             w, u = check_vectors(n, k, check, 1 + idx, problem.dtype, problem.device)
@@ -312,7 +314,7 @@ def _quads(data: CheckData, bufs: dict[str, torch.Tensor], gram: dict[str, Term]
     out = []
     for w, u in zip(data.w, data.u):
         quads: dict[str, float] = {}
-        for name, (key, start, stop) in slots.items():
+        for key, start, stop in slots.values():
             h = torch.einsum("i,irp->rp", w, bufs[key][:, :, start:stop])
             quads[key] = quads.get(key, 0.0) + mode.rows_quad(h, u)
         for name, term in gram.items():

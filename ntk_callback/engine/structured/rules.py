@@ -29,20 +29,33 @@ from typing import Any, Callable, ClassVar, TypeVar
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
 
-from .terms import (PAD_MODES, BatchNormTerm, ConvTerm, OuterTerm, ScaleTerm, SumTerm, Term,
-                    TokenTerm)
+from .terms import (
+    PAD_MODES,
+    BatchNormTerm,
+    ConvTerm,
+    Memo,
+    OuterTerm,
+    ScaleTerm,
+    SumTerm,
+    Term,
+    TokenTerm,
+    cached,
+    expect,
+)
 
 
 @dataclass
 class Call:
     """One call of a module: its inputs as passed to ``forward`` and its output."""
 
-    args: tuple
-    kwargs: dict
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
     output: Any
     # other output tensors the rule does not follow: their cotangent must be zero
-    unfollowed: tuple = ()
+    unfollowed: tuple[torch.Tensor, ...] = ()
 
 
 class Rule:
@@ -64,7 +77,7 @@ class Rule:
         the self-check catches a model that uses them."""
         return out
 
-    def unfollowed(self, out: Any) -> tuple:
+    def unfollowed(self, out: Any) -> tuple[torch.Tensor, ...]:
         """Tensors of the output the rule's terms ignore; a nonzero cotangent at one of
         them sends the module to the exact path."""
         return ()
@@ -83,7 +96,7 @@ class Rule:
                 and call.output.shape[0] == n)
 
     def terms(self, module: nn.Module, attrs: dict[str, str], call: Call, d: torch.Tensor,
-              memo: dict) -> list[Term]:
+              memo: Memo) -> list[Term]:
         raise NotImplementedError
 
 
@@ -137,22 +150,33 @@ class LinearRule(Rule):
     ``sum_s D_s``; with both, one outer term on ``[a; 1]`` so the bias shares the
     cotangent Gram of the weight."""
 
-    def terms(self, module, attrs, call, d, memo):
-        a = call.args[0]
-        k, n = d.shape[:2]
-        dd = d.reshape(k, n, -1, d.shape[-1])
-        if "weight" in attrs and "bias" in attrs and next(module.children(), None) is None:
-            # (a leaf: weight and bias share one per-layer key)
-            if "a1" not in memo:
-                a2 = a.reshape(n, -1, a.shape[-1])
-                memo["a1"] = torch.cat([a2, a2.new_ones(a2.shape[:2] + (1,))], dim=-1)
-            return [OuterTerm(attrs["weight"], memo["a1"], dd)]
-        out: list[Term] = []
-        if "weight" in attrs:
-            out.append(OuterTerm(attrs["weight"], a.reshape(n, -1, a.shape[-1]), dd))
-        if "bias" in attrs:
-            out.append(SumTerm(attrs["bias"], None, dd.transpose(2, 3)))
-        return out
+    def terms(self, module: nn.Module, attrs: dict[str, str], call: Call, d: torch.Tensor,
+              memo: Memo) -> list[Term]:
+        # (a leaf: weight and bias share one per-layer key, and one term)
+        leaf = next(module.children(), None) is None
+        return linear_terms(attrs, "weight", "bias", "", call.args[0], d, memo, "a1", fold=leaf)
+
+
+def linear_terms(attrs: dict[str, str], weight: str, bias: str, tag: str, a: torch.Tensor,
+                 d: torch.Tensor, memo: Memo, slot: str, fold: bool = True) -> list[Term]:
+    """Terms of ``z = a W^T + b`` for inputs a (n, ..., c) and cotangents d (k, n, ..., o):
+    an outer term on ``a`` for ``attrs[weight]`` and a sum term for ``attrs[bias]``, or
+    with ``fold`` and both covered one outer term on ``[a; 1]`` (cached in
+    ``memo[slot]``). ``tag`` suffixes the term names."""
+    k, n = d.shape[:2]
+    dd = d.reshape(k, n, -1, d.shape[-1])
+    if fold and weight in attrs and bias in attrs:
+        def with_ones() -> torch.Tensor:
+            a2 = a.reshape(n, -1, a.shape[-1])
+            return torch.cat([a2, a2.new_ones(a2.shape[:2] + (1,))], dim=-1)
+
+        return [OuterTerm(attrs[weight] + tag, cached(memo, slot, with_ones), dd)]
+    out: list[Term] = []
+    if weight in attrs:
+        out.append(OuterTerm(attrs[weight] + tag, a.reshape(n, -1, a.shape[-1]), dd))
+    if bias in attrs:
+        out.append(SumTerm(attrs[bias] + tag, None, dd.transpose(2, 3)))
+    return out
 
 
 def _positions_last(t: torch.Tensor, lead: int) -> torch.Tensor:
@@ -166,14 +190,15 @@ class ConvRule(Rule):
     """Convolution weight as maps (rows by a grouped backward or a batched matmul; Gram
     route on unfolded patches), bias ``sum_s D_s``."""
 
-    def supports(self, module):
-        return module.padding_mode in PAD_MODES
+    def supports(self, module: nn.Module) -> bool:
+        return expect(module, _ConvNd).padding_mode in PAD_MODES
 
-    def accepts(self, module, call, n):
+    def accepts(self, module: nn.Module, call: Call, n: int) -> bool:
         # an unbatched (C, L) input to Conv1d has no probe dimension
         return super().accepts(module, call, n) and call.args[0].dim() == call.output.dim() >= 3
 
-    def terms(self, module, attrs, call, d, memo):
+    def terms(self, module: nn.Module, attrs: dict[str, str], call: Call, d: torch.Tensor,
+              memo: Memo) -> list[Term]:
         out: list[Term] = []
         if "weight" in attrs:
             out.append(ConvTerm(attrs["weight"], call.args[0], d, module, memo))
@@ -199,13 +224,13 @@ class _NormRule(Rule):
     def cotangents(self, module: nn.Module, d: torch.Tensor) -> torch.Tensor:
         return _positions_last(d, 2)
 
-    def terms(self, module, attrs, call, d, memo):
+    def terms(self, module: nn.Module, attrs: dict[str, str], call: Call, d: torch.Tensor,
+              memo: Memo) -> list[Term]:
         dd = self.cotangents(module, d)
         out: list[Term] = []
         if "weight" in attrs:
-            if "xhat" not in memo:
-                memo["xhat"] = self.normalised(module, call.args[0])
-            out.append(ScaleTerm(attrs["weight"], memo["xhat"], dd))
+            xhat = cached(memo, "xhat", lambda: self.normalised(module, call.args[0]))
+            out.append(ScaleTerm(attrs["weight"], xhat, dd))
         if "bias" in attrs:
             out.append(SumTerm(attrs["bias"], None, dd))
         return out
@@ -213,29 +238,31 @@ class _NormRule(Rule):
 
 @register_rule(nn.LayerNorm)
 class LayerNormRule(_NormRule):
-    def supports(self, module):
-        return module.elementwise_affine
+    def supports(self, module: nn.Module) -> bool:
+        return expect(module, nn.LayerNorm).elementwise_affine
 
-    def normalised(self, module, a):
+    def normalised(self, module: nn.Module, a: torch.Tensor) -> torch.Tensor:
+        m = expect(module, nn.LayerNorm)
         n = a.shape[0]
-        xhat = F.layer_norm(a, module.normalized_shape, None, None, module.eps)
-        return xhat.reshape(n, -1, _norm_width(module)).transpose(1, 2)
+        xhat = F.layer_norm(a, m.normalized_shape, None, None, m.eps)
+        return xhat.reshape(n, -1, _norm_width(m)).transpose(1, 2)
 
-    def cotangents(self, module, d):
+    def cotangents(self, module: nn.Module, d: torch.Tensor) -> torch.Tensor:
         k, n = d.shape[:2]
-        return d.reshape(k, n, -1, _norm_width(module)).transpose(2, 3)
+        return d.reshape(k, n, -1, _norm_width(expect(module, nn.LayerNorm))).transpose(2, 3)
 
 
 @register_rule(nn.GroupNorm)
 class GroupNormRule(_NormRule):
-    def supports(self, module):
-        return module.affine
+    def supports(self, module: nn.Module) -> bool:
+        return expect(module, nn.GroupNorm).affine
 
-    def accepts(self, module, call, n):
+    def accepts(self, module: nn.Module, call: Call, n: int) -> bool:
         return super().accepts(module, call, n) and call.args[0].dim() >= 2
 
-    def normalised(self, module, a):
-        xhat = F.group_norm(a, module.num_groups, None, None, module.eps)
+    def normalised(self, module: nn.Module, a: torch.Tensor) -> torch.Tensor:
+        m = expect(module, nn.GroupNorm)
+        xhat = F.group_norm(a, m.num_groups, None, None, m.eps)
         return _positions_last(xhat, 1)
 
 
@@ -243,22 +270,27 @@ class GroupNormRule(_NormRule):
 class BatchNormRule(_NormRule):
     """Eval-mode BatchNorm with running statistics: a per-channel affine map."""
 
-    def supports(self, module):
-        return (module.affine and module.track_running_stats
-                and module.running_mean is not None and not module.training)
+    def supports(self, module: nn.Module) -> bool:
+        m = expect(module, _BatchNorm)
+        return (m.affine and m.track_running_stats
+                and m.running_mean is not None and not m.training)
 
-    def accepts(self, module, call, n):
+    def accepts(self, module: nn.Module, call: Call, n: int) -> bool:
         return super().accepts(module, call, n) and call.args[0].dim() >= 2
 
-    def normalised(self, module, a):
+    def normalised(self, module: nn.Module, a: torch.Tensor) -> torch.Tensor:
         # The module's own buffers may be float32 while the kernel is computed in float64;
         # (a - mean) * r, not a * r - mean * r as F.batch_norm does: no cancellation.
+        m = expect(module, _BatchNorm)
+        if m.running_mean is None or m.running_var is None:
+            raise TypeError("eval BatchNorm without running statistics")
         shape = (1, -1) + (1,) * (a.dim() - 2)
-        mean = module.running_mean.to(a.dtype).reshape(shape)
-        var = module.running_var.to(a.dtype).reshape(shape)
-        return _positions_last((a - mean).mul_(torch.rsqrt(var + module.eps)), 1)
+        mean = m.running_mean.to(a.dtype).reshape(shape)
+        var = m.running_var.to(a.dtype).reshape(shape)
+        return _positions_last((a - mean).mul_(torch.rsqrt(var + m.eps)), 1)
 
-    def terms(self, module, attrs, call, d, memo):
+    def terms(self, module: nn.Module, attrs: dict[str, str], call: Call, d: torch.Tensor,
+              memo: Memo) -> list[Term]:
         if "weight" in attrs and memo.get("rows") == 1:
             dd = self.cotangents(module, d)
             out: list[Term] = [BatchNormTerm(attrs["weight"], _positions_last(call.args[0], 1),
@@ -276,23 +308,63 @@ class EmbeddingRule(Rule):
 
     params = ("weight",)
 
-    def supports(self, module):
+    def supports(self, module: nn.Module) -> bool:
         # max_norm renormalises the weight in place; scale_grad_by_freq makes autograd
         # return a rescaled, batch-dependent gradient instead of the derivative
-        return module.max_norm is None and not module.scale_grad_by_freq
+        m = expect(module, nn.Embedding)
+        return m.max_norm is None and not m.scale_grad_by_freq
 
-    def accepts(self, module, call, n):
+    def accepts(self, module: nn.Module, call: Call, n: int) -> bool:
         return super().accepts(module, call, n) and not call.args[0].is_floating_point()
 
-    def terms(self, module, attrs, call, d, memo):
+    def terms(self, module: nn.Module, attrs: dict[str, str], call: Call, d: torch.Tensor,
+              memo: Memo) -> list[Term]:
         k, n = d.shape[:2]
         tokens = call.args[0].reshape(n, -1).long()
         dd = d.reshape(k, n, -1, d.shape[-1])
-        if module.padding_idx is not None:
-            if "keep" not in memo:
-                memo["keep"] = (tokens != module.padding_idx).unsqueeze(0).unsqueeze(-1).to(dd.dtype)
-            dd = dd * memo["keep"]
+        pad = expect(module, nn.Embedding).padding_idx
+        if pad is not None:
+            dd = dd * cached(memo, "keep",
+                             lambda: (tokens != pad).unsqueeze(0).unsqueeze(-1).to(dd.dtype))
         return [TokenTerm(attrs["weight"], tokens, dd, module)]
+
+
+@dataclass
+class _AttentionCore:
+    """The attention core of one ``nn.MultiheadAttention`` call as a function of its
+    projections: ``core`` (the out-projection input, call layout) computed from the
+    leaves ``proj`` (q', k', v'), and the probes-first inputs and core output."""
+
+    core: torch.Tensor
+    proj: list[torch.Tensor]
+    inputs: list[torch.Tensor]
+    o: torch.Tensor
+
+    @staticmethod
+    def of(m: nn.MultiheadAttention, bound: dict[str, Any],
+           probes_first: Callable[[torch.Tensor], torch.Tensor]) -> _AttentionCore:
+        e = m.embed_dim
+        w_in = m.in_proj_weight.detach()
+        b_in = None if m.in_proj_bias is None else m.in_proj_bias.detach()
+        xs = [bound[x] for x in ("query", "key", "value")]
+        proj = []
+        for j, x in enumerate(xs):
+            bias = None if b_in is None else b_in[j * e:(j + 1) * e]
+            proj.append(F.linear(x, w_in[j * e:(j + 1) * e], bias).detach().requires_grad_(True))
+        eye = torch.eye(e, dtype=w_in.dtype, device=w_in.device)
+        identity = {"in_proj_weight": torch.cat([eye, eye, eye])}
+        if m.in_proj_bias is not None:
+            identity["in_proj_bias"] = torch.zeros(3 * e, dtype=w_in.dtype, device=w_in.device)
+        identity["out_proj.weight"] = eye
+        if m.out_proj.bias is not None:
+            identity["out_proj.bias"] = torch.zeros(e, dtype=w_in.dtype, device=w_in.device)
+        rest = {k: v for k, v in bound.items() if k not in ("query", "key", "value")}
+        rest["need_weights"] = False
+        with torch.enable_grad():
+            core: torch.Tensor = torch.func.functional_call(m, identity, tuple(proj), rest,
+                                                            strict=False)[0]
+        return _AttentionCore(core, proj, [probes_first(x) for x in xs],
+                              probes_first(core.detach()))
 
 
 @register_rule(nn.MultiheadAttention)
@@ -316,14 +388,15 @@ class MultiheadAttentionRule(Rule):
     _NAMES = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask",
               "average_attn_weights", "is_causal")
 
-    def supports(self, module):
-        return (module._qkv_same_embed_dim and module.bias_k is None
-                and not module.add_zero_attn and not module.training)
+    def supports(self, module: nn.Module) -> bool:
+        m = expect(module, nn.MultiheadAttention)
+        return (m._qkv_same_embed_dim and m.bias_k is None
+                and not m.add_zero_attn and not m.training)
 
-    def output(self, out):
+    def output(self, out: Any) -> Any:
         return out[0] if isinstance(out, tuple) and out else out
 
-    def unfollowed(self, out):
+    def unfollowed(self, out: Any) -> tuple[torch.Tensor, ...]:
         # the attention weights (need_weights=True): followed by no term
         if isinstance(out, tuple) and len(out) > 1 and isinstance(out[1], torch.Tensor):
             return (out[1],)
@@ -338,13 +411,13 @@ class MultiheadAttentionRule(Rule):
         bound.update(call.kwargs)
         return bound
 
-    def accepts(self, module, call, n):
+    def accepts(self, module: nn.Module, call: Call, n: int) -> bool:
         bound = self._bound(call)
         out = self.output(call.output)
         if bound is None or not all(isinstance(bound.get(x), torch.Tensor)
                                     for x in ("query", "key", "value")):
             return False
-        dim = 0 if module.batch_first else 1
+        dim = 0 if expect(module, nn.MultiheadAttention).batch_first else 1
         qkv = [bound[x] for x in ("query", "key", "value")]
         kpm, mask = bound.get("key_padding_mask"), bound.get("attn_mask")
         return (all(t.dim() == 3 and t.shape[dim] == n for t in qkv)
@@ -352,69 +425,37 @@ class MultiheadAttentionRule(Rule):
                 and (kpm is None or (kpm.dim() == 2 and kpm.shape[0] == n))
                 and (mask is None or mask.dim() == 2))
 
-    def terms(self, module, attrs, call, d, memo):
+    def terms(self, module: nn.Module, attrs: dict[str, str], call: Call, d: torch.Tensor,
+              memo: Memo) -> list[Term]:
         bound = self._bound(call)
-        first = module.batch_first
-        e = module.embed_dim
-        w_in = module.in_proj_weight.detach()
-        b_in = None if module.in_proj_bias is None else module.in_proj_bias.detach()
-        w_out = module.out_proj.weight.detach()
-        xs = [bound[x] for x in ("query", "key", "value")]
+        if bound is None:
+            raise TypeError("a call accepts() refused")
+        m = expect(module, nn.MultiheadAttention)
+        first = m.batch_first
+        w_out = m.out_proj.weight.detach()
 
         def probes_first(t: torch.Tensor) -> torch.Tensor:  # (n, L, E)
             return t if first else t.transpose(0, 1)
 
-        if "core" not in memo:
-            proj = []
-            for j, x in enumerate(xs):
-                bias = None if b_in is None else b_in[j * e:(j + 1) * e]
-                proj.append(F.linear(x, w_in[j * e:(j + 1) * e], bias).detach().requires_grad_(True))
-            eye = torch.eye(e, dtype=w_in.dtype, device=w_in.device)
-            identity = {"in_proj_weight": torch.cat([eye, eye, eye])}
-            if module.in_proj_bias is not None:
-                identity["in_proj_bias"] = torch.zeros(3 * e, dtype=w_in.dtype, device=w_in.device)
-            identity["out_proj.weight"] = eye
-            if module.out_proj.bias is not None:
-                identity["out_proj.bias"] = torch.zeros(e, dtype=w_in.dtype, device=w_in.device)
-            rest = {k: v for k, v in bound.items() if k not in ("query", "key", "value")}
-            rest["need_weights"] = False
-            with torch.enable_grad():
-                core = torch.func.functional_call(module, identity, tuple(proj), rest,
-                                                  strict=False)[0]
-            memo["core"], memo["proj"] = core, proj
-            memo["inputs"] = [probes_first(x) for x in xs]
-            memo["o"] = probes_first(core.detach())
-        core, proj = memo["core"], memo["proj"]
-        k, n = d.shape[0], d.shape[1 if first else 2]
+        att = memo.get("core")
+        if not isinstance(att, _AttentionCore):
+            att = memo["core"] = _AttentionCore.of(m, bound, probes_first)
+        core, proj = att.core, att.proj
+        k = d.shape[0]
         terms: list[Term] = []
         for r in range(k):
             dz = d[r]                                   # cotangent at the output, call layout
             d_core = dz @ w_out                         # ... at the out-projection input
             grads = torch.autograd.grad(core, proj, d_core, retain_graph=True, allow_unused=True)
-            for j, (tag, x) in enumerate(zip("qkv", memo["inputs"])):
+            for j, (tag, x) in enumerate(zip("qkv", att.inputs)):
                 g = grads[j]
                 g = torch.zeros_like(proj[j]) if g is None else probes_first(g)
                 # (in_proj_weight and in_proj_bias are separate per-layer keys: no fold)
-                terms += self._linear_terms(attrs, "in_proj_weight", "in_proj_bias", f"#{tag}",
-                                            x, g.unsqueeze(0), memo, f"in_{tag}", fold=False)
-            terms += self._linear_terms(attrs, "out_proj.weight", "out_proj.bias", "",
-                                        memo["o"], probes_first(dz).unsqueeze(0), memo, "out")
+                terms += linear_terms(attrs, "in_proj_weight", "in_proj_bias", f"#{tag}",
+                                      x, g.unsqueeze(0), memo, f"in_{tag}", fold=False)
+            terms += linear_terms(attrs, "out_proj.weight", "out_proj.bias", "",
+                                  att.o, probes_first(dz).unsqueeze(0), memo, "out")
         if k > 1:
             raise RuntimeError("one cotangent row a call expected")
         return terms
 
-    @staticmethod
-    def _linear_terms(attrs, weight, bias, tag, a, d, memo, slot, fold=True):
-        k, n = d.shape[:2]
-        dd = d.reshape(k, n, -1, d.shape[-1])
-        if fold and weight in attrs and bias in attrs:
-            if slot not in memo:
-                a2 = a.reshape(n, -1, a.shape[-1])
-                memo[slot] = torch.cat([a2, a2.new_ones(a2.shape[:2] + (1,))], dim=-1)
-            return [OuterTerm(attrs[weight] + tag, memo[slot], dd)]
-        out: list[Term] = []
-        if weight in attrs:
-            out.append(OuterTerm(attrs[weight] + tag, a.reshape(n, -1, a.shape[-1]), dd))
-        if bias in attrs:
-            out.append(SumTerm(attrs[bias] + tag, None, dd.transpose(2, 3)))
-        return out

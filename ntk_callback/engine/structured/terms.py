@@ -28,11 +28,36 @@ they only have the rows route.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Callable, ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
+
+#: values of one module call that depend only on its inputs, shared by the terms of every
+#: cotangent row of the call (normalised inputs, padded conv inputs, patches); the driver
+#: sets ``"rows"``, the number of cotangent rows
+Memo = dict[str, object]
+M = TypeVar("M", bound=nn.Module)
+
+
+def cached(memo: Memo, name: str, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``memo[name]``, computed by ``make()`` the first time."""
+    value = memo.get(name)
+    if value is None:
+        value = memo[name] = make()
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"memo[{name!r}] holds a {type(value).__name__}, not a tensor")
+    return value
+
+
+def expect(module: nn.Module | None, kind: type[M]) -> M:
+    """``module`` as the layer type its rule was registered for."""
+    if not isinstance(module, kind):
+        raise TypeError(f"expected a {kind.__name__}, got {type(module).__name__}")
+    return module
 
 
 @dataclass
@@ -43,9 +68,7 @@ class Term:
     data: torch.Tensor | None
     d: torch.Tensor
     module: nn.Module | None = None
-    # values that depend only on the layer input, shared by the terms of every cotangent
-    # row of one call (normalised inputs, padded conv inputs, patches)
-    memo: dict = field(default_factory=dict)
+    memo: Memo = field(default_factory=dict)
 
     rows_only: ClassVar[bool] = False
     # Gram-route cotangents stored probe-major, (n, S, k, o) in memory seen as (k, n, S, o)
@@ -55,9 +78,17 @@ class Term:
     # positions are the last axis of data and D (else dim 1 of data and dim 2 of D)
     positions_last: ClassVar[bool] = False
 
-    def like(self, data: torch.Tensor | None, d: torch.Tensor, memo: dict | None = None) -> "Term":
+    def like(self, data: torch.Tensor | None, d: torch.Tensor,
+             memo: Memo | None = None) -> Term:
         """The same kind of term on other data (stacked rows, joined chunks)."""
         return type(self)(self.key, data, d, self.module, self.memo if memo is None else memo)
+
+    @property
+    def inputs(self) -> torch.Tensor:
+        """``data`` of the kinds that have some (all but the plain sum term)."""
+        if self.data is None:
+            raise TypeError(f"a {type(self).__name__} of {self.key!r} has no data")
+        return self.data
 
     def size(self) -> tuple[int, int, int, int, int]:
         """(k rows, S positions, o outputs, c inputs, P parameters)."""
@@ -77,21 +108,21 @@ class Term:
         """``u^T H`` for row weights ``u`` (k,): shape (P,)."""
         return u @ self.row_weighted(w)
 
-    def quad(self, w: torch.Tensor, other: "Term", w2: torch.Tensor, budget: int) -> float:
+    def quad(self, w: torch.Tensor, other: Term, w2: torch.Tensor, budget: int) -> float:
         """``sum_r <H_r(w), H'_r(w2)>`` with ``H'`` of ``other`` (the same term of the
         second probe set): the kernel's bilinear form ``w^T K_term w2`` (trace over rows)."""
         h1 = self.row_weighted(w)
         h2 = h1 if other is self and w2 is w else other.row_weighted(w2)
         return float(torch.vdot(h1.reshape(-1), h2.reshape(-1)))
 
-    def merge(self, other: "Term") -> "Term":
+    def merge(self, other: Term) -> Term:
         """Another call of the same module as extra positions."""
         axis_d = -1 if self.positions_last else 2
         axis_a = -1 if self.positions_last else 1
-        data = None if self.data is None else torch.cat([self.data, other.data], dim=axis_a)
+        data = None if self.data is None else torch.cat([self.data, other.inputs], dim=axis_a)
         return self.like(data, torch.cat([self.d, other.d], dim=axis_d), {})
 
-    def gram_pieces(self) -> list["Term"]:
+    def gram_pieces(self) -> list[Term]:
         """The term as Gram-route pieces (itself; conv terms unfold into outer terms)."""
         return [self]
 
@@ -102,15 +133,15 @@ class OuterTerm(Term):
 
     def size(self) -> tuple[int, int, int, int, int]:
         k, _, s, o = self.d.shape
-        c = self.data.shape[-1]
+        c = self.inputs.shape[-1]
         return k, s, o, c, o * c
 
     def rows(self) -> torch.Tensor:
         k, n = self.d.shape[:2]
-        return torch.einsum("kiso,isc->kioc", self.d, self.data).reshape(k, n, -1).transpose(0, 1)
+        return torch.einsum("kiso,isc->kioc", self.d, self.inputs).reshape(k, n, -1).transpose(0, 1)
 
     def _scaled_inputs(self, w: torch.Tensor) -> torch.Tensor:
-        return (self.data * w.reshape(-1, 1, 1)).reshape(-1, self.data.shape[-1])  # (nS, c)
+        return (self.inputs * w.reshape(-1, 1, 1)).reshape(-1, self.inputs.shape[-1])  # (nS, c)
 
     def row_weighted(self, w: torch.Tensor) -> torch.Tensor:
         k, _, _, o = self.d.shape
@@ -119,23 +150,23 @@ class OuterTerm(Term):
 
     def weighted(self, w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         o = self.d.shape[-1]
-        du = torch.tensordot(u, self.d, dims=1).reshape(-1, o)  # (nS, o)
+        du: torch.Tensor = torch.tensordot(u, self.d, dims=1).reshape(-1, o)  # (nS, o)
         return (du.T @ self._scaled_inputs(w)).reshape(-1)
 
-    def quad(self, w, other, w2, budget):
+    def quad(self, w: torch.Tensor, other: Term, w2: torch.Tensor, budget: int) -> float:
         # per-row products cost k n S o c; the Gram form (nS)^2 (k o + c) is cheaper for
         # wide layers with few positions (and must fit the budget)
         k, n1, s1, o = self.d.shape
         n2, s2 = other.d.shape[1:3]
-        c = self.data.shape[-1]
+        c = self.inputs.shape[-1]
         rows_cost = k * (n1 * s1 + n2 * s2) * o * c
         gram_cost = n1 * s1 * n2 * s2 * (k * o + c)
         if gram_cost >= rows_cost or n1 * s1 * n2 * s2 * self.d.element_size() * 2 > budget:
             return super().quad(w, other, w2, budget)
         d1 = (self.d * w.reshape(1, -1, 1, 1)).permute(1, 2, 0, 3).reshape(n1 * s1, k * o)
         d2 = other.d.permute(1, 2, 0, 3).reshape(n2 * s2, k * o)
-        a1 = self.data.reshape(n1 * s1, c)
-        a2 = (other.data * w2.reshape(-1, 1, 1)).reshape(n2 * s2, c)
+        a1 = self.inputs.reshape(n1 * s1, c)
+        a2 = (other.inputs * w2.reshape(-1, 1, 1)).reshape(n2 * s2, c)
         return float(((d1 @ d2.T) * (a1 @ a2.T)).sum())
 
 
@@ -144,7 +175,7 @@ class TokenTerm(Term):
 
     @property
     def vocab(self) -> int:
-        return int(self.module.num_embeddings)
+        return expect(self.module, nn.Embedding).num_embeddings
 
     def size(self) -> tuple[int, int, int, int, int]:
         k, _, s, o = self.d.shape
@@ -152,14 +183,14 @@ class TokenTerm(Term):
 
     def rows(self) -> torch.Tensor:
         k, n = self.d.shape[:2]
-        onehot = F.one_hot(self.data, self.vocab).to(self.d.dtype)  # (n, S, V)
+        onehot = F.one_hot(self.inputs, self.vocab).to(self.d.dtype)  # (n, S, V)
         return torch.einsum("kiso,isv->kivo", self.d, onehot).reshape(k, n, -1).transpose(0, 1)
 
     def row_weighted(self, w: torch.Tensor) -> torch.Tensor:
         k, _, _, o = self.d.shape
         dw = (self.d * w.reshape(1, -1, 1, 1)).reshape(k, -1, o)
         out = self.d.new_zeros(k, self.vocab, o)
-        out.index_add_(1, self.data.reshape(-1), dw)
+        out.index_add_(1, self.inputs.reshape(-1), dw)
         return out.reshape(k, -1)
 
 
@@ -180,10 +211,10 @@ class SumTerm(Term):
 
 class ScaleTerm(SumTerm):
     def rows(self) -> torch.Tensor:
-        return (self.d * self.data).sum(-1).transpose(0, 1)
+        return (self.d * self.inputs).sum(-1).transpose(0, 1)
 
     def row_weighted(self, w: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("kios,ios->ko", self.d, self.data * w.reshape(-1, 1, 1))
+        return torch.einsum("kios,ios->ko", self.d, self.inputs * w.reshape(-1, 1, 1))
 
 
 class BatchNormTerm(SumTerm):
@@ -193,19 +224,22 @@ class BatchNormTerm(SumTerm):
     cancellation when the mean is large against the spread."""
 
     def _mean_rstd(self) -> tuple[torch.Tensor, torch.Tensor]:
-        m, dtype = self.module, self.d.dtype
+        m, dtype = expect(self.module, _BatchNorm), self.d.dtype
+        if m.running_mean is None or m.running_var is None:
+            raise TypeError("BatchNormTerm needs running statistics")
         return (m.running_mean.to(dtype).reshape(-1, 1),
                 torch.rsqrt(m.running_var.to(dtype) + m.eps))
 
     def rows(self) -> torch.Tensor:
         mean, rstd = self._mean_rstd()
         k = self.d.shape[0]
-        r = torch.stack([(self.data - mean).mul_(self.d[j]).sum(-1) for j in range(k)]) * rstd
+        r = torch.stack([(self.inputs - mean).mul_(self.d[j]).sum(-1) for j in range(k)]) * rstd
         return r.transpose(0, 1)
 
     def row_weighted(self, w: torch.Tensor) -> torch.Tensor:
         mean, rstd = self._mean_rstd()
-        return torch.einsum("kios,ios->ko", self.d, (self.data - mean) * w.reshape(-1, 1, 1)) * rstd
+        centred = (self.inputs - mean) * w.reshape(-1, 1, 1)
+        return torch.einsum("kios,ios->ko", self.d, centred) * rstd
 
 
 # Up to this many entries per patch (C_in/groups * kernel volume, e.g. a 3-channel stem
@@ -217,7 +251,7 @@ class BatchNormTerm(SumTerm):
 UNFOLD_MAX_PATCH = 64
 
 
-def pointwise(module: nn.Module) -> bool:
+def pointwise(module: _ConvNd) -> bool:
     return (all(s == 1 for s in module.kernel_size) and not isinstance(module.padding, str)
             and not any(module.padding))
 
@@ -233,16 +267,19 @@ PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate"
              "circular": "circular"}
 
 
-def pad_like(module: nn.Module, a: torch.Tensor) -> torch.Tensor:
+def pad_like(module: _ConvNd, a: torch.Tensor) -> torch.Tensor:
     """A conv input padded the way the module's own forward pads it (all modes)."""
     pad = module._reversed_padding_repeated_twice
     return F.pad(a, pad, mode=PAD_MODES[module.padding_mode]) if any(pad) else a
 
 
-def conv_patches(module: nn.Module, a: torch.Tensor) -> torch.Tensor:
+def conv_patches(module: _ConvNd, a: torch.Tensor) -> torch.Tensor:
     """Unfolded input patches (n, L, C_in * prod(kernel)), padding as the module does."""
     conv2d = isinstance(module, nn.Conv2d)
     a = pad_like(module, a)
+    kernel: tuple[int, ...]
+    dil: tuple[int, ...]
+    stride: tuple[int, ...]
     if conv2d:
         kernel, dil, stride = module.kernel_size, module.dilation, module.stride
     else:
@@ -259,27 +296,30 @@ class ConvTerm(Term):
 
     linear = True
 
+    @property
+    def conv(self) -> _ConvNd:
+        return expect(self.module, _ConvNd)
+
     def size(self) -> tuple[int, int, int, int, int]:
-        m = self.module
+        m = self.conv
         k, o = self.d.shape[0], self.d.shape[2]
         s = 1
         for extent in self.d.shape[3:]:
             s *= extent
-        c = self.data.shape[1] // m.groups
+        c = self.inputs.shape[1] // m.groups
         for extent in m.kernel_size:
             c *= extent
         return k, s, o, c, o * c
 
-    def merge(self, other: "Term") -> "Term":  # repeated conv calls merge as outer terms
+    def merge(self, other: Term) -> Term:  # repeated conv calls merge as outer terms
         raise NotImplementedError
 
     def gram_pieces(self) -> list[Term]:
         """Linear maps on unfolded input patches, one a group: ``z_l = W_g p_l``."""
-        module, d = self.module, self.d
+        module, d = self.conv, self.d
         k, n = d.shape[:2]
-        if "patches" not in self.memo:
-            self.memo["patches"] = conv_patches(module, self.data)
-        patches = self.memo["patches"]  # (n, L, C_in * kk)
+        patches = cached(self.memo, "patches",
+                         lambda: conv_patches(module, self.inputs))  # (n, L, C_in * kk)
         dd = channels_last(d, 2)  # (k, n, L, C_out)
         g = module.groups
         if g == 1:
@@ -294,9 +334,9 @@ class ConvTerm(Term):
     def weighted(self, w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         return torch.cat([p.weighted(w, u) for p in self.gram_pieces()])
 
-    def quad(self, w, other, w2, budget):
-        return sum(p.quad(w, q, w2, budget)
-                   for p, q in zip(self.gram_pieces(), other.gram_pieces()))
+    def quad(self, w: torch.Tensor, other: Term, w2: torch.Tensor, budget: int) -> float:
+        return sum((p.quad(w, q, w2, budget)
+                    for p, q in zip(self.gram_pieces(), other.gram_pieces())), 0.0)
 
     def rows(self) -> torch.Tensor:
         """Per-probe conv weight gradients, (n, k, P): for pointwise convs, and for small
@@ -304,33 +344,35 @@ class ConvTerm(Term):
         matmul of the cotangents with the (unfolded) input; otherwise one grouped
         convolution backward (the probes become groups), much faster than unfolding a
         wide input."""
-        module, a, d, memo = self.module, self.data, self.d, self.memo
+        module, a, d, memo = self.conv, self.inputs, self.d, self.memo
         k, n, c_out = d.shape[:3]
         is_pointwise = pointwise(module)
-        shared = memo.get("rows", 1) > 1
+        rows = memo.get("rows", 1)
+        shared = isinstance(rows, int) and rows > 1
         if module.groups == 1 and (is_pointwise or (shared and self.size()[3] <= UNFOLD_MAX_PATCH)):
-            if "patches" not in memo:
+            def unfolded() -> torch.Tensor:
                 if is_pointwise:  # the patches are the strided input itself: (n, L, C_in) view
                     sub = a[(slice(None), slice(None))
                             + tuple(slice(None, None, st) for st in module.stride)]
-                    memo["patches"] = sub.reshape(n, a.shape[1], -1).transpose(1, 2)
-                else:
-                    memo["patches"] = conv_patches(module, a)  # (n, L, C_in * kk)
-            patches = memo["patches"]
+                    return sub.reshape(n, a.shape[1], -1).transpose(1, 2)
+                return conv_patches(module, a)  # (n, L, C_in * kk)
+
+            patches = cached(memo, "patches", unfolded)
             parts = [torch.bmm(d[j].reshape(n, c_out, -1), patches).reshape(n, 1, -1)
                      for j in range(k)]
             return parts[0] if k == 1 else torch.cat(parts, dim=1)
         dims = a.dim() - 2
-        if "x" not in memo:
-            if PAD_MODES[module.padding_mode] == "constant" \
-                    and not isinstance(module.padding, str):
-                memo["padding"] = list(module.padding)  # zero padding: the conv's own
-            else:
-                a = pad_like(module, a)
-                memo["padding"] = [0] * dims
+        # zero padding is the conv's own; other modes are padded here once
+        own = module.padding
+        zero_padded = PAD_MODES[module.padding_mode] == "constant" and not isinstance(own, str)
+        padding = list(own) if not isinstance(own, str) and zero_padded else [0] * dims
+
+        def grouped_input() -> torch.Tensor:
+            p = a if zero_padded else pad_like(module, a)
             # (a copy for channels-last maps: the grouped kernel is 3x slower on them)
-            memo["x"] = a.reshape((1, n * a.shape[1]) + tuple(a.shape[2:])).contiguous()
-        x, padding = memo["x"], memo["padding"]
+            return p.reshape((1, n * p.shape[1]) + tuple(p.shape[2:])).contiguous()
+
+        x = cached(memo, "x", grouped_input)
         c_in, g = x.shape[1] // n, module.groups
         # only the shape of the weight matters for the weight gradient
         w = a.new_empty((n * c_out, c_in // g) + tuple(module.kernel_size))
@@ -338,7 +380,7 @@ class ConvTerm(Term):
         for j in range(k):
             go = d[j].reshape((1, n * c_out) + tuple(d.shape[3:])).contiguous()
             gw = torch.ops.aten.convolution_backward(
-                go, x, w, None, list(module.stride), padding, list(module.dilation), False,
+    go, x, w, None, list(module.stride), padding, list(module.dilation), False,
                 [0] * dims, n * g, [False, True, False])[1]
             parts.append(gw.reshape(n, 1, -1))
         return parts[0] if k == 1 else torch.cat(parts, dim=1)
@@ -376,7 +418,7 @@ def join_chunks(parts: list[Term]) -> Term:
     first = parts[0]
     if len(parts) == 1:
         return first
-    data = None if first.data is None else torch.cat([p.data for p in parts])
+    data = None if first.data is None else torch.cat([p.inputs for p in parts])
     if first.probe_major:
         d = torch.cat([p.d.permute(1, 2, 0, 3) for p in parts]).permute(2, 0, 1, 3)
     else:
