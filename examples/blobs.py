@@ -1,7 +1,7 @@
 """Gaussian blobs + an MLP, trained with NTKReportCallback and TensorBoard.
 
-    python examples/blobs.py                     # trains ~10 s on a CPU, logs under logs/
-    tensorboard --logdir logs                    # scalars ntk/*, images ntk/kernel, ntk/spectrum, ntk/drift
+    .venv/bin/python examples/blobs.py                     # trains ~10 s on a CPU, logs under logs/
+    .venv/bin/tensorboard --logdir logs                    # scalars ntk/*, images ntk/kernel, ntk/spectrum, ntk/drift
 
 Options: --epochs, --logdir, --num-probes, --every-n-epochs, --seed, --threads, and
 --save-figures DIR to also write the last report's pictures (kernel heatmap, spectrum,
@@ -164,7 +164,7 @@ def main(argv: Optional[list] = None) -> None:
     log_dir = run["logger"].log_dir
     print(f"\nTrained {args.epochs} epochs in {run['seconds']:.1f} s; {len(callback.history)} NTK reports.")
     print(f"TensorBoard logs: {os.path.abspath(log_dir)}")
-    print(f"View them with:   tensorboard --logdir {args.logdir}")
+    print(f"View them with:   .venv/bin/tensorboard --logdir {args.logdir}")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
 """Noisy sine regression: does the NTK predict how fast the network learns?
 
-    python examples/sine_regression.py                       # ~20 s on one CPU thread, logs under logs/
-    tensorboard --logdir logs                                # ntk/predicted_vs_observed_residual, ntk/dynamics, ...
-    python examples/sine_regression.py --save-figures docs   # also writes docs/dynamics.png and docs/layers.png
+    .venv/bin/python examples/sine_regression.py                       # ~20 s on one CPU thread, logs under logs/
+    .venv/bin/tensorboard --logdir logs                                # ntk/predicted_vs_observed_residual, ntk/dynamics, ...
+    .venv/bin/python examples/sine_regression.py --save-figures docs   # also writes docs/dynamics.png and docs/layers.png
 
-A 1-256-256-1 ReLU MLP is fitted to 128 noisy samples of ``y = sin(2x)`` on
+A 1-256-256-1 tanh MLP is fitted to 128 noisy samples of ``y = sin(2x)`` on
 ``[-pi, pi]`` by full-batch gradient descent (plain SGD on ``F.mse_loss``). The probes are
 the whole training set, so the residual ``r = f(X) - y`` the callback tracks is the
 training residual itself, and the learning-rate convention is exact: one step with
@@ -62,7 +62,7 @@ def make_sine(n: int, noise: float = 0.1, seed: int = 0) -> Tuple[torch.Tensor, 
 
 
 class SineMLP(pl.LightningModule):
-    """``1 -> width -> width -> 1`` ReLU MLP, scalar output (N,), MSE loss, plain SGD."""
+    """``1 -> width -> width -> 1`` tanh MLP, scalar output (N,), MSE loss, plain SGD."""
 
     def __init__(self, width: int = 256, lr: float = 0.01) -> None:
         super().__init__()
@@ -192,7 +192,7 @@ def main(argv: Optional[list] = None) -> None:
     if args.save_figures:
         save_figures(callback, args.save_figures)
     print(f"\nTensorBoard logs: {os.path.abspath(run['logger'].log_dir)}")
-    print(f"View them with:   tensorboard --logdir {args.logdir}")
+    print(f"View them with:   .venv/bin/tensorboard --logdir {args.logdir}")
 
 
 if __name__ == "__main__":

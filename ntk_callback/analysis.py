@@ -39,6 +39,7 @@ EPS64: float = float(torch.finfo(torch.float64).eps)
 
 __all__ = [
     "AlignmentUndefinedWarning",
+    "alignment_chance_level",
     "EPS64",
     "EigenvalueHistogram",
     "centered_kernel_alignment",
@@ -402,10 +403,13 @@ def _alignment(
     *,
     center_targets: bool,
     center_kernel: bool,
+    chance: bool = False,
 ) -> tuple[float, str | None]:
     """``(alignment, None)`` or ``(nan, reason)`` when it is 0/0.
 
-    alignment = <A, B>_F / (||A||_F ||B||_F) with A = Ks (or H Ks H) and B = Yc Yc^T.
+    alignment = <A, B>_F / (||A||_F ||B||_F) with A = Ks (or H Ks H) and B = Yc Yc^T;
+    ``chance``: its mean over all permutations of the targets (see
+    :func:`alignment_chance_level`).
     """
     n = Ks.shape[0]
     if center_targets:
@@ -434,7 +438,45 @@ def _alignment(
             )
     else:
         norm_a = norm_k_raw
+    if chance:
+        # E over uniform permutations P of <A, P T P^T>: every diagonal entry of P T P^T
+        # averages tr T / N, every off-diagonal one (1^T T 1 - tr T) / (N (N - 1)).
+        tr_a, tr_t = float(torch.diagonal(A).sum()), float(torch.diagonal(T).sum())
+        off_t = (float(T.sum()) - tr_t) / (n * (n - 1)) if n > 1 else 0.0
+        inner = tr_t / n * tr_a + off_t * (float(A.sum()) - tr_a)
+        return inner / (norm_a * norm_t), None
     return float((A * T).sum()) / (norm_a * norm_t), None
+
+
+def alignment_chance_level(
+    K: ArrayLike,
+    targets: ArrayLike,
+    *,
+    centered: bool = True,
+    center_kernel: bool = False,
+    num_classes: int | None = None,
+) -> float:
+    """The alignment ``K`` has with labels that carry no information: the mean of the
+    alignment over all N! permutations of ``targets`` (same class counts, random order).
+
+    With ``T = Yc Yc^T`` (or ``Y Y^T`` when not ``centered``) and ``A = Ks`` (``H Ks H``
+    with ``center_kernel``), a permutation moves T's diagonal entries to the diagonal and
+    its off-diagonal ones off it, so in closed form
+    ``E <A, P T P^T> = (tr T / N) tr A + (1^T T 1 - tr T) / (N (N - 1)) (1^T A 1 - tr A)``
+    and the norms do not change. Defaults give the chance level of
+    :func:`kernel_target_alignment`; ``center_kernel=True`` that of
+    :func:`centered_kernel_alignment`. It is not 0: a kernel with a strong diagonal
+    (high effective rank) has chance KTA up to ``sqrt((C - 1) / N)`` (C balanced classes,
+    K = I), and CKA's chance level is ~0.1-0.25 for N = 128, C = 10. An alignment is
+    evidence of learning only well above it. K (N, N), targets as in
+    :func:`kernel_target_alignment` -> float (NaN where the alignment is undefined).
+    """
+    Ks = _kernel(K)
+    Y, is_labels = _target_matrix(targets, Ks.shape[0], num_classes)
+    value, reason = _alignment(Ks, Y, is_labels, center_targets=centered, center_kernel=center_kernel, chance=True)
+    if reason is not None:
+        _warn_undefined("alignment_chance_level", reason)
+    return value
 
 
 def _warn_undefined(fn: str, reason: str, stacklevel: int = 3) -> None:

@@ -200,8 +200,8 @@ class NTKReportCallback(Callback):
             on one logger different prefixes. Default ``"ntk"``.
         alignment: the label-free kernel ``kta``, ``kta_uncentered``, ``cka`` and
             ``kta_change`` are computed on. The target-mode kernel reads each probe's own
-            label logit, so it is aligned with the labels before any training (KTA ~0.7-0.8
-            on an untrained net with random labels); in target mode the callback therefore
+            label logit, so it is aligned with the labels before any training (KTA 0.66-0.84
+            on untrained nets with random labels); in target mode the callback therefore
             computes a second kernel: ``"auto"`` (default) the exact trace kernel (sum over
             outputs, O backward rows per probe) up to 16 outputs, beyond that its unbiased
             estimate ``J V V^T J^T`` from ``alignment_projections`` Gaussian output

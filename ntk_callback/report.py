@@ -42,6 +42,8 @@ _SCALAR_KEYS = (
     "kta",
     "kta_uncentered",
     "cka",
+    "kta_chance",
+    "cka_chance",
     "relative_change",
     "kernel_distance",
     "log10_scale_change",
@@ -63,7 +65,9 @@ class NTKReport:
     With ``targets``: ``kta`` (centred targets, uncentred kernel: the default),
     ``kta_uncentered`` (raw targets), ``cka`` (centred kernel and targets), computed on the
     alignment kernel (``K`` itself unless :func:`analyze_ntk` got ``alignment_kernel``;
-    ``alignment_source`` names it for the console).
+    ``alignment_source`` names it for the console), and their chance levels ``kta_chance``,
+    ``cka_chance``: the mean of ``kta`` / ``cka`` over all permutations of the targets
+    (:func:`ntk_callback.analysis.alignment_chance_level`).
     With ``gamma``: ``effective_dimension``.
     With ``init_kernel`` (K_0, same probes): ``relative_change``, ``kernel_distance``,
     ``log10_scale_change = log10(tr K / tr K_0)`` (NaN when a trace is 0),
@@ -93,6 +97,8 @@ class NTKReport:
     kta: Optional[float] = None
     kta_uncentered: Optional[float] = None
     cka: Optional[float] = None
+    kta_chance: Optional[float] = None
+    cka_chance: Optional[float] = None
     gamma: Optional[float] = None
     effective_dimension: Optional[float] = None
     relative_change: Optional[float] = None
@@ -113,7 +119,8 @@ class NTKReport:
 
         Keys: ``num_probes, lambda_max, lambda_min, min_raw_eigenvalue, condition_number,
         log10_condition_number, trace, frobenius_norm, symmetry_residual, effective_rank,
-        entropy_effective_rank`` always; ``kta, kta_uncentered, cka`` only with targets;
+        entropy_effective_rank`` always; ``kta, kta_uncentered, cka, kta_chance,
+        cka_chance`` only with targets;
         ``effective_dimension`` only with gamma; ``relative_change, kernel_distance,
         log10_scale_change, lambda_max_change`` only with an initial kernel, and
         ``kta_change`` only with both.
@@ -166,8 +173,8 @@ class NTKReport:
         if self.kta is not None:
             source = f" ({self.alignment_source})" if self.alignment_source else ""
             lines.append(
-                f"alignment{source}  KTA {_f(self.kta, 4)} (uncentred {_f(self.kta_uncentered, 4)})"
-                f"  CKA {_f(self.cka, 4)}"
+                f"alignment{source}  KTA {_f(self.kta, 4)} (chance {_f(self.kta_chance, 4)}, uncentred"
+                f" {_f(self.kta_uncentered, 4)})  CKA {_f(self.cka, 4)} (chance {_f(self.cka_chance, 4)})"
             )
         if self.relative_change is not None:
             against = f" vs K0 at {self.init_label}" if self.init_label else ""
@@ -202,7 +209,10 @@ class NTKReport:
         )
         cells = []
         if self.kta is not None:
-            cells.append(f"KTA {_f(self.kta, 4)}  CKA {_f(self.cka, 4)}")
+            cells.append(
+                f"KTA {_f(self.kta, 4)} (chance {_f(self.kta_chance, 3)})  CKA {_f(self.cka, 4)}"
+                f" (chance {_f(self.cka_chance, 3)})"
+            )
         if self.relative_change is not None:
             cells.append(" ".join(self._drift_cells()[:3]).replace("kernel distance", "distance"))
         return first if not cells else first + "\n    " + "  |  ".join(cells)
@@ -305,7 +315,7 @@ def analyze_ntk(
 
         def align(kernel: torch.Tensor, name: str, **how: bool) -> float:
             value, reason = A._alignment(kernel, Y, is_labels, **how)
-            if reason is not None:
+            if reason is not None and not how.get("chance"):
                 reasons.append(f"{name} ({reason})")
             return value
 
@@ -319,6 +329,8 @@ def analyze_ntk(
         report.kta = align(Ka, "kta", center_targets=True, center_kernel=False)
         report.kta_uncentered = align(Ka, "kta_uncentered", center_targets=False, center_kernel=False)
         report.cka = align(Ka, "cka", center_targets=True, center_kernel=True)
+        report.kta_chance = align(Ka, "kta", center_targets=True, center_kernel=False, chance=True)
+        report.cka_chance = align(Ka, "cka", center_targets=True, center_kernel=True, chance=True)
         if Ks0 is not None and Ka0 is not None:
             report.init_kta = align(Ka0, "init kta", center_targets=True, center_kernel=False)
             report.kta_change = report.kta - report.init_kta

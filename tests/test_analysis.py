@@ -239,6 +239,35 @@ def test_alignment_equal_float_targets_is_nan_with_warning() -> None:
         assert math.isnan(A.kernel_target_alignment(K, np.zeros(5), centered=False))
 
 
+@pytest.mark.parametrize("kind", ["labels", "regression"])
+def test_alignment_chance_level_is_the_mean_over_all_permutations(kind: str) -> None:
+    """Closed form against a brute-force numpy mean over all 6! = 720 relabellings."""
+    import itertools
+
+    n = 6
+    K = random_psd(n, seed=11) + 2.0  # a constant offset: the uncentred forms depend on it
+    rng = np.random.default_rng(0)
+    y = np.array([0, 0, 1, 1, 2, 2]) if kind == "labels" else rng.standard_normal(n)
+    Y = np.eye(3)[y] if kind == "labels" else y.reshape(n, 1)
+
+    def align(T_rows: np.ndarray, centred_y: bool, centred_k: bool) -> float:
+        Yp = T_rows - T_rows.mean(0) if centred_y else T_rows
+        T = Yp @ Yp.T
+        Ak = K
+        if centred_k:
+            H = np.eye(n) - 1.0 / n
+            Ak = H @ K @ H
+        return float((Ak * T).sum() / (np.linalg.norm(Ak) * np.linalg.norm(T)))
+
+    for centred_y, centred_k in ((True, False), (False, False), (True, True)):
+        brute = np.mean([align(Y[list(p)], centred_y, centred_k) for p in itertools.permutations(range(n))])
+        got = A.alignment_chance_level(K, y, centered=centred_y, center_kernel=centred_k)
+        assert close(got, brute, rtol=1e-10, atol=1e-14), (centred_y, centred_k, got, brute)
+    # K = I with balanced labels: sqrt((C - 1) / N) for the centred-target KTA
+    lab = np.arange(12) % 3
+    assert close(A.alignment_chance_level(np.eye(12), lab), math.sqrt(2 / 12), rtol=1e-12)
+
+
 def test_cka_of_constant_kernel_is_nan_with_warning() -> None:
     with pytest.warns(AlignmentUndefinedWarning, match="centred kernel"):
         assert math.isnan(A.centered_kernel_alignment(np.full((5, 5), 3.3), [0, 1, 0, 1, 1]))

@@ -92,6 +92,8 @@ def test_random_labels_give_label_free_alignment_console_and_k0_media(tmp_path: 
     assert analyze_ntk(exact.init_kernel, py).kta > 0.5
     # label-free alignment: chance level
     assert abs(init["kta"]) < 0.1, init["kta"]
+    # and at its chance level: what any kernel scores on labels that carry no information
+    assert abs(init["kta"] - init["kta_chance"]) < 0.05 and abs(init["cka"] - init["cka_chance"]) < 0.1
     # against numpy on the float64 trace kernel of the initial weights
     K_tr = reference_kernel(net, init_state, px, py, mode="trace")
     assert init["kta"] == pytest.approx(kta(K_tr, yn), rel=1e-4, abs=1e-6)

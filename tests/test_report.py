@@ -19,7 +19,7 @@ ALWAYS = {
     "log10_condition_number", "trace", "frobenius_norm", "symmetry_residual",
     "effective_rank", "entropy_effective_rank",
 }
-WITH_TARGETS = {"kta", "kta_uncentered", "cka"}
+WITH_TARGETS = {"kta", "kta_uncentered", "cka", "kta_chance", "cka_chance"}
 WITH_INIT = {"relative_change", "kernel_distance", "log10_scale_change", "lambda_max_change"}
 
 
@@ -68,6 +68,8 @@ def test_to_dict_values_equal_the_functions(case: tuple) -> None:
         "kta": A.kernel_target_alignment(K, y),
         "kta_uncentered": A.kernel_target_alignment(K, y, centered=False),
         "cka": A.centered_kernel_alignment(K, y),
+        "kta_chance": A.alignment_chance_level(K, y),
+        "cka_chance": A.alignment_chance_level(K, y, center_kernel=True),
         "relative_change": A.relative_change(K, K0),
         "kernel_distance": A.kernel_distance(K, K0),
         "log10_scale_change": float(np.log10(np.trace(K.numpy()) / np.trace(K0.numpy()))),
