@@ -3,7 +3,7 @@ r"""The empirical-NTK implementations a PyTorch user would otherwise write.
 Every function takes ``(model, x, targets, mode)`` with ``x`` an (N, ...) probe batch
 (a tensor, or a tuple / dict of tensors whose dim 0 is N, called with the engine's
 convention, see :func:`call`), ``targets`` (N,) int64 class labels and ``mode`` one of
-the modes listed in :data:`SUPPORTED`, and returns the kernel with the conventions of DESIGN.md section 2:
+the modes listed in :data:`SUPPORTED`, and returns the kernel with the conventions of docs/conventions.md:
 
 * ``target``: ``K[i, j] = <d f_{t_i}(x_i)/d theta, d f_{t_j}(x_j)/d theta>``, (N, N);
 * ``trace``:  ``K[i, j] = sum_a <d f_a(x_i)/d theta, d f_a(x_j)/d theta>``, (N, N);

@@ -1,4 +1,4 @@
-"""The benchmark's models and probe batches (DESIGN.md section 5).
+"""The benchmark's models and probe batches (README "Speed and memory").
 
 * ``mlp_small``: MLP 2-64-64-3 (ReLU), inputs (N, 2);
 * ``mlp_wide``:  MLP 784-1024-1024-10 (ReLU), inputs (N, 784);

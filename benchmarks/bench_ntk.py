@@ -1,4 +1,4 @@
-"""Side-by-side empirical-NTK benchmark (DESIGN.md section 5).
+"""Side-by-side empirical-NTK benchmark (README "Speed and memory").
 
 Every method runs on the same model, weights and probe batch, single-threaded by default,
 each (config, mode, method) in a fresh worker process (forked from a fork server that has

@@ -13,7 +13,7 @@ Two Jacobian computations that share no code path with each other:
     giving the (N1, N2, O, O) ``full`` kernel; the other modes are read off it
     (:func:`modes_from_full`).
 
-Mode definitions (DESIGN.md section 2), with ``J_a(x) = df_a(x)/dtheta``:
+Mode definitions (README "The engine and the analysis", docs/conventions.md), with ``J_a(x) = df_a(x)/dtheta``:
     full[i,j,a,b] = <J_a(x_i), J_b(x_j)>                            (N1, N2, O, O)
     trace[i,j]    = sum_a full[i,j,a,a]                              (N1, N2)
     sum[i,j]      = sum_{a,b} full[i,j,a,b]  (NTK of sum_a f_a)      (N1, N2)
@@ -272,7 +272,7 @@ def ntk_func(
 
 # ----------------------------------------------------------------- per-layer split
 def layer_groups(model: nn.Module) -> Dict[str, List[str]]:
-    """{key: [trainable parameter names]} as DESIGN.md section 2 defines layerwise keys.
+    """{key: [trainable parameter names]} as the engine defines layerwise keys.
 
     A module that owns trainable parameters directly is keyed by its ``named_modules()``
     name. A parameter registered directly on a container module (one with child

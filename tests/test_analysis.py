@@ -477,7 +477,7 @@ def test_bad_arguments_raise() -> None:
 
 
 def test_analysis_and_report_import_only_torch_numpy() -> None:
-    """DESIGN: the analysis layer never imports Lightning or the engine."""
+    """The analysis layer never imports Lightning or the engine."""
     allowed = {"__future__", "collections", "math", "warnings", "typing", "dataclasses", "numpy",
                "torch"}
     pkg = pathlib.Path(A.__file__).parent

@@ -297,7 +297,7 @@ def test_layerwise(name: str, mode: str) -> None:
 
 
 def test_layerwise_free_parameter_key() -> None:
-    """DESIGN.md: a free nn.Parameter is keyed by its named_parameters() name."""
+    """A free nn.Parameter is keyed by its named_parameters() name."""
     case = M.build("free_param")
     parts = layerwise_ntk(case.model, case.inputs, case.targets, mode="target")
     assert set(parts) == {"lin", "head", "scale"}

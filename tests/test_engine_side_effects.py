@@ -1,6 +1,6 @@
 """The engine leaves no trace on the model or the process: one test per guarantee
-(DESIGN.md section 2: "never leaves .grad, parameters, buffers, RNG state or module
-flags changed")."""
+(the README's promise: the engine never leaves .grad, parameters, buffers, RNG state or
+module flags changed)."""
 from __future__ import annotations
 
 from typing import Dict, List, Tuple
