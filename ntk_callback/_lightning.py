@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
-from typing import Any, Optional, Tuple
+from typing import Any
 
 
-def _import_flavour() -> Tuple[str, ModuleType]:
+def _import_flavour() -> tuple[str, ModuleType]:
     errors = []
     for name in ("pytorch_lightning", "lightning.pytorch"):
         try:
@@ -83,7 +83,7 @@ _SHARDED_STRATEGIES = frozenset(
 )
 
 
-def _in_modules(cls: type, prefixes: Tuple[str, ...]) -> bool:
+def _in_modules(cls: type, prefixes: tuple[str, ...]) -> bool:
     module = getattr(cls, "__module__", "") or ""
     return any(module == p or module.startswith(p + ".") for p in prefixes)
 
@@ -102,7 +102,7 @@ def logger_kind(logger: Any) -> str:
     return "other"
 
 
-def sharded_strategy_name(strategy: Any) -> Optional[str]:
+def sharded_strategy_name(strategy: Any) -> str | None:
     """Name of the sharded-parameter strategy class ``strategy`` derives from, else ``None``."""
     for cls in type(strategy).__mro__:
         if cls.__name__ in _SHARDED_STRATEGIES and _in_modules(cls, _STRATEGY_MODULES):

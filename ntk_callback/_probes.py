@@ -13,15 +13,16 @@ saved-and-restored RNG state.
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
-Probes = Tuple[Any, Optional[Tensor]]
+Probes = tuple[Any, Optional[Tensor]]
 
 _INPUT_KEYS = ("x", "input", "inputs", "features")
 _TARGET_KEYS = ("y", "target", "targets", "label", "labels")
@@ -51,9 +52,11 @@ def default_batch_to_probe(batch: Any) -> Probes:
             tgt_key = next((k for k in _TARGET_KEYS if k in batch), None)
             return batch[in_key], (batch[tgt_key] if tgt_key is not None else None)
     raise ProbeError(
-        f"NTKReportCallback cannot tell inputs from targets in a batch of type {type(batch).__name__}"
+        "NTKReportCallback cannot tell inputs from targets in a batch of type "
+        f"{type(batch).__name__}"
         + (f" with keys {sorted(map(str, batch))}" if isinstance(batch, Mapping) else "")
-        + ". Fix: pass batch_to_probe=lambda batch: (inputs, targets) to NTKReportCallback (targets may be None)."
+        + ". Fix: pass batch_to_probe=lambda batch: (inputs, targets) to NTKReportCallback "
+          "(targets may be None)."
     )
 
 
@@ -70,24 +73,27 @@ def apply_to_tensors(obj: Any, fn: Callable[[Tensor], Tensor]) -> Any:
     return obj
 
 
-def _tensors(obj: Any) -> List[Tensor]:
-    found: List[Tensor] = []
+def _tensors(obj: Any) -> list[Tensor]:
+    found: list[Tensor] = []
     apply_to_tensors(obj, lambda t: found.append(t) or t)
     return found
 
 
 def num_samples(inputs: Any) -> int:
-    """N, the shared first dimension of the input tensors; ProbeError when absent or inconsistent."""
+    """N, the shared first dimension of the input tensors; ProbeError when absent or
+    inconsistent."""
     tensors = _tensors(inputs)
     if not tensors:
         raise ProbeError(
-            f"probe inputs of type {type(inputs).__name__} contain no tensor. Fix: inputs must be a tensor or a "
+            f"probe inputs of type {type(inputs).__name__} contain no tensor. Fix: inputs must be "
+            "a tensor or a "
             "tuple/list/dict of tensors whose first dimension is the probe index."
         )
     sizes = {int(t.shape[0]) if t.ndim > 0 else -1 for t in tensors}
     if len(sizes) != 1 or -1 in sizes:
         raise ProbeError(
-            f"probe input tensors disagree on the batch dimension (first-dimension sizes {sorted(sizes)}). "
+            "probe input tensors disagree on the batch dimension (first-dimension sizes "
+            f"{sorted(sizes)}). "
             "Fix: every input tensor needs the probe index as its first dimension."
         )
     return sizes.pop()
@@ -107,7 +113,8 @@ def validate_probes(inputs: Any, targets: Any) -> int:
         if targets.ndim == 0 or targets.shape[0] != n:
             raise ProbeError(
                 f"probe targets have shape {tuple(targets.shape)} but the inputs hold {n} probes. "
-                "Fix: targets need shape (N,) (class labels or regression targets) with N = number of probes."
+                "Fix: targets need shape (N,) (class labels or regression targets) with N = number "
+                "of probes."
             )
     return n
 
@@ -138,7 +145,8 @@ def to_cpu(obj: Any) -> Any:
 def preserve_global_rng() -> Iterator[None]:
     """Restore torch (CPU and initialised CUDA), numpy and ``random`` global RNG states on exit."""
     torch_state = torch.get_rng_state()
-    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    cuda_on = torch.cuda.is_available() and torch.cuda.is_initialized()
+    cuda_states = torch.cuda.get_rng_state_all() if cuda_on else None
     np_state = np.random.get_state()
     py_state = random.getstate()
     try:
@@ -151,7 +159,7 @@ def preserve_global_rng() -> Iterator[None]:
         random.setstate(py_state)
 
 
-def _is_integer_labels(targets: Optional[Tensor]) -> bool:
+def _is_integer_labels(targets: Tensor | None) -> bool:
     return (
         targets is not None
         and targets.ndim == 1
@@ -161,7 +169,8 @@ def _is_integer_labels(targets: Optional[Tensor]) -> bool:
     )
 
 
-def select_indices(targets: Optional[Tensor], k: int, generator: torch.Generator, pool_size: int) -> Tensor:
+def select_indices(targets: Tensor | None, k: int, generator: torch.Generator,
+                   pool_size: int) -> Tensor:
     """Pick ``min(k, pool_size)`` positions from a pool that is already in random order.
 
     Integer labels: round-robin over the classes (class order shuffled with ``generator``),
@@ -174,12 +183,12 @@ def select_indices(targets: Optional[Tensor], k: int, generator: torch.Generator
         return torch.arange(k)
     labels = targets.tolist()
     classes = sorted(set(labels))
-    buckets: Dict[Any, List[int]] = {c: [] for c in classes}
+    buckets: dict[Any, list[int]] = {c: [] for c in classes}
     for pos, c in enumerate(labels):
         buckets[c].append(pos)
     order = [classes[i] for i in torch.randperm(len(classes), generator=generator).tolist()]
     cursors = {c: 0 for c in classes}
-    chosen: List[int] = []
+    chosen: list[int] = []
     while len(chosen) < k:
         progressed = False
         for c in order:
@@ -220,7 +229,8 @@ def _map_batch(batch: Any, batch_to_probe: Callable[[Any], Probes]) -> Probes:
     mapped = batch_to_probe(batch)
     if not (isinstance(mapped, (tuple, list)) and len(mapped) == 2):
         raise ProbeError(
-            f"batch_to_probe must return a pair (inputs, targets) (targets may be None); got {type(mapped).__name__}"
+            "batch_to_probe must return a pair (inputs, targets) (targets may be None); got "
+            f"{type(mapped).__name__}"
         )
     inputs, targets = mapped
     if targets is not None and not isinstance(targets, Tensor):
@@ -229,15 +239,16 @@ def _map_batch(batch: Any, batch_to_probe: Callable[[Any], Probes]) -> Probes:
     return inputs, targets
 
 
-def _join(pairs: List[Probes]) -> Probes:
+def _join(pairs: list[Probes]) -> Probes:
     inputs = concat_inputs([p[0] for p in pairs])
     has_t = [p[1] is not None for p in pairs]
     if all(has_t):
-        targets: Optional[Tensor] = torch.cat([p[1] for p in pairs], dim=0)  # type: ignore[misc]
+        targets: Tensor | None = torch.cat([p[1] for p in pairs], dim=0)  # type: ignore[misc]
     elif not any(has_t):
         targets = None
     else:
-        raise ProbeError("some batches carry targets and others do not. Fix: make batch_to_probe consistent.")
+        raise ProbeError("some batches carry targets and others do not. Fix: make "
+                         "batch_to_probe consistent.")
     return inputs, targets
 
 
@@ -270,12 +281,14 @@ def draw_probes(
     Returns CPU copies.
     """
     if loader is None:
-        raise ProbeError("no dataloader to draw probes from. Fix: pass probes=(inputs, targets) to NTKReportCallback.")
+        raise ProbeError("no dataloader to draw probes from. Fix: pass probes=(inputs, "
+                         "targets) to NTKReportCallback.")
     with preserve_global_rng():
         dataset = getattr(loader, "dataset", None) if isinstance(loader, DataLoader) else None
         if isinstance(loader, DataLoader) and _is_map_style(dataset):
             n = len(dataset)
-            pool = torch.randperm(n, generator=generator)[: min(n, max(pool_factor * num_probes, min_pool))]
+            size = min(n, max(pool_factor * num_probes, min_pool))
+            pool = torch.randperm(n, generator=generator)[:size]
             collate = loader.collate_fn
             # with automatic batching off (batch_size=None) every item is already a batch
             auto = loader.batch_sampler is not None
@@ -292,7 +305,7 @@ def draw_probes(
                 chosen = select_indices(targets, num_probes, generator, len(pool))
                 inputs, tgt = fetch(chosen.tolist())
             else:
-                pairs: List[Probes] = []
+                pairs: list[Probes] = []
                 count = 0
                 for p in range(len(pool)):
                     pairs.append(fetch([p]))
@@ -301,12 +314,14 @@ def draw_probes(
                         break
                 inputs, tgt = _join(pairs)
                 chosen = select_indices(tgt, num_probes, generator, count)
-                inputs, tgt = index_inputs(inputs, chosen), (tgt[chosen] if tgt is not None else None)
+                inputs = index_inputs(inputs, chosen)
+                tgt = tgt[chosen] if tgt is not None else None
         else:
             if isinstance(loader, DataLoader):
                 # a fresh single-process loader: never the training iterator, never its workers
-                loader = DataLoader(dataset, batch_size=loader.batch_size, collate_fn=loader.collate_fn, num_workers=0)
-            pairs: List[Probes] = []
+                loader = DataLoader(dataset, batch_size=loader.batch_size,
+                                    collate_fn=loader.collate_fn, num_workers=0)
+            pairs: list[Probes] = []
             count = 0
             for batch in loader:
                 pair = _map_batch(batch, batch_to_probe)
