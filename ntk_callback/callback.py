@@ -575,6 +575,7 @@ class NTKReportCallback(Callback):
             rank_zero_warn(f"NTKReportCallback: ignoring a saved state of type {type(state_dict).__name__}.")
             return
         saved_mode = state_dict.get("settings", {}).get("mode", self.mode)
+        same_kernel = str(saved_mode) == str(self.mode)  # K0 of the same kernel mode: comparable
         saved = state_dict.get("probes")
         if isinstance(saved, Mapping):
             inputs, targets = saved.get("inputs"), saved.get("targets")
@@ -590,12 +591,12 @@ class NTKReportCallback(Callback):
                 rank_zero_warn(f"NTKReportCallback: the saved probes are unusable ({err}); new probes will be drawn.")
         k0 = state_dict.get("init_kernel")
         layers0 = state_dict.get("init_layer_kernels")
-        if isinstance(layers0, Mapping) and saved_mode == self.mode:
+        if isinstance(layers0, Mapping) and same_kernel:
             self._init_layer_kernels = {
                 str(k): v.detach().cpu() for k, v in layers0.items() if isinstance(v, Tensor)
             } or None
         self._load_dynamics_state(state_dict.get("dynamics"))
-        if isinstance(k0, Tensor) and saved_mode == self.mode:
+        if isinstance(k0, Tensor) and same_kernel:
             self._init_kernel = k0.detach().cpu()
             self._init_label = str(state_dict.get("init_label") or "")
             settings = state_dict.get("settings", {}) or {}
