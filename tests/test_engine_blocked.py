@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from reference import ntk_func, rel_err
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from ntk_callback import NTKError, empirical_ntk, layerwise_ntk
-from reference import ntk_func, rel_err
 
 N, N2 = 23, 9
 

@@ -11,11 +11,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from reference import rel_err
 from torch import nn
 
 from ntk_callback import NTKError, empirical_ntk, layerwise_ntk, ntk_spectrum
 from ntk_callback.engine import TorchDistributedComm
-from reference import rel_err
 
 N = 26
 
@@ -37,7 +37,8 @@ class _Net(nn.Module):
 
 def _data() -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(5)
-    return torch.randn(N, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (N,), generator=g)
+    x = torch.randn(N, 5, generator=g, dtype=torch.float64)
+    return x, torch.randint(0, 3, (N,), generator=g)
 
 
 def _loader():

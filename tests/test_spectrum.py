@@ -5,26 +5,26 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from reference import ntk_func
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ntk_callback import NTKError, ntk_spectrum, ntk_trace_estimate
-from reference import ntk_func
 
-N, O, K = 30, 3, 4
+N, OUT, K = 30, 3, 4
 
 
 def _setup():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, O))
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, OUT))
     g = torch.Generator().manual_seed(3)
-    return model, torch.randn(N, 4, generator=g), torch.randint(0, O, (N,), generator=g)
+    return model, torch.randn(N, 4, generator=g), torch.randint(0, OUT, (N,), generator=g)
 
 
 def _dense(model, x, y, mode: str) -> np.ndarray:
     k = ntk_func(model, x, y, mode=mode)
     if mode == "full":  # (N, N, O, O) -> (N*O, N*O), probe-major
-        k = k.permute(0, 2, 1, 3).reshape(N * O, N * O)
+        k = k.permute(0, 2, 1, 3).reshape(N * OUT, N * OUT)
     return k.numpy()
 
 
