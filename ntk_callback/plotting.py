@@ -336,7 +336,7 @@ def kernel_heatmap_figure(
     n = len(layout.order)
     norm, lo, hi = _normalise(A, vmin, vmax)
     fig = Figure(figsize=figsize, dpi=100)
-    ax = fig.add_axes((0.15, 0.13, 0.63, 0.72))
+    ax = fig.add_axes((0.16, 0.13, 0.62, 0.72))
     cax = fig.add_axes((0.81, 0.13, 0.035, 0.72))
     # RGB cells from our own colormap (no lookup inside matplotlib): the pixels are colormap(norm) exactly
     ax.imshow(colormap(norm), interpolation="nearest", extent=(0, n, n, 0), aspect="equal")
@@ -347,7 +347,7 @@ def kernel_heatmap_figure(
                        extend=extend)
     bar.ax.tick_params(labelsize=_FS_TICK)
     bar.formatter.set_powerlimits((-4, 5))  # offset notation only for very large / small entries
-    axes_px = 0.63 * figsize[0] * fig.dpi
+    axes_px = 0.62 * figsize[0] * fig.dpi
     if layout.kind == "class":
         k = len(layout.classes)
         if layout.boundaries and axes_px / k >= 4:  # thinner classes: the lines would hide the cells

@@ -386,9 +386,13 @@ def test_media_dispatch_to_wandb_mlflow_and_scalar_only_loggers() -> None:
     class FakeWandb(WandbLogger):
         def __init__(self) -> None:
             self.images: list = []
+            self.metrics: list = []
 
         def log_image(self, key: str, images: list, step: Any = None, **kwargs: Any) -> None:
             self.images.append((key, images[0].shape, images[0].dtype, step))
+
+        def log_metrics(self, metrics: Any, step: Any = None) -> None:  # the histogram, when wandb is installed
+            self.metrics.append((sorted(metrics), step))
 
     class FakeClient:
         def __init__(self) -> None:
