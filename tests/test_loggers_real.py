@@ -13,17 +13,17 @@ callback measured:
   (so nothing was resized, re-encoded lossily, transposed or dropped), plus the history
   pictures and, for MLflow, the eigenvalue JSON.
 """
+
 from __future__ import annotations
 
 import glob
 import json
 import os
-from typing import Any, Dict, List
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
-
 from lightning_models import load_flavour, loaders, make_model, quiet_trainer_kwargs
 
 PL = "pytorch_lightning"
@@ -50,31 +50,41 @@ def _fit(logger: Any) -> Any:
     return cb
 
 
-def _expected_heatmap(cb: Any, record: Dict[str, Any], kernel: torch.Tensor) -> np.ndarray:
-    """The heatmap the callback renders for ``record`` (HWC), built again from the callback's probes."""
+def _expected_heatmap(cb: Any, record: dict[str, Any], kernel: torch.Tensor) -> np.ndarray:
+    """The heatmap the callback renders for ``record`` (HWC), rebuilt from the callback's probes."""
     from ntk_callback.loggers import ReportMedia
 
     media = ReportMedia(
-        step=record["step"], kernel=kernel.double().numpy(), labels=cb.probes[1].numpy(),
-        eigenvalues=np.asarray(record["eigenvalues"]), history=cb.history, pictures=("kernel",),
-        epoch=record["epoch"], tag=record["tag"], inputs=cb.probes[0],
+        step=record["step"],
+        kernel=kernel.double().numpy(),
+        labels=cb.probes[1].numpy(),
+        eigenvalues=np.asarray(record["eigenvalues"]),
+        history=cb.history,
+        pictures=("kernel",),
+        epoch=record["epoch"],
+        tag=record["tag"],
+        inputs=cb.probes[0],
     )
     return media.image("kernel").transpose(1, 2, 0)
 
 
-def _check_scalars(cb: Any, series: Dict[str, List[tuple]]) -> None:
+def _check_scalars(cb: Any, series: dict[str, list[tuple]]) -> None:
     for key in KEYS:
         got = series.get(f"ntk/{key}")
-        assert got, f"ntk/{key} missing; logged: {sorted(k for k in series if k.startswith('ntk/'))}"
+        assert got, (
+            f"ntk/{key} missing; logged: {sorted(k for k in series if k.startswith('ntk/'))}"
+        )
         want = [(h["step"], h["metrics"][key]) for h in cb.history]
         assert [s for s, _ in got] == [s for s, _ in want], (key, got)
-        np.testing.assert_allclose([v for _, v in got], [v for _, v in want], rtol=1e-6, err_msg=key)
+        np.testing.assert_allclose(
+            [v for _, v in got], [v for _, v in want], rtol=1e-6, err_msg=key
+        )
 
 
 # ------------------------------------------------------------------------------ W&B
 
 
-def _wandb_records(path: str) -> List[bytes]:
+def _wandb_records(path: str) -> list[bytes]:
     """The records of a ``.wandb`` file: W&B's LevelDB-style log (a 7-byte ``:W&B`` header,
     then 32 KiB blocks of records, each with a 7-byte header: CRC-32 of type + data, length,
     type FULL / FIRST / MIDDLE / LAST). Written out here because wandb >= 0.19 writes the
@@ -91,12 +101,14 @@ def _wandb_records(path: str) -> List[bytes]:
         if left < 7:  # the tail of a block too short for a header is padding
             pos += left
             continue
-        crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         if kind == 0 and length == 0:  # zero padding at the end of a block
             pos += left
             continue
-        chunk = data[pos + 7:pos + 7 + length]
-        assert zlib.crc32(chunk, zlib.crc32(bytes([kind]))) & 0xFFFFFFFF == crc, f"bad checksum at byte {pos}"
+        chunk = data[pos + 7 : pos + 7 + length]
+        assert zlib.crc32(chunk, zlib.crc32(bytes([kind]))) & 0xFFFFFFFF == crc, (
+            f"bad checksum at byte {pos}"
+        )
         pos += 7 + length
         if kind == 1:
             out.append(chunk)
@@ -108,7 +120,7 @@ def _wandb_records(path: str) -> List[bytes]:
     return out
 
 
-def _wandb_rows(run_dir: str) -> List[Dict[str, Any]]:
+def _wandb_rows(run_dir: str) -> list[dict[str, Any]]:
     """History rows of an offline run (key -> decoded JSON value) from its ``.wandb`` file."""
     from wandb.proto import wandb_internal_pb2
 
@@ -119,9 +131,11 @@ def _wandb_rows(run_dir: str) -> List[Dict[str, Any]]:
         rec.ParseFromString(raw)
         if rec.WhichOneof("record_type") != "history":
             continue
-        row: Dict[str, Any] = {}
+        row: dict[str, Any] = {}
         for item in rec.history.item:
-            path = [item.key] if item.key else list(item.nested_key)  # media come as {key: {field: value}}
+            path = (
+                [item.key] if item.key else list(item.nested_key)
+            )  # media come as {key: {field: value}}
             node = row
             for part in path[:-1]:
                 node = node.setdefault(part, {})
@@ -133,11 +147,19 @@ def _wandb_rows(run_dir: str) -> List[Dict[str, Any]]:
 def test_wandb_offline_run_has_the_scalars_and_pictures(tmp_path: Any, monkeypatch: Any) -> None:
     pytest.importorskip("wandb")
     pytest.importorskip("matplotlib")
-    for k, v in {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true",
-                 "WANDB_DISABLE_GIT": "true", "WANDB_DISABLE_CODE": "true", "WANDB_CONSOLE": "off"}.items():
+    for k, v in {
+        "WANDB_MODE": "offline",
+        "WANDB_DIR": str(tmp_path),
+        "WANDB_SILENT": "true",
+        "WANDB_DISABLE_GIT": "true",
+        "WANDB_DISABLE_CODE": "true",
+        "WANDB_CONSOLE": "off",
+    }.items():
         monkeypatch.setenv(k, v)
     fl = load_flavour(PL)
-    logger = fl.loggers.WandbLogger(project="ntk-callback-test", save_dir=str(tmp_path), offline=True)
+    logger = fl.loggers.WandbLogger(
+        project="ntk-callback-test", save_dir=str(tmp_path), offline=True
+    )
     try:
         cb = _fit(logger)
     finally:
@@ -145,8 +167,8 @@ def test_wandb_offline_run_has_the_scalars_and_pictures(tmp_path: Any, monkeypat
     (run_dir,) = glob.glob(os.path.join(str(tmp_path), "wandb", "offline-run-*"))
     rows = _wandb_rows(run_dir)
     # Lightning's WandbLogger logs the step as the metric trainer/global_step
-    series: Dict[str, List[tuple]] = {}
-    images: Dict[str, Dict[int, str]] = {}
+    series: dict[str, list[tuple]] = {}
+    images: dict[str, dict[int, str]] = {}
     for row in rows:
         step = row.get("trainer/global_step")
         for key, value in row.items():
@@ -154,14 +176,19 @@ def test_wandb_offline_run_has_the_scalars_and_pictures(tmp_path: Any, monkeypat
                 continue
             if isinstance(value, (int, float)):
                 series.setdefault(key, []).append((step, float(value)))
-            elif isinstance(value, dict) and value.get("_type") in ("images/separated", "image-file"):
+            elif isinstance(value, dict) and value.get("_type") in (
+                "images/separated",
+                "image-file",
+            ):
                 files = value.get("filenames") or [value.get("path")]
                 images.setdefault(key, {})[step] = os.path.join(run_dir, "files", files[0])
     _check_scalars(cb, series)
     assert sorted(images["ntk/kernel"]) == [0, 5, 10], images.get("ntk/kernel")
     assert {"ntk/spectrum", "ntk/drift"} <= set(images), sorted(images)
     last = cb.history[-1]
-    np.testing.assert_array_equal(_png(images["ntk/kernel"][10]), _expected_heatmap(cb, last, cb.last_kernel))
+    np.testing.assert_array_equal(
+        _png(images["ntk/kernel"][10]), _expected_heatmap(cb, last, cb.last_kernel)
+    )
     np.testing.assert_array_equal(
         _png(images["ntk/kernel"][0]), _expected_heatmap(cb, cb.history[0], cb.init_kernel)
     )
@@ -191,8 +218,10 @@ def test_mlflow_file_store_has_the_scalars_and_pictures(tmp_path: Any, monkeypat
     client = MlflowClient(tracking_uri=uri)
     run_id = logger.run_id
     series = {
-        f"ntk/{key}": [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, f"ntk/{key}"),
-                                                         key=lambda m: m.step)]
+        f"ntk/{key}": [
+            (m.step, m.value)
+            for m in sorted(client.get_metric_history(run_id, f"ntk/{key}"), key=lambda m: m.step)
+        ]
         for key in KEYS
     }
     _check_scalars(cb, series)

@@ -1,4 +1,5 @@
 """ntk_callback.plotting: heatmap image (numpy only), history figures, PNG writer."""
+
 from __future__ import annotations
 
 import io
@@ -50,7 +51,9 @@ def test_heatmap_shape_dtype_and_values_without_labels() -> None:
     for i in range(10):
         for j in range(10):
             np.testing.assert_array_equal(_cell(img, i, j, scale), expected[i, j])
-    assert not np.any(np.all(img.transpose(1, 2, 0) == WHITE, axis=-1)), "no labels -> no boundary lines"
+    assert not np.any(np.all(img.transpose(1, 2, 0) == WHITE, axis=-1)), (
+        "no labels -> no boundary lines"
+    )
 
 
 def test_heatmap_orders_probes_by_class_and_draws_boundaries() -> None:
@@ -105,7 +108,7 @@ def test_heatmap_degenerate_inputs() -> None:
 
 
 def _heatmap_cells_rgb(fig, n: int, idx=None) -> np.ndarray:
-    """Rasterise a heatmap figure and read the RGB at the centre of its n x n cells (rows/cols ``idx``, default all)."""
+    """Rasterise a heatmap figure; the RGB at the centres of its n x n cells (rows/cols ``idx``)."""
     img = plotting.figure_to_image(fig).transpose(1, 2, 0)
     x0, y0, x1, y1 = fig.axes[0].get_window_extent().extents  # display pixels, origin bottom-left
     h = img.shape[0]
@@ -129,12 +132,16 @@ def test_heatmap_figure_pixels_class_labels_boundaries_and_title() -> None:
     ax = fig.axes[0]
     order = np.argsort(y, kind="stable")
     Ks = K[np.ix_(order, order)]
-    expected = plotting.colormap((Ks - Ks.min()) / (Ks.max() - Ks.min()))  # independent of the module's cells
+    expected = plotting.colormap(
+        (Ks - Ks.min()) / (Ks.max() - Ks.min())
+    )  # independent of the module's cells
     np.testing.assert_array_equal(_heatmap_cells_rgb(fig, 12), expected)
     # class labels at the class centres (sizes 3, 4, 5), white boundaries at 3 and 7 on both axes
     assert _tick_labels(ax.xaxis) == ["0", "1", "2"] and _tick_labels(ax.yaxis) == ["0", "1", "2"]
     np.testing.assert_allclose(ax.get_xticks(), [1.5, 5.0, 9.5])
-    walls = sorted({float(ln.get_xdata()[0]) for ln in ax.lines if ln.get_xdata()[0] == ln.get_xdata()[1]})
+    walls = sorted(
+        {float(ln.get_xdata()[0]) for ln in ax.lines if ln.get_xdata()[0] == ln.get_xdata()[1]}
+    )
     assert walls == [3.0, 7.0] and len(ax.lines) == 4
     texts = [t.get_text() for t in fig.texts]
     assert texts[0] == "NTK, epoch 3 (step 150)"
@@ -149,7 +156,9 @@ def test_heatmap_figure_pixels_class_labels_boundaries_and_title() -> None:
 def test_heatmap_figure_many_classes_and_large_n_stay_readable() -> None:
     pytest.importorskip("matplotlib")
     rng = np.random.default_rng(2)
-    y = rng.permutation(np.repeat(np.arange(100), 10))  # N = 1024 would leave 24 extra: use 1000 + 24 of class 99
+    y = rng.permutation(
+        np.repeat(np.arange(100), 10)
+    )  # N = 1024 would leave 24 extra: use 1000 + 24 of class 99
     y = np.concatenate([y, np.full(24, 99)])
     K = (y[:, None] == y[None, :]).astype(np.float64)
     fig = plotting.kernel_heatmap_figure(K, y, step=3)
@@ -165,7 +174,9 @@ def test_heatmap_figure_many_classes_and_large_n_stay_readable() -> None:
     order = np.argsort(y, kind="stable")
     avg = K[np.ix_(order, order)].reshape(256, 4, 256, 4).mean(axis=(1, 3))
     idx = np.arange(8, 256, 16)
-    np.testing.assert_array_equal(_heatmap_cells_rgb(fig, 256, idx), plotting.colormap(avg[np.ix_(idx, idx)]))
+    np.testing.assert_array_equal(
+        _heatmap_cells_rgb(fig, 256, idx), plotting.colormap(avg[np.ix_(idx, idx)])
+    )
     # unequal class sizes: labels at least N / 12 probes apart, never on top of each other
     y2 = np.repeat(np.arange(100), np.random.default_rng(5).integers(1, 20, size=100))
     ax2 = plotting.kernel_heatmap_figure(np.eye(len(y2)), y2).axes[0]
@@ -173,7 +184,10 @@ def test_heatmap_figure_many_classes_and_large_n_stay_readable() -> None:
     # 10 unequal classes (sizes 5..21 of N = 128): all labelled
     y3 = np.repeat(np.arange(10), [5, 21, 12, 8, 17, 11, 14, 9, 19, 12])
     ax3 = plotting.kernel_heatmap_figure(np.eye(128), y3).axes[0]
-    assert _tick_labels(ax3.xaxis) == [str(c) for c in range(10)] and ax3.get_xlabel() == "class (10 classes)"
+    assert (
+        _tick_labels(ax3.xaxis) == [str(c) for c in range(10)]
+        and ax3.get_xlabel() == "class (10 classes)"
+    )
     fig8 = plotting.kernel_heatmap_figure(K[:8, :8], y[:8])
     assert plotting.figure_to_image(fig8).shape == (3, 380, 420)
 
@@ -188,23 +202,35 @@ def test_heatmap_regression_probes_sorted_by_scalar_input_else_target() -> None:
     assert lay.kind == "input" and np.all(np.diff(x[lay.order, 0]) >= 0)
     lay = plotting.probe_layout(t[:, None], 40)  # (N, 1) targets, no scalar input: by target
     assert lay.kind == "target" and np.all(np.diff(t[lay.order]) >= 0) and lay.boundaries == []
-    assert plotting.probe_layout(t, 40, inputs=rng.normal(size=(40, 3))).kind == "target"  # 3-D input: by target
-    assert plotting.probe_layout(rng.normal(size=(40, 2)), 40).kind == "index"  # two outputs: no order
+    assert (
+        plotting.probe_layout(t, 40, inputs=rng.normal(size=(40, 3))).kind == "target"
+    )  # 3-D input: by target
+    assert (
+        plotting.probe_layout(rng.normal(size=(40, 2)), 40).kind == "index"
+    )  # two outputs: no order
     fig = plotting.kernel_heatmap_figure(K, t, inputs=x, tag="init", step=0)
     order = np.argsort(x[:, 0], kind="stable")
     Ks = K[np.ix_(order, order)]
-    np.testing.assert_array_equal(_heatmap_cells_rgb(fig, 40), plotting.colormap((Ks - Ks.min()) / (Ks.max() - Ks.min())))
+    np.testing.assert_array_equal(
+        _heatmap_cells_rgb(fig, 40), plotting.colormap((Ks - Ks.min()) / (Ks.max() - Ks.min()))
+    )
     ax = fig.axes[0]
     assert ax.get_xlabel() == "probe input (sorted)"
     ticks = [float(t) for t in _tick_labels(ax.xaxis)]
-    assert ticks[0] == pytest.approx(x.min(), abs=0.05) and ticks[-1] == pytest.approx(x.max(), abs=0.05)
-    assert all(len(t) <= 4 for t in _tick_labels(ax.xaxis))  # one decimal for a spread of ~6: "-2.9", "0.1"
+    assert ticks[0] == pytest.approx(x.min(), abs=0.05) and ticks[-1] == pytest.approx(
+        x.max(), abs=0.05
+    )
+    assert all(
+        len(t) <= 4 for t in _tick_labels(ax.xaxis)
+    )  # one decimal for a spread of ~6: "-2.9", "0.1"
     assert plotting._value_labels(np.array([0.001, 0.004])) == ["0.0010", "0.0040"]
     assert plotting._value_labels(np.array([1e5, 2e5])) == ["1e+05", "2e+05"]
     assert fig.texts[0].get_text() == "initial NTK (step 0)"
     # the numpy-only image sorts the same way
     img = plotting.kernel_heatmap_image(K, t, inputs=x, cell_px=1)
-    np.testing.assert_array_equal(img.transpose(1, 2, 0), plotting.colormap((Ks - Ks.min()) / (Ks.max() - Ks.min())))
+    np.testing.assert_array_equal(
+        img.transpose(1, 2, 0), plotting.colormap((Ks - Ks.min()) / (Ks.max() - Ks.min()))
+    )
 
 
 def test_heatmap_fixed_scale_from_the_initial_kernel() -> None:
@@ -218,19 +244,25 @@ def test_heatmap_fixed_scale_from_the_initial_kernel() -> None:
     lo, hi = plotting.kernel_color_range(K0)
     assert (lo, hi) == (K0.min(), K0.max())
     fig = plotting.kernel_heatmap_figure(K, vmin=lo, vmax=hi)
-    np.testing.assert_array_equal(_heatmap_cells_rgb(fig, 10), plotting.colormap((K - lo) / (hi - lo)))
+    np.testing.assert_array_equal(
+        _heatmap_cells_rgb(fig, 10), plotting.colormap((K - lo) / (hi - lo))
+    )
     assert fig.axes[1].get_ylim() == pytest.approx((lo, hi))
     assert "colour range: fixed" in fig.texts[1].get_text()
     img = plotting.kernel_heatmap_image(K, vmin=lo, vmax=hi, cell_px=1)
     np.testing.assert_array_equal(img.transpose(1, 2, 0), plotting.colormap((K - lo) / (hi - lo)))
     # through ReportMedia (what the loggers get): "initial" uses K0's range, "per_report" K's own
-    common = dict(step=5, kernel=K, labels=None, eigenvalues=np.ones(10), history=[], pictures=("kernel",))
+    common = dict(
+        step=5, kernel=K, labels=None, eigenvalues=np.ones(10), history=[], pictures=("kernel",)
+    )
     fixed = ReportMedia(**common, heatmap_scale="initial", init_kernel=K0)
     assert fixed.heatmap_range() == (lo, hi)
     assert ReportMedia(**common).heatmap_range() == (None, None)
     a, b = fixed.image("kernel"), ReportMedia(**common).image("kernel")
     assert a.shape == b.shape and not np.array_equal(a, b)
-    assert fixed.image("kernel_init") is a  # the initial report's own tag: the same picture, drawn once
+    assert (
+        fixed.image("kernel_init") is a
+    )  # the initial report's own tag: the same picture, drawn once
     with pytest.raises(ValueError, match="heatmap_scale='absolute'.*per_report"):
         ReportMedia(**common, heatmap_scale="absolute")
     with pytest.raises(ValueError, match="unknown picture 'spectra'"):
@@ -287,7 +319,7 @@ def test_spectrum_figure_draws_a_subsample_with_first_and_last() -> None:
     assert labels[0] == "init (step 0)" and labels[-1] == "epoch 23 (step 240)"
     assert ax.get_legend() is None, "no legend over the curves: the colour bar says which report"
     assert len(fig.axes) == 2 and "global step" in fig.axes[1].get_ylabel()
-    # colour = step: the first curve has the colour bar's bottom colour, the last its top (0.9 of viridis)
+    # colour = step: the first curve has the colour bar's bottom colour, the last its top (0.9)
     np.testing.assert_allclose(ax.lines[0].get_color(), plotting.colormap(np.array(0.0)) / 255.0)
     np.testing.assert_allclose(ax.lines[-1].get_color(), plotting.colormap(np.array(0.9)) / 255.0)
     # y = log10(lambda); the curve stops before the numerically-zero eigenvalue (no floor drawn)
@@ -312,7 +344,9 @@ def test_spectrum_figure_without_zero_eigenvalues_has_no_note() -> None:
     ax = fig.axes[0]
     np.testing.assert_allclose(ax.lines[0].get_ydata(), np.log10([4.0, 2.0, 1.0]))
     assert not ax.texts and not ax.collections
-    assert len(fig.axes) == 1 and "init (step 0)" in ax.get_title()  # one report: named in the title
+    assert (
+        len(fig.axes) == 1 and "init (step 0)" in ax.get_title()
+    )  # one report: named in the title
 
 
 def _axes_by_title(fig) -> dict:
@@ -331,11 +365,13 @@ def test_drift_figure_plots_metrics_against_steps_and_skips_nan() -> None:
     np.testing.assert_allclose(rel.get_xdata(), [0, 10, 20, 30, 40])
     np.testing.assert_allclose(rel.get_ydata(), [0.0, 0.1, 0.2, 0.3, 0.4])
     lines = {ln.get_label(): ln for ln in align_ax.lines}
-    np.testing.assert_allclose(lines["cka"].get_xdata(), [0, 10, 30, 40])  # the NaN at step 20 left out
+    np.testing.assert_allclose(
+        lines["cka"].get_xdata(), [0, 10, 30, 40]
+    )  # the NaN at step 20 left out
     np.testing.assert_allclose(lines["kta"].get_ydata(), [0.5, 0.51, 0.52, 0.53, 0.54])
     img = plotting.figure_to_image(fig)
     assert img.shape == (3, 670, 420)  # one column: reads at TensorBoard's ~400 px card width
-    # stacked, not side by side: each panel spans most of the width, the panels do not overlap vertically
+    # stacked, not side by side: each panel spans most of the width, no vertical overlap
     boxes = [ax.get_position() for ax in fig.axes]
     assert all(b.width > 0.75 for b in boxes)
     assert boxes[0].y0 > boxes[1].y1 and boxes[1].y0 > boxes[2].y1
@@ -350,7 +386,7 @@ def test_log10_spectrum_floor() -> None:
 
 
 def _insight_history() -> list:
-    """Five reports of a model with 10 layers (shares from a fixed Dirichlet-like draw) and dynamics keys."""
+    """Five reports of a model with 10 layers (shares from a fixed draw) and dynamics keys."""
     rng = np.random.default_rng(5)
     base = rng.uniform(0.1, 1.0, size=10)
     out = []
@@ -358,12 +394,19 @@ def _insight_history() -> list:
         w = base * (1.0 + 0.1 * i * np.arange(10) / 10)
         m = {f"layer_share/layer{j}": float(v) for j, v in enumerate(w / w.sum())}
         m.update({f"layer_drift/layer{j}": 0.01 * i * (j + 1) for j in range(10)})
-        m["residual_norm"] = 10.0 * 0.3 ** i
+        m["residual_norm"] = 10.0 * 0.3**i
         if i > 0:
-            m["predicted_residual_norm"] = 10.0 * 0.3 ** i * (1.0 + 0.05 * i)
+            m["predicted_residual_norm"] = 10.0 * 0.3**i * (1.0 + 0.05 * i)
             m["linearization_gap"] = math.nan if i == 2 else 0.02 * i
-        out.append({"tag": "init" if i == 0 else "epoch", "epoch": max(i - 1, 0), "step": 7 * i, "metrics": m,
-                    "eigenvalues": [1.0]})
+        out.append(
+            {
+                "tag": "init" if i == 0 else "epoch",
+                "epoch": max(i - 1, 0),
+                "step": 7 * i,
+                "metrics": m,
+                "eigenvalues": [1.0],
+            }
+        )
     return out
 
 
@@ -390,7 +433,9 @@ def test_layers_figure_draws_the_largest_layers_in_both_panels() -> None:
     assert [ln.get_label() for ln in drift_ax.lines] == top
     for ln, name in zip(share_ax.lines, top):
         np.testing.assert_allclose(ln.get_xdata(), [0, 7, 14, 21, 28])
-        np.testing.assert_allclose(ln.get_ydata(), [r["metrics"][f"layer_share/{name}"] for r in hist])
+        np.testing.assert_allclose(
+            ln.get_ydata(), [r["metrics"][f"layer_share/{name}"] for r in hist]
+        )
     for a, b in zip(share_ax.lines, drift_ax.lines):  # one colour per layer across the panels
         np.testing.assert_array_equal(a.get_color(), b.get_color())
     (legend,) = fig.legends  # one legend below both panels
@@ -400,11 +445,16 @@ def test_layers_figure_draws_the_largest_layers_in_both_panels() -> None:
     assert img.shape[2] == 420 and img.std() > 5
     assert share_ax.get_position().y0 > drift_ax.get_position().y1  # stacked
     # long module paths are shortened from the left in the legend, the lines keep the full name
-    long = [{"step": s, "metrics": {"layer_share/encoder.layers.11.attention.output.dense": 1.0}} for s in (0, 5)]
+    long = [
+        {"step": s, "metrics": {"layer_share/encoder.layers.11.attention.output.dense": 1.0}}
+        for s in (0, 5)
+    ]
     fig = plotting.layers_figure(long)
     assert fig.axes[0].lines[0].get_label() == "encoder.layers.11.attention.output.dense"
     (text,) = fig.legends[0].get_texts()
-    assert text.get_text().startswith("\u2026") and text.get_text().endswith("attention.output.dense")
+    assert text.get_text().startswith("\u2026") and text.get_text().endswith(
+        "attention.output.dense"
+    )
 
 
 def test_dynamics_figure_observed_predicted_and_gap() -> None:
@@ -414,8 +464,10 @@ def test_dynamics_figure_observed_predicted_and_gap() -> None:
     res_ax, gap_ax = fig.axes
     obs, pred = res_ax.lines
     np.testing.assert_allclose(obs.get_xdata(), [0, 7, 14, 21, 28])
-    np.testing.assert_allclose(obs.get_ydata(), [10.0 * 0.3 ** i for i in range(5)])
-    np.testing.assert_allclose(pred.get_xdata(), [7, 14, 21, 28])  # no prediction at the first report
+    np.testing.assert_allclose(obs.get_ydata(), [10.0 * 0.3**i for i in range(5)])
+    np.testing.assert_allclose(
+        pred.get_xdata(), [7, 14, 21, 28]
+    )  # no prediction at the first report
     assert res_ax.get_yscale() == "log"  # > 1 decade
     (gap,) = gap_ax.lines
     np.testing.assert_allclose(gap.get_xdata(), [7, 21, 28])  # NaN at step 14 left out
