@@ -33,7 +33,6 @@ class CheckData:
 class Result:
     kernels: dict[str, torch.Tensor]
     checks: list[CheckData]               # one per probe set (two for a cross kernel)
-    routes: dict[str, str]
     # per check vector: layer key -> the kernel's quadratic form from the rows (self
     # kernels only; w^T K w in target/sum/trace mode, with the u weights in full mode)
     quads: list[dict[str, float]] = field(default_factory=list)
@@ -269,7 +268,7 @@ def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]], budget: in
     if symmetric:
         for value in result.values():
             mirror_lower(value)
-    out = Result(result, checks, routes)
+    out = Result(result, checks)
     for data, (bufs, gram) in zip(checks, collected):
         _rule_side(data, bufs, gram, slots, module_of)
     if checks and symmetric:
