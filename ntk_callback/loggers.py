@@ -22,12 +22,14 @@ callbacks can share one logger.
 Loggers of both Lightning flavours (``pytorch_lightning`` and ``lightning.pytorch``) are
 recognised by :func:`ntk_callback._lightning.logger_kind` without importing either.
 """
+
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable
 
 import numpy as np
 
@@ -44,7 +46,9 @@ def check_prefix(prefix: Any) -> str:
     or ``.``/``..`` path parts (it also names a folder inside the CSV logger's directory).
     Returns it; raises ``ValueError`` naming the problem otherwise."""
     if not isinstance(prefix, str) or not prefix.strip():
-        raise ValueError(f"prefix={prefix!r}: expected a non-empty string such as 'ntk' or 'ntk_val'.")
+        raise ValueError(
+            f"prefix={prefix!r}: expected a non-empty string such as 'ntk' or 'ntk_val'."
+        )
     if prefix.startswith("/") or prefix.endswith("/"):
         raise ValueError(
             f"prefix={prefix!r}: no leading or trailing '/' (keys are '<prefix>/<name>'); use e.g. "
@@ -52,13 +56,15 @@ def check_prefix(prefix: Any) -> str:
         )
     parts = prefix.split("/")
     if any(p != p.strip() or p in ("", ".", "..") for p in parts):
-        raise ValueError(f"prefix={prefix!r}: empty, '.', '..' or space-padded path parts are not allowed.")
+        raise ValueError(
+            f"prefix={prefix!r}: empty, '.', '..' or space-padded path parts are not allowed."
+        )
     return prefix
 
 
-def prefixed_scalars(flat: Mapping[str, Any], prefix: str = DEFAULT_PREFIX) -> Dict[str, float]:
+def prefixed_scalars(flat: Mapping[str, Any], prefix: str = DEFAULT_PREFIX) -> dict[str, float]:
     """``{prefix + "/" + key: float(value)}`` for every scalar of ``flat`` (non-scalars dropped)."""
-    out: Dict[str, float] = {}
+    out: dict[str, float] = {}
     for key, value in flat.items():
         try:
             out[f"{prefix}/{key}"] = float(value)
@@ -98,41 +104,49 @@ class ReportMedia:
 
     step: int
     kernel: np.ndarray  # (N, N), probe order as drawn
-    labels: Optional[np.ndarray]  # (N,) integer labels or real targets, or None
+    labels: np.ndarray | None  # (N,) integer labels or real targets, or None
     eigenvalues: np.ndarray  # (N,) descending, clamped at 0
     history: Sequence[Mapping[str, Any]]  # every report so far, this one included
-    # which pictures to write: "kernel" and any of plotting.FIGURES ("spectrum", "drift", "layers", "dynamics")
-    pictures: Tuple[str, ...] = ("kernel", "spectrum", "drift")
+    # which pictures to write: "kernel" and any of plotting.FIGURES
+    # ("spectrum", "drift", "layers", "dynamics")
+    pictures: tuple[str, ...] = ("kernel", "spectrum", "drift")
     histogram: bool = True  # the log10-eigenvalue histogram
-    epoch: Optional[int] = None  # the report's epoch and tag ("init", "epoch", "final"), for the heatmap's title
-    tag: Optional[str] = None
-    inputs: Optional[Any] = None  # the probe inputs; used only to sort regression probes by a scalar input
+    epoch: int | None = (
+        None  # the report's epoch and tag ("init", "epoch", "final"), for the heatmap's title
+    )
+    tag: str | None = None
+    inputs: Any | None = (
+        None  # the probe inputs; used only to sort regression probes by a scalar input
+    )
     heatmap_scale: str = "per_report"  # or "initial": see the class docstring
-    init_kernel: Optional[np.ndarray] = None  # (N, N) K0 for heatmap_scale="initial"
-    _cache: Dict[str, Optional[np.ndarray]] = field(default_factory=dict, repr=False)
+    init_kernel: np.ndarray | None = None  # (N, N) K0 for heatmap_scale="initial"
+    _cache: dict[str, np.ndarray | None] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.heatmap_scale not in plotting.HEATMAP_SCALES:
             raise ValueError(
                 f"heatmap_scale={self.heatmap_scale!r}: expected one of {plotting.HEATMAP_SCALES} "
-                "('per_report': each heatmap its own colour range; 'initial': the initial kernel's range)."
+                "('per_report': each heatmap its own colour range; "
+                "'initial': the initial kernel's range)."
             )
 
-    def image(self, name: str) -> Optional[np.ndarray]:
-        """The (3, H, W) uint8 picture ``name`` ("kernel" or a key of ``plotting.FIGURES``), rendered once;
+    def image(self, name: str) -> np.ndarray | None:
+        """The (3, H, W) uint8 picture ``name`` ("kernel" or a key of ``plotting.FIGURES``),
+        rendered once;
         None if unavailable (matplotlib missing)."""
-        # "kernel" and e.g. "kernel_init" (the initial report's heatmap under its own tag) are one picture
+        # "kernel" and e.g. "kernel_init" (the initial report's heatmap under its own tag) are one
+        # picture
         key = "kernel" if name not in plotting.FIGURES and "kernel" in name else name
         if key not in self._cache:
             self._cache[key] = self._render(name)
         return self._cache[key]
 
-    def names(self) -> List[str]:
+    def names(self) -> list[str]:
         return list(self.pictures)
 
     @property
-    def figure_names(self) -> List[str]:
-        """The requested history pictures (spectrum, drift, layers, dynamics), which need matplotlib."""
+    def figure_names(self) -> list[str]:
+        """The requested history pictures (spectrum, drift, layers, dynamics); need matplotlib."""
         return [p for p in self.pictures if p in plotting.FIGURES]
 
     @property
@@ -140,14 +154,15 @@ class ReportMedia:
         """Whether a matplotlib picture (spectrum, drift, layers, dynamics) is requested."""
         return bool(self.figure_names)
 
-    def heatmap_range(self) -> Tuple[Optional[float], Optional[float]]:
-        """The fixed ``(vmin, vmax)`` of the heatmap's colours, ``(None, None)`` for each report's own range."""
+    def heatmap_range(self) -> tuple[float | None, float | None]:
+        """The fixed ``(vmin, vmax)`` of the heatmap's colours; ``(None, None)``: each report's own
+        range."""
         k0 = self.init_kernel
         if self.heatmap_scale != "initial" or k0 is None or np.shape(k0) != np.shape(self.kernel):
             return None, None
         return plotting.kernel_color_range(k0, self.labels, inputs=self.inputs)
 
-    def _render(self, name: str) -> Optional[np.ndarray]:
+    def _render(self, name: str) -> np.ndarray | None:
         if name in plotting.FIGURES:
             try:
                 fig = plotting.FIGURES[name](self.history)
@@ -155,16 +170,27 @@ class ReportMedia:
                 return None
             return plotting.figure_to_image(fig)
         if "kernel" not in name:
-            raise ValueError(f"unknown picture {name!r}: expected 'kernel' or one of {sorted(plotting.FIGURES)}")
+            raise ValueError(
+                f"unknown picture {name!r}: expected 'kernel' or one of {sorted(plotting.FIGURES)}"
+            )
         vmin, vmax = self.heatmap_range()
         note = None if vmin is None else "colour range: initial kernel (fixed)"
         try:
             fig = plotting.kernel_heatmap_figure(
-                self.kernel, self.labels, inputs=self.inputs, step=self.step, epoch=self.epoch, tag=self.tag,
-                vmin=vmin, vmax=vmax, scale_note=note,
+                self.kernel,
+                self.labels,
+                inputs=self.inputs,
+                step=self.step,
+                epoch=self.epoch,
+                tag=self.tag,
+                vmin=vmin,
+                vmax=vmax,
+                scale_note=note,
             )
         except ImportError:
-            return plotting.kernel_heatmap_image(self.kernel, self.labels, inputs=self.inputs, vmin=vmin, vmax=vmax)
+            return plotting.kernel_heatmap_image(
+                self.kernel, self.labels, inputs=self.inputs, vmin=vmin, vmax=vmax
+            )
         return plotting.figure_to_image(fig)
 
 
@@ -175,7 +201,7 @@ class LoggerDispatcher:
         self,
         *,
         log_images: bool = True,
-        on_error: Optional[Callable[[str, BaseException], None]] = None,
+        on_error: Callable[[str, BaseException], None] | None = None,
         prefix: str = DEFAULT_PREFIX,
     ):
         self.log_images = log_images
@@ -202,11 +228,15 @@ class LoggerDispatcher:
 
     # -- scalars -------------------------------------------------------------------
     def log_scalars(self, loggers: Sequence[Any], metrics: Mapping[str, float], step: int) -> None:
-        """``logger.log_metrics(metrics, step=step)`` for every logger (rank-zero-only inside Lightning)."""
+        """``logger.log_metrics(metrics, step=step)`` for every logger (rank-zero-only inside
+        Lightning)."""
         for lg in loggers:
             if logger_kind(lg) == "dummy":
                 continue
-            self._guard(f"{type(lg).__name__}.log_metrics", lambda lg=lg: lg.log_metrics(dict(metrics), step=step))
+            self._guard(
+                f"{type(lg).__name__}.log_metrics",
+                lambda lg=lg: lg.log_metrics(dict(metrics), step=step),
+            )
 
     # -- media ---------------------------------------------------------------------
     def wants_media(self, loggers: Sequence[Any]) -> bool:
@@ -220,18 +250,20 @@ class LoggerDispatcher:
             if logger_kind(lg) not in MEDIA_KINDS and logger_kind(lg) != "dummy":
                 self._warn_once(
                     f"other:{type(lg).__module__}.{type(lg).__qualname__}",
-                    f"NTKReportCallback: {type(lg).__name__} receives the `{self.prefix}/` scalars only; the kernel "
-                    "heatmap, eigenvalue histogram and the spectrum/drift/layers/dynamics pictures are written for "
+                    f"NTKReportCallback: {type(lg).__name__} receives the `{self.prefix}/` scalars "
+                    "only; the kernel heatmap, eigenvalue histogram and the "
+                    "spectrum/drift/layers/dynamics pictures are written for "
                     "TensorBoard, W&B, MLflow and CSV loggers.",
                 )
 
     def log_media(self, loggers: Sequence[Any], media: ReportMedia) -> None:
-        """Write histogram/images for every logger that supports them. Call on global rank zero only."""
+        """Write histogram/images for every logger that supports them. Global rank zero only."""
         if media.figures and media.image(media.figure_names[0]) is None:
             self._warn_once(
                 "matplotlib",
-                f"NTKReportCallback: matplotlib is not installed, so the `{self.prefix}/spectrum`, `/drift`, `/layers` "
-                "and `/dynamics` pictures are skipped, and the kernel heatmap has no colour bar or labels (the bare "
+                f"NTKReportCallback: matplotlib is not installed, so the `{self.prefix}/spectrum`, "
+                "`/drift`, `/layers` and `/dynamics` pictures are skipped, and the kernel heatmap "
+                "has no colour bar or labels (the bare "
                 "heatmap, the histogram and the scalars are still logged). "
                 "Fix: pip install matplotlib.",
                 info=True,
@@ -245,9 +277,11 @@ class LoggerDispatcher:
             writer = getattr(self, f"_media_{kind}", None)
             if writer is None:
                 continue  # scalars only: see warn_scalar_only
-            self._guard(f"{type(lg).__name__} media", lambda lg=lg, writer=writer: writer(lg, media))
+            self._guard(
+                f"{type(lg).__name__} media", lambda lg=lg, writer=writer: writer(lg, media)
+            )
 
-    def _images(self, media: ReportMedia) -> List[tuple]:
+    def _images(self, media: ReportMedia) -> list[tuple]:
         out = []
         for name in media.names():
             img = media.image(name)
@@ -265,7 +299,9 @@ class LoggerDispatcher:
 
     def _media_wandb(self, lg: Any, media: ReportMedia) -> None:
         for name, img in self._images(media):
-            lg.log_image(key=f"{self.prefix}/{name}", images=[img.transpose(1, 2, 0)], step=media.step)
+            lg.log_image(
+                key=f"{self.prefix}/{name}", images=[img.transpose(1, 2, 0)], step=media.step
+            )
         try:
             import wandb  # noqa: PLC0415 - only present with the W&B logger
         except ImportError:
@@ -277,7 +313,11 @@ class LoggerDispatcher:
     def _media_mlflow(self, lg: Any, media: ReportMedia) -> None:
         exp, run_id = lg.experiment, lg.run_id  # an mlflow.tracking.MlflowClient
         for name, img in self._images(media):
-            exp.log_image(run_id, img.transpose(1, 2, 0), artifact_file=f"{self.prefix}/{name}/step_{media.step:07d}.png")
+            exp.log_image(
+                run_id,
+                img.transpose(1, 2, 0),
+                artifact_file=f"{self.prefix}/{name}/step_{media.step:07d}.png",
+            )
         if not media.histogram:
             return
         exp.log_dict(
@@ -291,19 +331,25 @@ class LoggerDispatcher:
         os.makedirs(out, exist_ok=True)
         tag = f"step_{media.step:07d}"
         if media.histogram:  # a full report, not a figures-only refresh
-            np.save(os.path.join(out, f"kernel_{tag}.npy"), np.asarray(media.kernel, dtype=np.float64))
-            np.save(os.path.join(out, f"eigenvalues_{tag}.npy"), np.asarray(media.eigenvalues, dtype=np.float64))
+            np.save(
+                os.path.join(out, f"kernel_{tag}.npy"), np.asarray(media.kernel, dtype=np.float64)
+            )
+            np.save(
+                os.path.join(out, f"eigenvalues_{tag}.npy"),
+                np.asarray(media.eigenvalues, dtype=np.float64),
+            )
         if media.labels is not None and not os.path.exists(os.path.join(out, "probe_labels.npy")):
             np.save(os.path.join(out, "probe_labels.npy"), np.asarray(media.labels))
         for name, img in self._images(media):
-            # the heatmap is per report; the history pictures already show every report, keep the latest
+            # the heatmap is per report; the history pictures already show every report: keep
+            # the latest
             fname = f"kernel_{tag}.png" if name == "kernel" else f"{name}.png"
             plotting.save_png(os.path.join(out, fname), img)
         with open(os.path.join(out, "history.json"), "w") as fh:
             json.dump([_jsonable(rec) for rec in media.history], fh, allow_nan=True)
 
 
-def _jsonable(rec: Mapping[str, Any]) -> Dict[str, Any]:
+def _jsonable(rec: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "tag": rec.get("tag"),
         "epoch": rec.get("epoch"),
@@ -313,4 +359,11 @@ def _jsonable(rec: Mapping[str, Any]) -> Dict[str, Any]:
     }
 
 
-__all__ = ["DEFAULT_PREFIX", "LoggerDispatcher", "ReportMedia", "check_prefix", "log10_spectrum", "prefixed_scalars"]
+__all__ = [
+    "DEFAULT_PREFIX",
+    "LoggerDispatcher",
+    "ReportMedia",
+    "check_prefix",
+    "log10_spectrum",
+    "prefixed_scalars",
+]

@@ -16,13 +16,15 @@ A *history* is a sequence of report records as kept by
 ``NTKReport.to_dict()``, plus ``layer_share/<name>``, ``layer_drift/<name>`` and the
 dynamics keys of :class:`ntk_callback.insight.DynamicsTracker` when the callback logs them).
 """
+
 from __future__ import annotations
 
 import os
 import struct
 import zlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any
 
 import numpy as np
 
@@ -54,7 +56,8 @@ _FS_NOTE = 8.5
 
 
 def colormap(values: np.ndarray) -> np.ndarray:
-    """Map values in [0, 1] (clipped; NaN -> 0) to viridis RGB, ``uint8`` of shape ``values.shape + (3,)``."""
+    """Map values in [0, 1] (clipped; NaN -> 0) to viridis RGB, ``uint8`` of shape
+    ``values.shape + (3,)``."""
     v = np.nan_to_num(np.asarray(values, dtype=np.float64), nan=0.0, posinf=1.0, neginf=0.0)
     v = np.clip(v, 0.0, 1.0)
     grid = np.linspace(0.0, 1.0, len(_VIRIDIS))
@@ -71,7 +74,7 @@ def _to_numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
-def class_order(labels: Optional[Any], n: int) -> tuple[np.ndarray, list[int]]:
+def class_order(labels: Any | None, n: int) -> tuple[np.ndarray, list[int]]:
     """Stable order that groups probes by label, and the class boundaries in that order.
 
     Returns ``(order, boundaries)``: ``order`` an (n,) index array, ``boundaries`` the
@@ -105,14 +108,16 @@ class ProbeLayout:
 
     order: np.ndarray
     kind: str = "index"
-    boundaries: List[int] = field(default_factory=list)
-    classes: List[Tuple[int, int, Any]] = field(default_factory=list)
-    sorted_values: Optional[np.ndarray] = None
+    boundaries: list[int] = field(default_factory=list)
+    classes: list[tuple[int, int, Any]] = field(default_factory=list)
+    sorted_values: np.ndarray | None = None
 
 
-def _scalar_per_probe(values: Optional[Any], n: int) -> Optional[np.ndarray]:
+def _scalar_per_probe(values: Any | None, n: int) -> np.ndarray | None:
     """``values`` as an (n,) array when it holds exactly one number per probe, else None."""
-    shape = getattr(values, "shape", None)  # tensors and arrays only (not dicts / tuples of model inputs)
+    shape = getattr(
+        values, "shape", None
+    )  # tensors and arrays only (not dicts / tuples of model inputs)
     if shape is None or len(shape) == 0 or int(np.prod(tuple(shape))) != n or shape[0] != n:
         return None
     try:
@@ -124,7 +129,7 @@ def _scalar_per_probe(values: Optional[Any], n: int) -> Optional[np.ndarray]:
     return v.reshape(n)
 
 
-def probe_layout(labels: Optional[Any], n: int, inputs: Optional[Any] = None) -> ProbeLayout:
+def probe_layout(labels: Any | None, n: int, inputs: Any | None = None) -> ProbeLayout:
     """The :class:`ProbeLayout` of ``n`` probes.
 
     Order of preference: integer ``labels`` -> grouped by class; a scalar input per probe
@@ -138,20 +143,29 @@ def probe_layout(labels: Optional[Any], n: int, inputs: Optional[Any] = None) ->
         order, boundaries = class_order(y, n)
         starts, ends = [0] + boundaries, boundaries + [n]
         ys = y[order]
-        return ProbeLayout(order, "class", boundaries, [(s, e, ys[s].item()) for s, e in zip(starts, ends)])
+        return ProbeLayout(
+            order, "class", boundaries, [(s, e, ys[s].item()) for s, e in zip(starts, ends)]
+        )
     for kind, v in (("input", _scalar_per_probe(inputs, n)), ("target", y)):
         if v is not None and v.dtype.kind in "iuf":
             v = v.astype(np.float64)
-            order = np.argsort(np.where(np.isfinite(v), v, np.inf), kind="stable")  # non-finite last
+            order = np.argsort(
+                np.where(np.isfinite(v), v, np.inf), kind="stable"
+            )  # non-finite last
             return ProbeLayout(order, kind, sorted_values=v[order])
     return ProbeLayout(np.arange(n))
 
 
-def _heatmap_cells(K: Any, labels: Optional[Any], inputs: Optional[Any], max_cells: int) -> tuple[np.ndarray, ProbeLayout]:
-    """The kernel in its :func:`probe_layout` order, block-averaged onto at most ``max_cells`` cells per side."""
+def _heatmap_cells(
+    K: Any, labels: Any | None, inputs: Any | None, max_cells: int
+) -> tuple[np.ndarray, ProbeLayout]:
+    """The kernel in its :func:`probe_layout` order, block-averaged onto at most ``max_cells``
+    cells per side."""
     A = _to_numpy(K).astype(np.float64)
     if A.ndim != 2 or A.shape[0] != A.shape[1] or A.shape[0] == 0:
-        raise ValueError(f"the kernel heatmap needs a non-empty square (N, N) kernel, got shape {A.shape}")
+        raise ValueError(
+            f"the kernel heatmap needs a non-empty square (N, N) kernel, got shape {A.shape}"
+        )
     if max_cells < 1:
         raise ValueError(f"max_cells must be >= 1, got {max_cells}")
     n = A.shape[0]
@@ -174,7 +188,7 @@ def _finite_range(A: np.ndarray) -> tuple[float, float]:
 
 
 def kernel_color_range(
-    K0: Any, labels: Optional[Any] = None, *, inputs: Optional[Any] = None, max_cells: int = 256
+    K0: Any, labels: Any | None = None, *, inputs: Any | None = None, max_cells: int = 256
 ) -> tuple[float, float]:
     """``(vmin, vmax)`` of a kernel as its heatmap draws it (same order, same block averaging).
 
@@ -186,7 +200,9 @@ def kernel_color_range(
     return _finite_range(A)
 
 
-def _normalise(A: np.ndarray, vmin: Optional[float], vmax: Optional[float]) -> tuple[np.ndarray, float, float]:
+def _normalise(
+    A: np.ndarray, vmin: float | None, vmax: float | None
+) -> tuple[np.ndarray, float, float]:
     lo, hi = _finite_range(A)
     lo = lo if vmin is None else float(vmin)
     hi = hi if vmax is None else float(vmax)
@@ -197,14 +213,14 @@ def _normalise(A: np.ndarray, vmin: Optional[float], vmax: Optional[float]) -> t
 
 def kernel_heatmap_image(
     K: Any,
-    labels: Optional[Any] = None,
+    labels: Any | None = None,
     *,
-    inputs: Optional[Any] = None,
+    inputs: Any | None = None,
     max_cells: int = 256,
-    cell_px: Optional[int] = None,
+    cell_px: int | None = None,
     target_px: int = 256,
-    vmin: Optional[float] = None,
-    vmax: Optional[float] = None,
+    vmin: float | None = None,
+    vmax: float | None = None,
 ) -> np.ndarray:
     """Bare heatmap of a kernel as an RGB ``uint8`` image of shape (3, H, W), numpy only.
 
@@ -250,8 +266,9 @@ HEATMAP_SCALES = ("per_report", "initial")
 """Colour scales of the logged heatmap: each report's own min..max, or the initial kernel's."""
 
 
-def report_title(tag: Optional[str], step: Optional[int], epoch: Optional[int], what: str = "NTK") -> str:
-    """``"initial NTK (step 0)"``, ``"NTK, epoch 3 (step 150)"``, ``"NTK at the end of training (step 157)"``."""
+def report_title(tag: str | None, step: int | None, epoch: int | None, what: str = "NTK") -> str:
+    """``"initial NTK (step 0)"``, ``"NTK, epoch 3 (step 150)"``,
+    ``"NTK at the end of training (step 157)"``."""
     where = f"step {step}" if step is not None else ""
     if tag == "init":
         return f"initial {what} ({where or 'before training'})"
@@ -263,8 +280,8 @@ def report_title(tag: Optional[str], step: Optional[int], epoch: Optional[int], 
 
 
 def _spaced_classes(
-    classes: List[Tuple[int, int, Any]], n: int, max_labels: int, min_gap: float = 0.0
-) -> List[Tuple[int, int, Any]]:
+    classes: list[tuple[int, int, Any]], n: int, max_labels: int, min_gap: float = 0.0
+) -> list[tuple[int, int, Any]]:
     """The classes to label: all of them when there are at most ``max_labels`` and no two centres
     are closer than ``min_gap`` probes; otherwise the first, then each next class whose centre is
     at least ``max(n / max_labels, min_gap)`` probes past the last labelled one (never two labels
@@ -273,7 +290,7 @@ def _spaced_classes(
     if len(classes) <= max_labels and all(b - a >= min_gap for a, b in zip(centres, centres[1:])):
         return list(classes)
     gap = max(n / max(1, max_labels), min_gap)
-    shown: List[Tuple[int, int, Any]] = []
+    shown: list[tuple[int, int, Any]] = []
     for c in classes:
         if not shown or (c[0] + c[1]) / 2 - (shown[-1][0] + shown[-1][1]) / 2 >= gap - 1e-9:
             shown.append(c)
@@ -294,15 +311,15 @@ def _value_labels(values: np.ndarray) -> list[str]:
 
 def kernel_heatmap_figure(
     K: Any,
-    labels: Optional[Any] = None,
+    labels: Any | None = None,
     *,
-    inputs: Optional[Any] = None,
-    step: Optional[int] = None,
-    epoch: Optional[int] = None,
-    tag: Optional[str] = None,
-    vmin: Optional[float] = None,
-    vmax: Optional[float] = None,
-    scale_note: Optional[str] = None,
+    inputs: Any | None = None,
+    step: int | None = None,
+    epoch: int | None = None,
+    tag: str | None = None,
+    vmin: float | None = None,
+    vmax: float | None = None,
+    scale_note: str | None = None,
     max_cells: int = 256,
     max_class_labels: int = 12,
     figsize: tuple[float, float] = (4.2, 3.8),
@@ -320,7 +337,8 @@ def kernel_heatmap_figure(
     * class boundaries (white lines, left out when classes are thinner than 4 pixels) and
       the class labels at the class centres (all of them when there are at most
       ``max_class_labels`` and they do not collide; else spaced at least N /
-      ``max_class_labels`` probes and ~12 px apart: 100 equal classes show every 9th); for regression probes,
+      ``max_class_labels`` probes and ~12 px apart: 100 equal classes show every 9th); for
+      regression probes,
       the tick labels give the input / target value at that position of the sorted order;
     * the report in the title (:func:`report_title` of ``tag``, ``epoch``, ``step``), N
       and the colour scale below it (``scale_note`` overrides the default wording).
@@ -338,19 +356,25 @@ def kernel_heatmap_figure(
     fig = Figure(figsize=figsize, dpi=100)
     ax = fig.add_axes((0.16, 0.13, 0.62, 0.72))
     cax = fig.add_axes((0.81, 0.13, 0.035, 0.72))
-    # RGB cells from our own colormap (no lookup inside matplotlib): the pixels are colormap(norm) exactly
+    # RGB cells from our own colormap (no lookup inside matplotlib): the pixels are exactly
+    # colormap(norm)
     ax.imshow(colormap(norm), interpolation="nearest", extent=(0, n, n, 0), aspect="equal")
     flo, fhi = _finite_range(A)
     extend = ("neither", "max", "min", "both")[int(fhi > hi) + 2 * int(flo < lo)]
     cmap = ListedColormap(colormap(np.linspace(0.0, 1.0, 256)) / 255.0)
-    bar = fig.colorbar(ScalarMappable(norm=Normalize(lo, hi if hi > lo else lo + 1.0), cmap=cmap), cax=cax,
-                       extend=extend)
+    bar = fig.colorbar(
+        ScalarMappable(norm=Normalize(lo, hi if hi > lo else lo + 1.0), cmap=cmap),
+        cax=cax,
+        extend=extend,
+    )
     bar.ax.tick_params(labelsize=_FS_TICK)
     bar.formatter.set_powerlimits((-4, 5))  # offset notation only for very large / small entries
     axes_px = 0.62 * figsize[0] * fig.dpi
     if layout.kind == "class":
         k = len(layout.classes)
-        if layout.boundaries and axes_px / k >= 4:  # thinner classes: the lines would hide the cells
+        if (
+            layout.boundaries and axes_px / k >= 4
+        ):  # thinner classes: the lines would hide the cells
             for b in layout.boundaries:
                 ax.axhline(b, color="white", lw=0.7)
                 ax.axvline(b, color="white", lw=0.7)
@@ -358,7 +382,9 @@ def kernel_heatmap_figure(
         shown = _spaced_classes(layout.classes, n, max_class_labels, min_gap=12.0 * n / axes_px)
         ticks = [(s + e) / 2 for s, e, _ in shown]
         names = [str(c) for _, _, c in shown]
-        ax.set_xticks(ticks, names, fontsize=_FS_TICK, rotation=90 if max(map(len, names)) > 3 else 0)
+        ax.set_xticks(
+            ticks, names, fontsize=_FS_TICK, rotation=90 if max(map(len, names)) > 3 else 0
+        )
         ax.set_yticks(ticks, names, fontsize=_FS_TICK)
         xlabel = f"class ({k} classes" + (f", {len(shown)} labelled)" if len(shown) < k else ")")
         ylabel = "class"
@@ -375,11 +401,23 @@ def kernel_heatmap_figure(
     ax.set_xlabel(xlabel, fontsize=_FS_LABEL)
     ax.set_ylabel(ylabel, fontsize=_FS_LABEL)
     if scale_note is None:
-        scale_note = "colour range: this report" if vmin is None and vmax is None else "colour range: fixed"
+        scale_note = (
+            "colour range: this report" if vmin is None and vmax is None else "colour range: fixed"
+        )
     cells = A.shape[0]
     avg = f", {cells}x{cells} block means" if cells < n else ""
-    fig.text(0.5, 0.975, report_title(tag, step, epoch), ha="center", va="top", fontsize=_FS_TITLE + 0.5)
-    fig.text(0.5, 0.925, f"N = {n}{avg}; {scale_note}", ha="center", va="top", fontsize=_FS_NOTE, color="0.3")
+    fig.text(
+        0.5, 0.975, report_title(tag, step, epoch), ha="center", va="top", fontsize=_FS_TITLE + 0.5
+    )
+    fig.text(
+        0.5,
+        0.925,
+        f"N = {n}{avg}; {scale_note}",
+        ha="center",
+        va="top",
+        fontsize=_FS_NOTE,
+        color="0.3",
+    )
     return fig
 
 
@@ -421,7 +459,9 @@ _WIDTH_IN = 4.2
 _PANEL_IN = 2.05
 
 
-def _stacked(Figure: Any, rows: int, extra_in: float = 0.0, bottom_in: float = 0.45) -> tuple[Any, list[Any]]:
+def _stacked(
+    Figure: Any, rows: int, extra_in: float = 0.0, bottom_in: float = 0.45
+) -> tuple[Any, list[Any]]:
     """A figure of ``rows`` panels stacked vertically sharing the x axis (global step)."""
     height = rows * _PANEL_IN + extra_in + bottom_in + 0.1
     fig = Figure(figsize=(_WIDTH_IN, height), dpi=100)
@@ -435,18 +475,26 @@ def _stacked(Figure: Any, rows: int, extra_in: float = 0.0, bottom_in: float = 0
         axes.append(ax)
     axes[-1].set_xlabel("global step", fontsize=_FS_LABEL)
     # fixed margins: tight_layout would render the figure twice (the dominant cost)
-    fig.subplots_adjust(left=0.15, right=0.97, top=1 - 0.32 / height, bottom=(bottom_in + extra_in) / height,
-                        hspace=0.42 * 2.05 / _PANEL_IN)
+    fig.subplots_adjust(
+        left=0.15,
+        right=0.97,
+        top=1 - 0.32 / height,
+        bottom=(bottom_in + extra_in) / height,
+        hspace=0.42 * 2.05 / _PANEL_IN,
+    )
     return fig, axes
 
 
 def _numerically_zero_floor(lam: np.ndarray) -> float:
     """``lambda_max * N * eps64``: a float64 eigenvalue of the kernel below it is round-off."""
-    return max(float(np.max(lam)) * lam.size * float(np.finfo(np.float64).eps), float(np.finfo(np.float64).tiny))
+    return max(
+        float(np.max(lam)) * lam.size * float(np.finfo(np.float64).eps),
+        float(np.finfo(np.float64).tiny),
+    )
 
 
 def spectrum_figure(history: Sequence[Mapping[str, Any]], *, max_curves: int = 10) -> Any:
-    """Eigenvalue spectra of the reports in ``history`` on one plot, logged as ``<prefix>/spectrum``.
+    """Eigenvalue spectra of the reports in ``history`` on one plot (``<prefix>/spectrum``).
 
     x: eigenvalue index i = 1..N (descending); y: log10 lambda_i. At most ``max_curves``
     reports are drawn, evenly spaced, first and last always included; the colour encodes
@@ -493,11 +541,22 @@ def spectrum_figure(history: Sequence[Mapping[str, Any]], *, max_curves: int = 1
     ax.grid(True, which="major", alpha=0.3)
     if any(z for _, z, _ in zeros):
         first, last = zeros[0], zeros[-1]
-        note = f"\u25bc rest numerically 0:\n{last[1]} of {last[2]} at step {last[0].get('step', '?')}"
+        note = (
+            f"\u25bc rest numerically 0:\n{last[1]} of {last[2]} at step {last[0].get('step', '?')}"
+        )
         if len(zeros) > 1:
             note += f"\n{first[1]} at step {first[0].get('step', '?')}"
-        ax.text(0.98, 0.97, note, transform=ax.transAxes, ha="right", va="top", fontsize=_FS_NOTE, color="0.25",
-                bbox=dict(facecolor="white", edgecolor="0.8", alpha=0.85, pad=2.0))
+        ax.text(
+            0.98,
+            0.97,
+            note,
+            transform=ax.transAxes,
+            ha="right",
+            va="top",
+            fontsize=_FS_NOTE,
+            color="0.25",
+            bbox=dict(facecolor="white", edgecolor="0.8", alpha=0.85, pad=2.0),
+        )
     if len(chosen) > 1:
         cax = fig.add_axes((0.83, 0.14, 0.03, 0.75))
         cmap = ListedColormap(colormap(np.linspace(0.0, 0.9, 256)) / 255.0)
@@ -561,7 +620,7 @@ LAYER_SHARE = "layer_share/"
 LAYER_DRIFT = "layer_drift/"
 
 
-def layer_names(history: Sequence[Mapping[str, Any]], max_layers: Optional[int] = None) -> list[str]:
+def layer_names(history: Sequence[Mapping[str, Any]], max_layers: int | None = None) -> list[str]:
     """Layers with a ``layer_share/<name>`` metric in ``history``, largest first.
 
     Ranked by the largest share each layer reached in any report (ties: first seen),
@@ -571,7 +630,7 @@ def layer_names(history: Sequence[Mapping[str, Any]], max_layers: Optional[int] 
     for rec in history:
         for key, v in rec.get("metrics", {}).items():
             if key.startswith(LAYER_SHARE):
-                name = key[len(LAYER_SHARE):]
+                name = key[len(LAYER_SHARE) :]
                 v = float(v) if v is not None and np.isfinite(v) else -np.inf
                 best[name] = max(best.get(name, -np.inf), v)
     names = sorted(best, key=lambda k: -best[k])  # stable: ties keep first-seen order
@@ -579,8 +638,9 @@ def layer_names(history: Sequence[Mapping[str, Any]], max_layers: Optional[int] 
 
 
 def _short(name: str, width: int = 30) -> str:
-    """A long module path shortened from the left (``'...layers.3.attn.out_proj'``): the tail names the layer."""
-    return name if len(name) <= width else "\u2026" + name[-(width - 1):]
+    """A long module path shortened from the left (``'...layers.3.attn.out_proj'``): the tail
+    names the layer."""
+    return name if len(name) <= width else "\u2026" + name[-(width - 1) :]
 
 
 def layers_figure(history: Sequence[Mapping[str, Any]], *, max_layers: int = 8) -> Any:
@@ -605,8 +665,10 @@ def layers_figure(history: Sequence[Mapping[str, Any]], *, max_layers: int = 8) 
     legend_rows = -(-max(len(shown), 1) // ncol) + (1 if hidden else 0)
     fig, axes = _stacked(Figure, 2, extra_in=0.2 + 0.16 * legend_rows, bottom_in=0.45)
     colors = colormap(np.linspace(0.0, 0.9, max(len(shown), 1))) / 255.0
-    panels = ((LAYER_SHARE, "share of the kernel  tr K_l / tr K"),
-              (LAYER_DRIFT, "layer drift  ||K_l - K0_l|| / ||K0_l||"))
+    panels = (
+        (LAYER_SHARE, "share of the kernel  tr K_l / tr K"),
+        (LAYER_DRIFT, "layer drift  ||K_l - K0_l|| / ||K0_l||"),
+    )
     for ax, (prefix, title) in zip(axes, panels):
         for c, name in zip(colors, shown):
             xs, ys = _series(history, prefix + name)
@@ -615,9 +677,17 @@ def layers_figure(history: Sequence[Mapping[str, Any]], *, max_layers: int = 8) 
         ax.set_title(title, fontsize=_FS_TITLE)
     if axes[0].lines:
         handles = axes[0].lines
-        fig.legend(handles, [_short(h.get_label()) for h in handles], loc="lower center", ncol=ncol, fontsize=_FS_NOTE,
-                   frameon=False, bbox_to_anchor=(0.5, 0.0),
-                   title=f"{hidden} smaller layers not shown" if hidden else None, title_fontsize=_FS_NOTE)
+        fig.legend(
+            handles,
+            [_short(h.get_label()) for h in handles],
+            loc="lower center",
+            ncol=ncol,
+            fontsize=_FS_NOTE,
+            frameon=False,
+            bbox_to_anchor=(0.5, 0.0),
+            title=f"{hidden} smaller layers not shown" if hidden else None,
+            title_fontsize=_FS_NOTE,
+        )
     return fig
 
 
@@ -644,8 +714,19 @@ def dynamics_figure(history: Sequence[Mapping[str, Any]]) -> Any:
     if xs:
         ax.plot(xs, ys, marker="o", ms=4, lw=1.6, color="#2c728e", label="observed ||f - y||")
     if px:
-        ax.plot(px, py, marker="x", ms=6, lw=1.2, ls="--", color="#d95f02", label="predicted by the kernel")
-    if ys + py and min(ys + py) > 0 and max(ys + py) > 10 * min(ys + py):  # log scale over > 1 decade
+        ax.plot(
+            px,
+            py,
+            marker="x",
+            ms=6,
+            lw=1.2,
+            ls="--",
+            color="#d95f02",
+            label="predicted by the kernel",
+        )
+    if (
+        ys + py and min(ys + py) > 0 and max(ys + py) > 10 * min(ys + py)
+    ):  # log scale over > 1 decade
         from matplotlib.ticker import FuncFormatter, NullFormatter
 
         ax.set_yscale("log")
@@ -659,8 +740,16 @@ def dynamics_figure(history: Sequence[Mapping[str, Any]]) -> Any:
     if gx:
         gax.plot(gx, gy, marker="o", ms=4, lw=1.6, color="#5ec962")
     else:
-        gax.text(0.5, 0.5, "no held-out probes\n(needs a validation dataloader)", ha="center", va="center",
-                 transform=gax.transAxes, fontsize=_FS_LABEL, color="0.4")
+        gax.text(
+            0.5,
+            0.5,
+            "no held-out probes\n(needs a validation dataloader)",
+            ha="center",
+            va="center",
+            transform=gax.transAxes,
+            fontsize=_FS_LABEL,
+            color="0.4",
+        )
     gax.set_title("held-out linearisation gap ||f - f_lin|| / ||f - f_0||", fontsize=_FS_TITLE)
     return fig
 
@@ -671,7 +760,7 @@ FIGURES = {
     "layers": layers_figure,
     "dynamics": dynamics_figure,
 }
-"""The history pictures by name (each ``history -> Figure``), as logged under ``<prefix>/<name>``."""
+"""The history pictures by name (each ``history -> Figure``), logged as ``<prefix>/<name>``."""
 
 
 def figure_to_image(fig: Any) -> np.ndarray:
@@ -695,7 +784,10 @@ def _as_hwc(image: np.ndarray) -> np.ndarray:
     elif img.ndim == 3 and img.shape[0] in (1, 3, 4) and img.shape[2] not in (1, 3, 4):
         img = img.transpose(1, 2, 0)
     if img.ndim != 3 or img.shape[2] not in (1, 3, 4):
-        raise ValueError(f"expected an image of shape (H, W), (C, H, W) or (H, W, C) with C in 1/3/4, got {img.shape}")
+        raise ValueError(
+            "expected an image of shape (H, W), (C, H, W) or (H, W, C) with C in 1/3/4, "
+            f"got {img.shape}"
+        )
     if img.shape[2] == 1:
         img = np.repeat(img, 3, axis=2)
     if img.dtype != np.uint8:
@@ -713,14 +805,25 @@ def png_bytes(image: np.ndarray) -> bytes:
     raw = b"".join(b"\x00" + img[row].tobytes() for row in range(h))  # filter type 0 per row
 
     def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+        return (
+            struct.pack(">I", len(data))
+            + tag
+            + data
+            + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+        )
 
     header = struct.pack(">IIBBBBB", w, h, 8, color_type, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(raw, 6))
+        + chunk(b"IEND", b"")
+    )
 
 
-def save_png(path: Union[str, os.PathLike], image: Any) -> str:
-    """Write ``image`` (an image array as for :func:`png_bytes`, or a matplotlib figure) to ``path``; returns the path."""
+def save_png(path: str | os.PathLike, image: Any) -> str:
+    """Write ``image`` (an image array as for :func:`png_bytes`, or a matplotlib figure) to
+    ``path``; returns the path."""
     if hasattr(image, "savefig") and hasattr(image, "add_subplot"):
         image = figure_to_image(image)
     data = png_bytes(image)
