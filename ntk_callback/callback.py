@@ -61,6 +61,7 @@ from .engine import NTKError, empirical_ntk, layerwise_ntk, mode_names, model_ou
 from .engine.projection import output_projections, projected_output_fn
 from .insight import DynamicsTracker, layer_drift, layer_shares
 from .loggers import DEFAULT_PREFIX, LoggerDispatcher, ReportMedia, check_prefix, prefixed_scalars
+from .plotting import HEATMAP_SCALES
 from .report import NTKReport, analyze_ntk
 
 _SOURCES = ("train", "val")
@@ -221,6 +222,11 @@ class NTKReportCallback(Callback):
             (one or two lines per report, for long runs) or ``"off"``; default ``"full"``
             (``"off"`` when ``log_console=False``). Printed on global rank zero, through the
             progress bar while one of its bars is open, plainly otherwise.
+        heatmap_scale: colours of the ``ntk/kernel`` heatmap: ``"per_report"`` (default;
+            each heatmap spans its own min..max, so its structure always shows and the
+            colour bar gives the values) or ``"initial"`` (fixed to the initial kernel K0's
+            range, so colours compare across steps; entries beyond it clip, marked by arrows
+            on the colour bar).
 
     Logged per report (step = ``trainer.global_step``): every key of
     ``NTKReport.to_dict()`` as ``ntk/<key>`` to every logger and into
@@ -312,6 +318,7 @@ class NTKReportCallback(Callback):
         alignment_projections: int = 8,
         init_kernel_at: str = "train_start",
         console: Optional[str] = None,
+        heatmap_scale: str = "per_report",
     ) -> None:
         super().__init__()
         self.num_probes = _check_int("num_probes", num_probes, 1)
@@ -346,6 +353,12 @@ class NTKReportCallback(Callback):
         self.dtype = dtype
         self.log_images = _check_bool("log_images", log_images)
         self.log_figures = _check_bool("log_figures", log_figures)
+        if heatmap_scale not in HEATMAP_SCALES:
+            raise NTKCallbackConfigError(
+                f"NTKReportCallback(heatmap_scale={heatmap_scale!r}): expected one of {HEATMAP_SCALES} "
+                "('per_report': each heatmap its own colour range; 'initial': the initial kernel's)."
+            )
+        self.heatmap_scale = heatmap_scale
         self.log_console = _check_bool("log_console", log_console)
         if memory_budget is not None:
             memory_budget = _check_int("memory_budget", memory_budget, 1)
@@ -1384,7 +1397,7 @@ class NTKReportCallback(Callback):
         if targets is not None and targets.ndim in (1, 2) and targets.numel() == targets.shape[0]:
             # integer labels group the heatmap by class; real (regression) targets sort it
             labels = (targets.double() if targets.is_floating_point() else targets).reshape(-1).numpy()
-        scale = getattr(self, "heatmap_scale", "per_report")
+        scale = self.heatmap_scale
         media = ReportMedia(
             step=record["step"],
             kernel=kernel.double().numpy(),

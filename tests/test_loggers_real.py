@@ -240,3 +240,52 @@ def test_mlflow_file_store_has_the_scalars_and_pictures(tmp_path: Any, monkeypat
         logged = json.load(fh)
     assert logged["step"] == 10
     np.testing.assert_allclose(logged["eigenvalues"], cb.history[-1]["eigenvalues"], rtol=1e-12)
+
+
+# ------------------------------------------------------------- heatmap colour scale
+
+
+def test_heatmap_scale_initial_fixes_the_colours_to_k0(tmp_path: Any) -> None:
+    """``heatmap_scale="initial"`` through a real fit (CSVLogger's PNG files): every heatmap
+    uses K0's colour range; the default keeps each report's own range. Bad values: a clear
+    error naming the choices."""
+    pytest.importorskip("matplotlib")
+    from ntk_callback import NTKReportCallback
+    from ntk_callback.callback import NTKCallbackConfigError
+    from ntk_callback.loggers import ReportMedia
+
+    with pytest.raises(NTKCallbackConfigError, match="heatmap_scale='K0'.*per_report.*initial"):
+        NTKReportCallback(heatmap_scale="K0")
+    fl = load_flavour(PL)
+    model = make_model(fl, "Regressor", seed=0, lr=0.05)
+    train, _ = loaders("Regressor")
+    cb = NTKReportCallback(
+        num_probes=10,
+        every_n_epochs=1,
+        log_console=False,
+        heatmap_scale="initial",
+        log_figures=False,
+    )
+    logger = fl.loggers.CSVLogger(str(tmp_path), name="csv", version=0)
+    trainer = fl.Trainer(max_epochs=2, callbacks=[cb], **quiet_trainer_kwargs(logger=logger))
+    trainer.fit(model, train)
+    last = cb.history[-1]
+    logged = _png(os.path.join(logger.log_dir, "ntk", f"kernel_step_{last['step']:07d}.png"))
+    common = dict(
+        step=last["step"],
+        kernel=cb.last_kernel.double().numpy(),
+        labels=cb.probes[1].numpy(),
+        eigenvalues=np.asarray(last["eigenvalues"]),
+        history=cb.history,
+        pictures=("kernel",),
+        epoch=last["epoch"],
+        tag=last["tag"],
+        inputs=cb.probes[0],
+    )
+    fixed = ReportMedia(
+        **common, heatmap_scale="initial", init_kernel=cb.init_kernel.double().numpy()
+    )
+    own = ReportMedia(**common)
+    assert fixed.heatmap_range()[0] is not None
+    np.testing.assert_array_equal(logged, fixed.image("kernel").transpose(1, 2, 0))
+    assert not np.array_equal(logged, own.image("kernel").transpose(1, 2, 0))
