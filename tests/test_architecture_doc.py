@@ -129,3 +129,27 @@ def test_the_checker_sees_imports() -> None:
     assert allowed("engine/modes", ["engine/*"]) and not allowed("engine/structured/rules",
                                                                    ["engine/*"])
     assert not allowed("callback", ["analysis"])
+
+
+# names in the walk-through that belong to torch, Lightning or TensorBoard, or are arguments
+EXTERNAL = {"ValueError", "add_histogram", "add_image", "log_metrics", "pl_module.print",
+            "trainer.callback_metrics", "pyplot", "every_n_epochs", "mypy",
+            "init_kernel_at"}
+
+
+def test_named_functions_exist() -> None:
+    """Every function, class or module the walk-through and the recipes name in backticks
+    is defined in the package (a rename must update the page)."""
+    defined = {Path(rel).stem for rel in package_modules()} | {"engine", "structured"}
+    for path in package_modules().values():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                defined.add(node.name)
+            elif isinstance(node, ast.Assign):
+                defined.update(t.id for t in node.targets if isinstance(t, ast.Name))
+    text = DOC.read_text()
+    prose = text[text.index("## One report"):]
+    missing = sorted(tok for tok in set(re.findall(r"`([A-Za-z_][\w.]*)`", prose))
+                     if tok not in EXTERNAL and not tok.endswith((".py", ".toml", ".md"))
+                     and tok.split(".")[-1] not in defined)
+    assert not missing, f"docs/architecture.md names what the package does not define: {missing}"
