@@ -69,6 +69,11 @@ def _worker(rank: int, world: int, init: str, out_dir: str) -> None:
             empirical_ntk(model, x[:N - rank], y[:N - rank], block_size=7, comm=comm)
         except NTKError as exc:
             result["mismatch"] = str(exc)
+        try:  # the same probes in another order (a shuffling loader on one rank)
+            order = torch.arange(N).flip(0) if rank else torch.arange(N)
+            ntk_spectrum(model, x[order], y[order], k=2, comm=comm)
+        except NTKError as exc:
+            result["order"] = str(exc)
         # a failure on rank 1: both ranks raise, neither hangs
         model.armed = True
         start = time.monotonic()
@@ -128,6 +133,7 @@ def test_two_processes_match_one(tmp_path) -> None:
 
     for r in ranks:
         assert "different probes" in r["mismatch"]
+        assert "different data" in r["order"]
         assert r["failure_seconds"] < 60
     assert "planted failure on rank 1" in ranks[1]["failure"]
     assert "rank 1 of 2 failed" in ranks[0]["failure"]

@@ -135,10 +135,14 @@ def collect(data: Any, targets: Any, batch_to_probe: Callable[[Any], Any] | None
 
 
 def checksum(inputs: Any, targets: torch.Tensor | None) -> float:
+    """A float64 fingerprint of the probes that depends on their order: per leaf, the
+    probe sums (and absolute sums) weighted by the probe's position."""
     total = 0.0
     for leaf in B.leaves(inputs) + ([targets] if targets is not None else []):
-        values = leaf.detach().double()
-        total += float(values.sum()) + 0.5 * float(values.abs().sum())
+        values = leaf.detach().double().reshape(leaf.shape[0], -1)
+        weight = torch.arange(1, values.shape[0] + 1, dtype=torch.float64,
+                              device=values.device) / values.shape[0]
+        total += float(weight @ values.sum(1)) + 0.5 * float(weight @ values.abs().sum(1))
     return total
 
 
