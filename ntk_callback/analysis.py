@@ -473,7 +473,9 @@ def alignment_chance_level(
     """
     Ks = _kernel(K)
     Y, is_labels = _target_matrix(targets, Ks.shape[0], num_classes)
-    value, reason = _alignment(Ks, Y, is_labels, center_targets=centered, center_kernel=center_kernel, chance=True)
+    value, reason = _alignment(
+        Ks, Y, is_labels, center_targets=centered, center_kernel=center_kernel, chance=True
+    )
     if reason is not None:
         _warn_undefined("alignment_chance_level", reason)
     return value

@@ -15,16 +15,15 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, List
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
-
 from callback_reference import TBContent, cka, kta, reference_kernel
 from lightning_models import load_flavour, quiet_trainer_kwargs
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 NUM_CLASSES = 10
 
@@ -148,7 +147,7 @@ def test_batchnorm_scale_change_is_flagged_and_k0_after_the_first_epoch(tmp_path
         warnings.simplefilter("always")
         trainer.fit(_bn_model(fl), DataLoader(TensorDataset(x, y), batch_size=8))
     out = capsys.readouterr().out
-    messages: List[str] = [str(w.message) for w in rec if "BatchNorm running statistics" in str(w.message)]
+    messages: list[str] = [str(w.message) for w in rec if "BatchNorm running statistics" in str(w.message)]
 
     # the scale change, against numpy on the kernels the callback measured
     K0, K = at_start.init_kernel.double().numpy(), at_start.last_kernel.double().numpy()

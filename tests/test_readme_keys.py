@@ -9,22 +9,21 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Set
+from typing import Any
 
 import torch
+from lightning_models import load_flavour, quiet_trainer_kwargs
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-
-from lightning_models import load_flavour, quiet_trainer_kwargs
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 
 
-def readme_keys() -> Set[str]:
+def readme_keys() -> set[str]:
     """The backticked ``ntk/...`` names in the first column of the README's key table."""
     text = open(README, encoding="utf-8").read()
     section = text.split("## What gets logged", 1)[1].split("\n## ", 1)[0]
-    keys: Set[str] = set()
+    keys: set[str] = set()
     for line in section.splitlines():
         if line.startswith("| `ntk/"):
             first = line.split("|")[1]
@@ -32,8 +31,8 @@ def readme_keys() -> Set[str]:
     return keys
 
 
-def _logged(history: Any) -> Set[str]:
-    keys: Set[str] = set()
+def _logged(history: Any) -> set[str]:
+    keys: set[str] = set()
     for record in history:
         for key in record["metrics"]:
             key = re.sub(r"^(layer_share|layer_drift)/.*$", r"\1/<layer>", key)
@@ -68,7 +67,7 @@ def test_readme_key_table_matches_the_logged_keys() -> None:
     fl = load_flavour("pytorch_lightning")
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
-    logged: Set[str] = set()
+    logged: set[str] = set()
 
     x, y = torch.randn(48, 4, generator=g), torch.randint(0, 3, (48,), generator=g)
     clf = _module(fl, nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)), nn.functional.cross_entropy, 0.1)
