@@ -72,7 +72,7 @@ _LABEL_FREE_MODES = ("trace", "sum")  # kernels that do not read the labels: ali
 _EXACT_TRACE_MAX_OUTPUTS = 16  # alignment="auto": the exact trace kernel up to this many outputs
 _PROJECTION_SEED_OFFSET = 2  # the projections' generator seed is seed + 2 (probes: seed, held-out: seed + 1)
 _FIGURE_EVERY = 5  # history pictures: always at the first, every 5th and the last report
-_BN_SCALE_WARN = 1.0  # |log10(tr K / tr K0)| from which a BatchNorm statistics change is flagged
+_BN_SCALE_WARN = 0.5  # |log10(tr K / tr K0)| (a factor ~3) from which a BatchNorm statistics change is flagged
 _REDUCTIONS = ("mean", "sum", "half_sum")
 STATE_VERSION = 1
 _BASE_PICTURES = ("spectrum", "drift")  # history pictures always drawn; "layers" / "dynamics" when active
@@ -235,7 +235,7 @@ class NTKReportCallback(Callback):
     ``ntk/spectrum``, ``ntk/drift``, ``ntk/layers`` and (dynamics) ``ntk/dynamics``.
 
     BatchNorm: the kernel is measured in eval mode, on the running statistics. When the
-    kernel's scale moved by 10x or more since K0 (``ntk/log10_scale_change``) while the
+    kernel's scale moved by a factor 3 or more since K0 (``|ntk/log10_scale_change| >= 0.5``) while the
     BatchNorm running statistics changed, one warning names this cause and the fixes (read
     the scale-free ``ntk/kernel_distance``; ``init_kernel_at="first_epoch_end"``).
 
@@ -1232,7 +1232,7 @@ class NTKReportCallback(Callback):
         return out
 
     def _check_bn_scale(self, pl_module: Any, metrics: Mapping[str, float], step: int) -> None:
-        """Warn once when the kernel's scale moved by orders of magnitude while BatchNorm
+        """Warn once when the kernel's scale moved by a factor 3 or more while BatchNorm
         running statistics changed since K0 (the eval-mode kernel follows them)."""
         scale = metrics.get("log10_scale_change")
         if scale is None or not math.isfinite(scale) or abs(scale) < _BN_SCALE_WARN or not self._bn_stats0:
