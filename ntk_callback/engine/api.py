@@ -376,8 +376,9 @@ def _blocked_run(model: torch.nn.Module, inputs: Any, targets: Any, mode: ModeLi
     one-shot engine once a block."""
     def block_fn(x: Any, t: Any, x2: Any, t2: Any, check: bool,
                  paths: dict[str, str] | None) -> tuple[dict[str, torch.Tensor], Explanation]:
-        return _run(model, x, t, mode, dtype, chunk_size, eval_mode, x2, t2, memory_budget,
-                    output_fn, implementation, paths, check, by_layer)
+        return _run(model, x, t, mode, dtype, chunk_size, eval_mode, x2, t2,
+                    _blocked.call_budget(memory_budget), output_fn, implementation, paths,
+                    check, by_layer)
 
     def num_outputs(x: Any) -> int:
         return model_outputs(model, x, dtype=dtype, eval_mode=eval_mode,

@@ -11,7 +11,9 @@ self-kernel of the engine), the cross kernel ``inputs=block_i, inputs2=block_j``
 it, mirrored below (full mode: ``K[j, i, b, a] = K[i, j, a, b]``). Each call keeps the
 engine's own memory budget; the result lives in memory or, with ``out="k.npy"``, in a
 memory-mapped ``.npy`` file written block by block, so only one block of the kernel is in
-memory at a time.
+memory at a time. Each call gets half the memory budget (:func:`call_budget`): the other
+half is left for its transient buffers, so that the peak stays near the budget plus the
+kernel itself.
 
 Cost: with B blocks of b probes, the B(B+1)/2 calls run the model's forward and backward
 passes over about ``B * N`` probes in all (a block's layer inputs and cotangents are
@@ -46,7 +48,7 @@ from . import batch as B
 from .distributed import Communicator, check_same_data, guarded, resolve
 from .errors import NTKError
 from .modes import KernelMode, ModeLike
-from .problem import blocks
+from .problem import DEFAULT_MEMORY_BUDGET, blocks
 
 DEFAULT_BLOCK_MAX = 2048
 
@@ -63,6 +65,18 @@ def is_data_stream(obj: Any) -> bool:
                                        np.ndarray)):
         return False
     return isinstance(obj, Iterable)
+
+
+def call_budget(memory_budget: int | None) -> int | None:
+    """The memory budget of each block's engine call: half the caller's, so that the
+    call's transient buffers (autograd's, outside the engine's accounting) fit in the
+    other half; bad values pass through to the engine's own error."""
+    if memory_budget is None:
+        return DEFAULT_MEMORY_BUDGET // 2
+    if isinstance(memory_budget, int) and not isinstance(memory_budget, bool) \
+            and memory_budget > 1:
+        return memory_budget // 2
+    return memory_budget
 
 
 def wanted(inputs: Any, inputs2: Any, block_size: int | None, out: Any, comm: Any) -> bool:
