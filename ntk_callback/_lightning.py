@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 
 def _import_flavour() -> tuple[str, ModuleType]:
@@ -43,7 +43,10 @@ _exceptions = importlib.import_module(f"{FLAVOUR}.utilities.exceptions")
 Callback = _callbacks.Callback
 rank_zero_warn = _rank_zero.rank_zero_warn
 rank_zero_info = _rank_zero.rank_zero_info
-MisconfigurationException = _exceptions.MisconfigurationException
+if TYPE_CHECKING:  # the same class in both flavours; one is enough to check against
+    from pytorch_lightning.utilities.exceptions import MisconfigurationException
+else:
+    MisconfigurationException = _exceptions.MisconfigurationException
 
 
 class NTKCallbackConfigError(MisconfigurationException, ValueError):

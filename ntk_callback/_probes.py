@@ -75,7 +75,12 @@ def apply_to_tensors(obj: Any, fn: Callable[[Tensor], Tensor]) -> Any:
 
 def _tensors(obj: Any) -> list[Tensor]:
     found: list[Tensor] = []
-    apply_to_tensors(obj, lambda t: found.append(t) or t)
+
+    def keep(t: Tensor) -> Tensor:
+        found.append(t)
+        return t
+
+    apply_to_tensors(obj, keep)
     return found
 
 
@@ -179,7 +184,7 @@ def select_indices(targets: Tensor | None, k: int, generator: torch.Generator,
     (label, pool position). Otherwise: the first ``k`` of the pool.
     """
     k = min(k, pool_size)
-    if not _is_integer_labels(targets):
+    if targets is None or not _is_integer_labels(targets):
         return torch.arange(k)
     labels = targets.tolist()
     classes = sorted(set(labels))
@@ -283,9 +288,10 @@ def draw_probes(
     if loader is None:
         raise ProbeError("no dataloader to draw probes from. Fix: pass probes=(inputs, "
                          "targets) to NTKReportCallback.")
+    pairs: list[Probes]
     with preserve_global_rng():
         dataset = getattr(loader, "dataset", None) if isinstance(loader, DataLoader) else None
-        if isinstance(loader, DataLoader) and _is_map_style(dataset):
+        if isinstance(loader, DataLoader) and dataset is not None and _is_map_style(dataset):
             n = len(dataset)
             size = min(n, max(pool_factor * num_probes, min_pool))
             pool = torch.randperm(n, generator=generator)[:size]
@@ -301,11 +307,12 @@ def draw_probes(
 
             if auto:
                 labels = [fetch([p])[1] for p in range(len(pool))]
-                targets = torch.cat(labels) if all(t is not None for t in labels) else None
+                present = [t for t in labels if t is not None]
+                targets = torch.cat(present) if len(present) == len(labels) else None
                 chosen = select_indices(targets, num_probes, generator, len(pool))
                 inputs, tgt = fetch(chosen.tolist())
             else:
-                pairs: list[Probes] = []
+                pairs = []
                 count = 0
                 for p in range(len(pool)):
                     pairs.append(fetch([p]))
@@ -319,9 +326,9 @@ def draw_probes(
         else:
             if isinstance(loader, DataLoader):
                 # a fresh single-process loader: never the training iterator, never its workers
-                loader = DataLoader(dataset, batch_size=loader.batch_size,
+                loader = DataLoader(loader.dataset, batch_size=loader.batch_size,
                                     collate_fn=loader.collate_fn, num_workers=0)
-            pairs: list[Probes] = []
+            pairs = []
             count = 0
             for batch in loader:
                 pair = _map_batch(batch, batch_to_probe)

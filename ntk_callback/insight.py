@@ -127,7 +127,8 @@ class DynamicsTracker:
                 self.f0_heldout = heldout_outputs.detach().double().cpu().reshape(-1)
                 self.k0_cross = cross_kernel.detach().double().cpu()
                 self.lin = (f, self.f0_heldout, int(step), float(lr_sum))
-        elif heldout_outputs is not None and self.lin is not None and step > self.lin[2]:
+        elif (heldout_outputs is not None and self.lin is not None and self.k0_cross is not None
+              and step > self.lin[2]):
             lin_train, lin_heldout, lin_step, lin_lr_sum = self.lin
             steps = step - lin_step
             mean_rate = self._rate((lr_sum - lin_lr_sum) / steps)

@@ -116,9 +116,9 @@ def _relu_kernels(x1: Any, x2: Any, depth: Any, w_std: Any,
     # cos(theta/2). Computed from differences, not from 1 - cos, so theta (near 0) and
     # pi - theta (near pi) keep full relative precision where arccos would lose half the
     # digits (its derivative is infinite at cos = +-1).
-    cdist = dict(p=2.0, compute_mode="donot_use_mm_for_euclid_dist")
-    chord_minus = torch.cdist(n1, n2, **cdist)
-    chord_plus = torch.cdist(n1, -n2, **cdist)
+    exact = "donot_use_mm_for_euclid_dist"
+    chord_minus = torch.cdist(n1, n2, p=2.0, compute_mode=exact)
+    chord_plus = torch.cdist(n1, -n2, p=2.0, compute_mode=exact)
     sigma = u1 @ u2.T
     if same:  # make the kernel exactly symmetric
         chord_minus = (chord_minus + chord_minus.T) / 2
