@@ -72,7 +72,7 @@ _LABEL_FREE_MODES = ("trace", "sum")  # kernels that do not read the labels: ali
 _EXACT_TRACE_MAX_OUTPUTS = 16  # alignment="auto": the exact trace kernel up to this many outputs
 _PROJECTION_SEED_OFFSET = 2  # the projections' generator seed is seed + 2 (probes: seed, held-out: seed + 1)
 _FIGURE_EVERY = 5  # history pictures: always at the first, every 5th and the last report
-_BN_SCALE_WARN = 0.5  # |log10(tr K / tr K0)| (a factor ~3) from which a BatchNorm statistics change is flagged
+_BN_SCALE_WARN = 0.3  # |log10(tr K / tr K0)| (a factor 2) from which a BatchNorm statistics change is flagged
 _REDUCTIONS = ("mean", "sum", "half_sum")
 STATE_VERSION = 1
 _BASE_PICTURES = ("spectrum", "drift")  # history pictures always drawn; "layers" / "dynamics" when active
@@ -235,7 +235,8 @@ class NTKReportCallback(Callback):
     ``ntk/spectrum``, ``ntk/drift``, ``ntk/layers`` and (dynamics) ``ntk/dynamics``.
 
     BatchNorm: the kernel is measured in eval mode, on the running statistics. When the
-    kernel's scale moved by a factor 3 or more since K0 (``|ntk/log10_scale_change| >= 0.5``) while the
+    kernel's scale moved by a factor 2 or more since K0 (``|ntk/log10_scale_change| >= 0.3``),
+    accounting for at least half of ``ntk/relative_change``, while the
     BatchNorm running statistics changed, one warning names this cause and the fixes (read
     the scale-free ``ntk/kernel_distance``; ``init_kernel_at="first_epoch_end"``).
 
@@ -1232,11 +1233,16 @@ class NTKReportCallback(Callback):
         return out
 
     def _check_bn_scale(self, pl_module: Any, metrics: Mapping[str, float], step: int) -> None:
-        """Warn once when the kernel's scale moved by a factor 3 or more while BatchNorm
-        running statistics changed since K0 (the eval-mode kernel follows them)."""
+        """Warn once when the kernel's scale moved by a factor 2 or more, accounting for at
+        least half of relative_change (``|s - 1| >= relative_change / 2``, s = tr K / tr K0;
+        K = s K0 gives ``relative_change = |s - 1|``), while BatchNorm running statistics
+        changed since K0 (the eval-mode kernel follows them)."""
         scale = metrics.get("log10_scale_change")
         if scale is None or not math.isfinite(scale) or abs(scale) < _BN_SCALE_WARN or not self._bn_stats0:
             return
+        rel = metrics.get("relative_change")
+        if rel is not None and math.isfinite(rel) and abs(10.0**scale - 1.0) < 0.5 * rel:
+            return  # the change of shape, not of scale, makes most of the drift
         now = self._bn_stats(pl_module)
         moved = [n for n, v in self._bn_stats0.items() if n in now and not torch.equal(now[n], v)]
         if not moved:
@@ -1247,9 +1253,9 @@ class NTKReportCallback(Callback):
             f"NTKReportCallback: at step {step} the kernel's scale is 10^{scale:+.1f} times that of K0 "
             f"({p}/log10_scale_change = {scale:+.2f}) and the BatchNorm running statistics of {len(moved)} layer(s) "
             f"({_name_list(moved)}) changed since K0 was measured. The kernel is measured in eval mode, so K0 used "
-            "BatchNorm's initial running mean 0 and variance 1 rather than the data's statistics: "
-            f"{p}/relative_change and {p}/lambda_max_change are then dominated by this change of normalisation, not "
-            f"by feature learning. Read {p}/kernel_distance (scale-free) for the change of the kernel's shape, or "
+            "BatchNorm's initial running mean 0 and variance 1 rather than the data's statistics, and the scale "
+            f"change, which makes most of {p}/relative_change and {p}/lambda_max_change, is then largely this change "
+            f"of normalisation rather than feature learning. Read {p}/kernel_distance (scale-free) for the change of the kernel's shape, or "
             "measure K0 once the statistics have warmed up: NTKReportCallback(init_kernel_at='first_epoch_end').",
         )
 
