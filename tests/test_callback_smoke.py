@@ -512,7 +512,8 @@ def test_regression_console_lines_prefix_helpers_and_state_round_trip(capsys: An
                             "residual_norm": 2.0, "predicted_residual_norm": 2.2,
                             "predicted_vs_observed_residual": 1.1, "steps_to_halve_residual": math.inf})
     assert lines == ("\nlayers     b 75% (drift 0.5)  a 25% (drift n/a)"
-                     "\ndynamics   residual 2 (predicted 2.2, ratio 1.1)  halves in n/a steps")
+                     "\ndynamics   residual 2 (predicted 2.2, ratio 1.1)  halves in n/a steps"
+                     " if the kernel stayed frozen")  # a frozen-kernel estimate, said so
     assert _insight_lines({"kta": 0.5}) == ""
     assert prefixed_scalars({"kta": 0.5, "bad": "x"}, "run/ntk") == {"run/ntk/kta": 0.5}
     assert check_prefix("a/b") == "a/b"
