@@ -1277,13 +1277,14 @@ class NTKReportCallback(Callback):
         init = kernel if new_init else self._init_kernel
         init_align = align if new_init else self._init_alignment_kernel
         epoch = max(trainer.current_epoch - 1 if tag == "final" else trainer.current_epoch, 0)
-        if tag == "init" and step > 0:
+        warmed = tag == "init" and self.init_kernel_at == "first_epoch_end"
+        if warmed:
             where = f"initial kernel K0 (after epoch {trainer.current_epoch})"
         else:
             where = {"init": "initial kernel K0", "final": "end of training"}.get(tag, f"after epoch {epoch}")
         if new_init:
             init_label = f"step {step}, " + (
-                "first successful report" if fallback else ("train start" if step == 0 else f"end of epoch {epoch}")
+                "first successful report" if fallback else (f"end of epoch {epoch}" if warmed else "train start")
             )
         else:
             init_label = self._init_label
