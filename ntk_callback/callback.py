@@ -57,7 +57,7 @@ from ._probes import (
     to_cpu,
     validate_probes,
 )
-from .engine import NTKError, empirical_ntk, layerwise_ntk, mode_names, model_outputs
+from .engine import KernelMode, NTKError, empirical_ntk, layerwise_ntk, mode_names, model_outputs
 from .engine.projection import output_projections, projected_output_fn
 from .insight import DynamicsTracker, layer_drift, layer_shares
 from .loggers import DEFAULT_PREFIX, LoggerDispatcher, ReportMedia, check_prefix, prefixed_scalars
@@ -68,7 +68,6 @@ _SOURCES = ("train", "val")
 _ALIGNMENTS = ("auto", "trace", "projected")
 _INIT_AT = ("train_start", "first_epoch_end")
 _CONSOLE = ("full", "compact", "off")
-_LABEL_FREE_MODES = ("trace", "sum")  # kernels that do not read the labels: alignment uses them directly
 _EXACT_TRACE_MAX_OUTPUTS = 16  # alignment="auto": the exact trace kernel up to this many outputs
 _PROJECTION_SEED_OFFSET = 2  # the projections' generator seed is seed + 2 (probes: seed, held-out: seed + 1)
 _FIGURE_EVERY = 5  # history pictures: always at the first, every 5th and the last report
@@ -1195,7 +1194,7 @@ class NTKReportCallback(Callback):
         estimate ``J V V^T J^T`` from ``alignment_projections`` seeded Gaussian output
         projections V, the same V at every report (see ``engine/projection.py``)."""
         assert self._probes is not None
-        if self.mode in _LABEL_FREE_MODES:
+        if not KernelMode.parse(self.mode).needs_targets:  # label-free: alignment uses it as is
             return None, f"{self.mode} kernel"
         if self._probes[1] is None:
             return None, ""
