@@ -97,7 +97,8 @@ def test_self_check_passes_on_correct_rules() -> None:
             assert all(p.startswith("structured") for p in why.paths.values()), why
             rtol = 1e-9 if dtype == torch.float64 else 1e-4
             for pairs in why.self_check.values():
-                assert len(pairs) == 2
+                # one cotangent row: one weighting fused into the capture pass
+                assert len(pairs) == (1 if mode in ("target", "sum") else 2)
                 for ours, theirs in pairs:
                     assert abs(ours - theirs) <= rtol * max(ours, theirs) + 1e-300
 
@@ -257,3 +258,18 @@ def test_register_rule_for_a_custom_layer() -> None:
 def test_register_rule_rejects_non_modules() -> None:
     with pytest.raises(TypeError, match="nn.Module"):
         N.engine.register_rule(int)
+
+
+@pytest.mark.parametrize("mode", ["target", "sum"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_check_leaves_the_kernel_bit_for_bit(mode: str, dtype: torch.dtype) -> None:
+    """In one-row modes the check scales each probe's cotangent by a power of two and
+    divides the kernel by w_i w_j afterwards: exact, so the kernel (and every per-layer
+    part) equals the unchecked one bit for bit, cross kernels included."""
+    model, x, y = _case()
+    for kw in ({}, {"inputs2": x[:3] * 0.5, "targets2": y[:3]}):
+        checked = N.layerwise_ntk(model, x, y, mode=mode, dtype=dtype, **kw)
+        plain = N.layerwise_ntk(model, x, y, mode=mode, dtype=dtype, self_check=False, **kw)
+        assert checked.keys() == plain.keys()
+        for key in checked:
+            assert torch.equal(checked[key], plain[key]), key

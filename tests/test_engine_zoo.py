@@ -349,3 +349,24 @@ def _layer_groups_first_owner(model: nn.Module) -> Dict[str, list]:
         else:
             groups[mname] = direct
     return groups
+
+
+def test_hf_conv1d_takes_the_structured_path() -> None:
+    """Hugging Face's ``Conv1D`` (GPT-2's transposed-weight Linear) has a rule, registered
+    the first time one is met (the engine never imports transformers itself): every
+    Conv1D weight and bias is structured and the kernel matches the reference (the
+    tied embedding/head weight stays on the exact path)."""
+    T = pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    model, x, t, _, ref_model, _ = _hf_case("gpt2_tied")
+    model = model.double()
+    K, why = empirical_ntk(model, x, t, dtype=torch.float64, explain=True)
+    conv = {f"{m}.{p}" for m, mod in model.named_modules() if isinstance(mod, Conv1D)
+            for p in ("weight", "bias")}
+    assert len(conv) == 16                                    # 2 layers x 4 Conv1D
+    assert all(why.paths[p] == "structured: TransposedLinearRule" for p in conv), why.paths
+    assert why.paths["lm.transformer.wte.weight"].startswith("generic")
+    J = R.jacobian_loop(ref_model, x)[0]
+    assert R.rel_err(K, R.kernel_from_jacobian(J, J, "target", t)) <= TOL64
+    assert T is not None

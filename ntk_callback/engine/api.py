@@ -16,6 +16,7 @@ from .problem import DEFAULT_MEMORY_BUDGET, Problem, build_problem, output_shape
 from .state import cast_floating, frozen_measurement
 
 IMPLEMENTATIONS = ("auto", "generic", "structured")
+# check vectors with several cotangent rows; with one row, one fused into the capture pass
 SELF_CHECK_VECTORS = 2
 log = logging.getLogger("ntk_callback.engine")
 

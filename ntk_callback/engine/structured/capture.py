@@ -117,12 +117,17 @@ def bottoms(targets: list[torch.Tensor]) -> list[int]:
 
 def backward_rows(out: torch.Tensor, targets: list[torch.Tensor], cot: torch.Tensor,
                   consume: Callable[[int, int, torch.Tensor], None],
-                  finish: Callable[[int], None], retain_last: bool = False) -> None:
+                  finish: Callable[[int], None], retain_last: bool = False,
+                  params: list[torch.Tensor] | None = None,
+                  on_params: Callable[[tuple[torch.Tensor | None, ...]], None] | None = None
+                  ) -> None:
     """One backward a cotangent row r: ``consume(r, i, D)`` receives the cotangent D at
     captured output i from a tensor hook as soon as autograd has computed it, so it is
     used while hot and freed as the backward moves on (outputs the row does not reach get
     zeros); ``finish(r)`` closes the row. (``is_grads_batched`` would vmap the backward,
-    but convolution backward has no batching rule: 1.2-1.5x slower than this loop.)"""
+    but convolution backward has no batching rule: 1.2-1.5x slower than this loop.)
+    With ``params`` (one cotangent row only), the same backward also gives the gradients
+    of those parameters, handed to ``on_params`` (the fused self-check)."""
     k = cot.shape[1]
     grad_out = cot.transpose(0, 1)  # (k, n, O)
     inputs = [targets[i] for i in bottoms(targets)]
@@ -140,9 +145,12 @@ def backward_rows(out: torch.Tensor, targets: list[torch.Tensor], cot: torch.Ten
     try:
         for r in range(k):
             state["row"], state["seen"] = r, set()
-            if inputs:
-                torch.autograd.grad(out, inputs, grad_out[r], allow_unused=True,
-                                    retain_graph=retain_last or r < k - 1)
+            extra = list(params) if params else []
+            if inputs or extra:
+                grads = torch.autograd.grad(out, inputs + extra, grad_out[r], allow_unused=True,
+                                            retain_graph=retain_last or r < k - 1)
+                if extra and on_params is not None:
+                    on_params(grads[len(inputs):])
             for i, z in enumerate(targets):
                 if i not in state["seen"]:
                     consume(r, i, torch.zeros_like(z))

@@ -2,7 +2,9 @@
 the self-check data, for the parameters of a :class:`.planner.Plan`."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -127,6 +129,9 @@ def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]], budget: in
     chunk = max(1, min(n_all, budget // (2 * per_probe)))
     routes: dict[str, str] = {}
     rows_left = budget
+    # With one cotangent row (target, sum mode) the self-check is fused into the capture
+    # pass (one positive probe weighting); with several, it takes its own backward passes.
+    fused = check > 0 and k == 1
 
     def route(name: str, term: Term) -> str:
         nonlocal rows_left
@@ -223,14 +228,25 @@ def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]], budget: in
                         bufs[key][sl, row, start:stop] = part
                     pending.clear()
 
-            if data is not None and checked:
+            on_params: Callable[[tuple[torch.Tensor | None, ...]], None] | None = None
+            row_cot = cot[sl]
+            if data is not None and checked and fused:
+                # One cotangent row: the check rides on the capture backward. Each probe's
+                # cotangent is scaled by its weight w_i > 0, so the same backward gives
+                # autograd's side (the gradient of sum_i w_i <cot_i, f(x_i)>) and rows
+                # w_i rows_i (the kernel is divided by w_i w_j at the end, exactly).
+                row_cot = row_cot * data.w[0][sl].reshape(-1, 1, 1)
+                on_params = partial(_add_ref, data.ref[0], checked)
+            elif data is not None and checked:
                 _reference(out, cot[sl], sl, data, [live[p] for p in checked], checked)
             # Cotangents are turned into rows inside the backward, one cotangent row at a
             # time: none is stacked, and each is freed right after its layer is done.
             extra = [(m, t) for m, _, c in entries for t in c.unfollowed]
             unfollowed = [m for m, _ in extra]
             backward_rows(out, [c.output for _, _, c in entries] + [t for _, t in extra],
-                          cot[sl], consume, finish)
+                          row_cot, consume, finish,
+                          params=[live[p] for p in checked] if on_params is not None else None,
+                          on_params=on_params)
             return gram_parts
 
         for sl in blocks(n, chunk):
@@ -243,7 +259,13 @@ def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]], budget: in
     for idx, (x, label, n, cot) in enumerate(problem.probe_sets()):
         data = None
         if check:
-            w, u = check_vectors(n, k, check, 1 + idx, problem.dtype, problem.device)
+            w, u = check_vectors(n, k, 1 if fused else check, 1 + idx, problem.dtype,
+                                 problem.device)
+            if fused:
+                # Positive powers of two, 2^-6 .. 2^6: scaling a cotangent by one and
+                # dividing the kernel by w_i w_j afterwards are exact in floating point,
+                # so the kernel is bit for bit the unweighted one.
+                w = [torch.exp2(torch.round(2.5 * w[0]).clamp_(-6, 6))]
             data = CheckData(w, u, [{} for _ in w], [{} for _ in w])
             checks.append(data)
         collected.append(collect(x, cot, n, label, data))
@@ -269,11 +291,33 @@ def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]], budget: in
         for value in result.values():
             mirror_lower(value)
     out = Result(result, checks)
+    if fused:
+        w1 = checks[0].w[0]
+        ww = torch.outer(w1, checks[1].w[0] if problem.cross else w1)
+        ww = ww.reshape(ww.shape + (1,) * (len(shape) - 2))
+        for value in result.values():
+            value.div_(ww)
+        pieces = [_rule_side(data, bufs, gram, slots, module_of, unit=True)
+                  for data, (bufs, gram) in zip(checks, collected)]
+        if symmetric:
+            quads: dict[str, float] = {}
+            for name, g in pieces[0].items():
+                key = key_of[name.split("#")[0]]
+                quads[key] = quads.get(key, 0.0) + float(torch.vdot(g, g))
+            out.quads = [quads]
+        return out
     for data, (bufs, gram) in zip(checks, collected):
         _rule_side(data, bufs, gram, slots, module_of)
     if checks and symmetric:
         out.quads = _quads(checks[0], rows1, gram1, slots, key_of, mode, budget)
     return out
+
+
+def _add_ref(ref: dict[str, torch.Tensor], names: list[str],
+             grads: tuple[torch.Tensor | None, ...]) -> None:
+    for name, g in zip(names, grads):
+        if g is not None:
+            ref[name] = g.detach() if name not in ref else ref[name] + g.detach()
 
 
 def _reference(out: torch.Tensor, cot: torch.Tensor, sl: slice, data: CheckData,
@@ -292,17 +336,29 @@ def _reference(out: torch.Tensor, cot: torch.Tensor, sl: slice, data: CheckData,
 
 
 def _rule_side(data: CheckData, bufs: dict[str, torch.Tensor], gram: dict[str, Term],
-               slots: dict[str, tuple[str, int, int]], module_of: dict[str, str]) -> None:
+               slots: dict[str, tuple[str, int, int]], module_of: dict[str, str],
+               unit: bool = False) -> dict[str, torch.Tensor]:
     """The rules' side of the self-check: ``sum_i sum_r w_i u_r rows_ir`` per module, from
-    the rows buffers and from the Gram-route terms (without per-probe rows)."""
+    the rows buffers and from the Gram-route terms (without per-probe rows). ``unit``:
+    the rows already carry the probe weights (fused check), so they are summed with
+    weight 1. Returns the first check vector's pieces by term name."""
+    first: dict[str, torch.Tensor] = {}
     for c, (w, u) in enumerate(zip(data.w, data.u)):
+        if unit:
+            w = torch.ones_like(w)
         side = data.G[c]
         wu = w[:, None] * u[None, :]
         for name, (key, start, stop) in slots.items():
             g = torch.einsum("ir,irp->p", wu, bufs[key][:, :, start:stop])
             side.setdefault(module_of[name.split("#")[0]], []).append(g)
+            if c == 0:
+                first[name] = g
         for name, term in gram.items():
-            side.setdefault(module_of[name.split("#")[0]], []).append(term.weighted(w, u))
+            g = term.weighted(w, u)
+            side.setdefault(module_of[name.split("#")[0]], []).append(g)
+            if c == 0:
+                first[name] = g
+    return first
 
 
 def _quads(data: CheckData, bufs: dict[str, torch.Tensor], gram: dict[str, Term],

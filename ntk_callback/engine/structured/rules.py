@@ -124,12 +124,20 @@ def register_rule(*module_types: type) -> Callable[[type[R]], type[R]]:
     return deco
 
 
+# Rules for classes of optional packages, keyed by (module, qualified name) so that the
+# package is never imported here; registered the first time such a module is met.
+_LAZY_RULES: dict[tuple[str, str], type[Rule]] = {}
+
+
 def rule_for(module: nn.Module) -> Rule | None:
     """The rule covering ``module``, or None. The nearest registered class in the MRO
     counts only if ``module``'s ``forward`` is that class's ``forward``."""
     cls = type(module)
     for base in cls.__mro__:
         rule = _RULES.get(base)
+        lazy = _LAZY_RULES.get((base.__module__, base.__qualname__))
+        if rule is None and lazy is not None:
+            rule = _RULES[base] = lazy()
         if rule is None:
             continue
         if getattr(cls, "forward", None) is not getattr(base, "forward", None):
@@ -183,6 +191,21 @@ def _positions_last(t: torch.Tensor, lead: int) -> torch.Tensor:
     """(lead..., C, *spatial) -> (lead..., C, S); a view for contiguous and channels-last
     maps alike."""
     return t.reshape(t.shape[:lead + 1] + (-1,))
+
+
+class TransposedLinearRule(Rule):
+    """Hugging Face's ``Conv1D`` (GPT-2, OpenAI GPT): ``z = addmm(b, a, W)`` with ``W``
+    stored (in, out), i.e. a Linear layer with a transposed weight. A kernel only needs
+    inner products of per-probe gradients, which do not depend on the order of a
+    parameter's entries, so the Linear terms apply as they are (rows in (out, in) order)."""
+
+    def terms(self, module: nn.Module, attrs: dict[str, str], call: Call, d: torch.Tensor,
+              memo: Memo) -> list[Term]:
+        leaf = next(module.children(), None) is None
+        return linear_terms(attrs, "weight", "bias", "", call.args[0], d, memo, "a1", fold=leaf)
+
+
+_LAZY_RULES[("transformers.pytorch_utils", "Conv1D")] = TransposedLinearRule
 
 
 @register_rule(nn.Conv1d, nn.Conv2d)

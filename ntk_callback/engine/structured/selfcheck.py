@@ -7,11 +7,24 @@ computes them and ``cot_ir`` the mode's cotangent rows:
 
 * **rules vs autograd**, per module: ``|| sum_i sum_r w_i u_r rows_ir ||^2`` against
   ``sum_p || d/dp sum_i w_i <sum_r u_r cot_ir, f(x_i)> ||^2`` over the module's
-  parameters p -- one extra backward pass of the whole batch per check vector (about
-  the cost of the floor G, one batched gradient), whatever the number of outputs. A
-  parameter the rule misses, a use it does not describe, or a wrong formula changes
-  the left side; with Gaussian weights a nonzero error cancels with probability zero,
-  and two vectors are drawn.
+  parameters p. A parameter the rule misses, a use it does not describe, or a wrong
+  formula changes the left side: the two sides are the quadratic forms ``w^T K_m w`` of
+  the module's kernel contribution as the rule builds it and as autograd defines it, and
+  for random weights a nonzero error cancels with probability zero.
+  With one cotangent row (target and sum mode) the check is *fused* into the capture
+  pass: one positive weighting ``w_i = 2^{m_i}``, ``m_i = clamp(round(2.5 z_i), -6, 6)``,
+  ``z ~ N(0, 1)``, scales each probe's cotangent, so the capture's own backward also
+  returns autograd's side (the parameter gradients of that weighted sum) and the rules
+  build ``w_i rows_i``; the kernel is then divided by ``w_i w_j``. Powers of two make the
+  scaling and the division exact: the kernel is bit for bit the unweighted one. A term
+  the rule drops makes its ``K_m`` too small by a positive semidefinite matrix, which a
+  positive ``w`` always sees; an error confined to probes of equal weight can cancel
+  (two probes' rows swapped: when their weights are equal, probability ~1/8). Cost:
+  the parameter gradients in that backward plus the rule side, about +15-100 % (most on
+  wide MLPs, whose kernel costs less than one gradient).
+  With several cotangent rows (trace, full mode) two Gaussian weightings ``w`` and row
+  weightings ``u`` are drawn, each with one extra backward pass of the whole batch
+  (about the floor G), whatever the number of outputs: +10-25 %.
 * **kernel vs rules**, per layer key of a self-kernel: ``w^T K w`` (trace mode: the same
   ``w`` for every output; full mode: ``sum w_i u_a K[i,j,a,b] w_j u_b``) against the
   same form computed from the rows and terms, which checks the Gram products, panels
