@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -94,27 +93,27 @@ class NTKReport:
     symmetry_residual: float
     effective_rank: float
     entropy_effective_rank: float
-    kta: Optional[float] = None
-    kta_uncentered: Optional[float] = None
-    cka: Optional[float] = None
-    kta_chance: Optional[float] = None
-    cka_chance: Optional[float] = None
-    gamma: Optional[float] = None
-    effective_dimension: Optional[float] = None
-    relative_change: Optional[float] = None
-    kernel_distance: Optional[float] = None
-    log10_scale_change: Optional[float] = None
-    init_lambda_max: Optional[float] = None
-    lambda_max_change: Optional[float] = None
-    init_kta: Optional[float] = None
-    kta_change: Optional[float] = None
-    kernel: Optional[torch.Tensor] = field(default=None, repr=False)
-    targets: Optional[torch.Tensor] = field(default=None, repr=False)
+    kta: float | None = None
+    kta_uncentered: float | None = None
+    cka: float | None = None
+    kta_chance: float | None = None
+    cka_chance: float | None = None
+    gamma: float | None = None
+    effective_dimension: float | None = None
+    relative_change: float | None = None
+    kernel_distance: float | None = None
+    log10_scale_change: float | None = None
+    init_lambda_max: float | None = None
+    lambda_max_change: float | None = None
+    init_kta: float | None = None
+    kta_change: float | None = None
+    kernel: torch.Tensor | None = field(default=None, repr=False)
+    targets: torch.Tensor | None = field(default=None, repr=False)
     title: str = ""
     alignment_source: str = ""
     init_label: str = ""
 
-    def to_dict(self) -> Dict[str, float]:
+    def to_dict(self) -> dict[str, float]:
         """Flat ``{name: float}`` for loggers; names are the logged scalar keys without ``ntk/``.
 
         Keys: ``num_probes, lambda_max, lambda_min, min_raw_eigenvalue, condition_number,
@@ -128,14 +127,14 @@ class NTKReport:
         (``condition_number`` of a singular kernel) or ``nan`` (undefined, e.g. one class).
         ``init_lambda_max`` / ``init_kta`` are constant over a run and stay fields only.
         """
-        out: Dict[str, float] = {}
+        out: dict[str, float] = {}
         for key in _SCALAR_KEYS:
             value = getattr(self, key)
             if value is not None:
                 out[key] = float(value)
         return out
 
-    def format(self, *, max_cells: int = 32, bins: int = 6, title: Optional[str] = None) -> str:
+    def format(self, *, max_cells: int = 32, bins: int = 6, title: str | None = None) -> str:
         """The compact console report (at most ``max_cells + 13`` lines, deterministic).
 
         A heatmap of |K| (probes ordered by class when integer class labels were given,
@@ -173,8 +172,9 @@ class NTKReport:
         if self.kta is not None:
             source = f" ({self.alignment_source})" if self.alignment_source else ""
             lines.append(
-                f"alignment{source}  KTA {_f(self.kta, 4)} (chance {_f(self.kta_chance, 4)}, uncentred"
-                f" {_f(self.kta_uncentered, 4)})  CKA {_f(self.cka, 4)} (chance {_f(self.cka_chance, 4)})"
+                f"alignment{source}  KTA {_f(self.kta, 4)} (chance {_f(self.kta_chance, 4)}, "
+                f"uncentred {_f(self.kta_uncentered, 4)})  CKA {_f(self.cka, 4)} "
+                f"(chance {_f(self.cka_chance, 4)})"
             )
         if self.relative_change is not None:
             against = f" vs K0 at {self.init_label}" if self.init_label else ""
@@ -182,23 +182,25 @@ class NTKReport:
         lines += _histogram_lines(self, int(bins))
         return "\n".join(lines)
 
-    def _drift_cells(self) -> List[str]:
+    def _drift_cells(self) -> list[str]:
         """Drift versus K_0, the scale-free kernel distance first (the raw relative change and
         lambda_max change also carry the change of the kernel's overall scale)."""
         cells = [f"kernel distance {_g(self.kernel_distance)}"]
         scale = self.log10_scale_change
         if scale is not None:
-            cells.append("scale n/a" if not math.isfinite(scale) else f"scale x{10 ** scale:.3g} (log10 {scale:+.2f})")
+            cells.append("scale n/a" if not math.isfinite(scale)
+                         else f"scale x{10 ** scale:.3g} (log10 {scale:+.2f})")
         if self.kta_change is not None:
             cells.append(f"KTA change {_f(self.kta_change, 4, sign=True)}")
         cells.append(f"rel. change {_f(self.relative_change, 4)}")
         change = self.lambda_max_change
         cells.append(
-            "lambda_max change " + ("nan" if change is None or math.isnan(change) else f"{100 * change:+.2f}%")
+            "lambda_max change "
+            + ("nan" if change is None or math.isnan(change) else f"{100 * change:+.2f}%")
         )
         return cells
 
-    def format_compact(self, *, title: Optional[str] = None) -> str:
+    def format_compact(self, *, title: str | None = None) -> str:
         """The report in one or two lines (for long runs): spectrum, conditioning and effective
         rank on the first; alignment and drift on the second (when present)."""
         head = title if title is not None else self.title
@@ -223,14 +225,14 @@ class NTKReport:
 
 def analyze_ntk(
     K: ArrayLike,
-    targets: Optional[ArrayLike] = None,
+    targets: ArrayLike | None = None,
     *,
-    init_kernel: Optional[ArrayLike] = None,
-    num_classes: Optional[int] = None,
-    gamma: Optional[float] = None,
+    init_kernel: ArrayLike | None = None,
+    num_classes: int | None = None,
+    gamma: float | None = None,
     title: str = "",
-    alignment_kernel: Optional[ArrayLike] = None,
-    init_alignment_kernel: Optional[ArrayLike] = None,
+    alignment_kernel: ArrayLike | None = None,
+    init_alignment_kernel: ArrayLike | None = None,
     alignment_source: str = "",
     init_label: str = "",
 ) -> NTKReport:
@@ -291,8 +293,8 @@ def analyze_ntk(
         report.gamma = float(gamma)
         report.effective_dimension = A.effective_dimension(Ks, gamma)
 
-    reasons: List[str] = []
-    Ks0: Optional[torch.Tensor] = None
+    reasons: list[str] = []
+    Ks0: torch.Tensor | None = None
     if init_kernel is not None:
         Ks0 = A._kernel(init_kernel, "init_kernel")
         if Ks0.shape != Ks.shape:
@@ -327,7 +329,8 @@ def analyze_ntk(
             Ka0 = _same_probes(init_alignment_kernel, "init_alignment_kernel", n)
         report.targets = A._to_tensor(targets, "targets")
         report.kta = align(Ka, "kta", center_targets=True, center_kernel=False)
-        report.kta_uncentered = align(Ka, "kta_uncentered", center_targets=False, center_kernel=False)
+        report.kta_uncentered = align(Ka, "kta_uncentered", center_targets=False,
+                                      center_kernel=False)
         report.cka = align(Ka, "cka", center_targets=True, center_kernel=True)
         report.kta_chance = align(Ka, "kta", center_targets=True, center_kernel=False, chance=True)
         report.cka_chance = align(Ka, "cka", center_targets=True, center_kernel=True, chance=True)
@@ -348,8 +351,8 @@ def _same_probes(K: ArrayLike, name: str, n: int) -> torch.Tensor:
     Ks = A._kernel(K, name)
     if Ks.shape != (n, n):
         raise ValueError(
-            f"{name} has shape {tuple(Ks.shape)} but K is ({n}, {n}); it must be computed on the same "
-            "probes in the same order."
+            f"{name} has shape {tuple(Ks.shape)} but K is ({n}, {n}); it must be computed on "
+            "the same probes in the same order."
         )
     return Ks
 
@@ -357,7 +360,7 @@ def _same_probes(K: ArrayLike, name: str, n: int) -> torch.Tensor:
 # ------------------------------------------------------------------ rendering
 
 
-def _g(x: Optional[float]) -> str:
+def _g(x: float | None) -> str:
     """Scientific notation for magnitudes (eigenvalues, traces, distances)."""
     if x is None:
         return "-"
@@ -366,7 +369,7 @@ def _g(x: Optional[float]) -> str:
     return f"{x:.3e}"
 
 
-def _f(x: Optional[float], digits: int, sign: bool = False) -> str:
+def _f(x: float | None, digits: int, sign: bool = False) -> str:
     if x is None:
         return "-"
     if math.isnan(x) or math.isinf(x):
@@ -374,14 +377,14 @@ def _f(x: Optional[float], digits: int, sign: bool = False) -> str:
     return f"{x:{'+' if sign else ''}.{digits}f}"
 
 
-def _class_labels(targets: Optional[torch.Tensor], n: int) -> Optional[np.ndarray]:
+def _class_labels(targets: torch.Tensor | None, n: int) -> np.ndarray | None:
     """Integer class labels (N,) when the targets are 1-D ints, else None."""
     if targets is None or targets.ndim != 1 or targets.is_floating_point() or targets.shape[0] != n:
         return None
     return targets.to(torch.int64).numpy()
 
 
-def _heatmap_lines(Ks: torch.Tensor, labels: Optional[np.ndarray], max_cells: int) -> List[str]:
+def _heatmap_lines(Ks: torch.Tensor, labels: np.ndarray | None, max_cells: int) -> list[str]:
     n = Ks.shape[0]
     order = np.argsort(labels, kind="stable") if labels is not None else np.arange(n)
     M = np.abs(Ks.numpy())[np.ix_(order, order)]
@@ -415,7 +418,7 @@ def _heatmap_lines(Ks: torch.Tensor, labels: Optional[np.ndarray], max_cells: in
     return lines
 
 
-def _histogram_lines(report: NTKReport, bins: int) -> List[str]:
+def _histogram_lines(report: NTKReport, bins: int) -> list[str]:
     hist = A._histogram_from(report.eigenvalues, bins)
     n_pos = report.num_probes - hist.num_zero
     lines = [
