@@ -2,8 +2,9 @@
 and a PyTorch Lightning callback that reports it while the model trains.
 
 The engine (:func:`empirical_ntk`, :func:`layerwise_ntk`, :func:`ntk_spectrum`) and the analysis
-(:mod:`ntk_callback.analysis`, :func:`analyze_ntk`, :class:`NTKReport`) are plain
-PyTorch and never import Lightning; :class:`NTKReportCallback` is imported lazily so
+(:mod:`ntk_callback.analysis`, :func:`analyze_ntk`, :class:`NTKReport`) and
+:class:`NTKMonitor` (the reports of a hand-written training loop) are plain PyTorch and
+never import Lightning; :class:`NTKReportCallback` is imported lazily so
 that ``import ntk_callback`` works without Lightning installed.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ from .engine import (
     ntk_trace_estimate,
     register_mode,
 )
+from .monitor import NTKMonitor
 from .report import NTKReport, analyze_ntk
 
 __all__ = [
@@ -29,6 +31,7 @@ __all__ = [
     "theory",
     "KernelMode",
     "NTKError",
+    "NTKMonitor",
     "NTKReport",
     "NTKReportCallback",
     "analyze_ntk",

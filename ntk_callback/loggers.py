@@ -34,7 +34,20 @@ from typing import Any, Callable
 import numpy as np
 
 from . import plotting
-from ._lightning import logger_kind, rank_zero_info, rank_zero_warn
+try:
+    from ._lightning import logger_kind, rank_zero_info, rank_zero_warn
+except ImportError:  # no Lightning (NTKMonitor in a plain loop): no Lightning logger can exist
+    import logging
+    import warnings
+
+    def logger_kind(logger: Any) -> str:
+        return "other"
+
+    def rank_zero_warn(message: str) -> None:
+        warnings.warn(message, UserWarning, stacklevel=2)
+
+    def rank_zero_info(message: str) -> None:
+        logging.getLogger("ntk_callback").info(message)
 
 DEFAULT_PREFIX = "ntk"
 PREFIX = DEFAULT_PREFIX + "/"

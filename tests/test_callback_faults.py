@@ -142,7 +142,7 @@ def test_out_of_memory_warns_skips_that_report_and_training_continues(
     """The engine running out of memory on one report (simulated: the real error type,
     raised by the second kernel computation): a warning that names the cause and the
     fixes, that one report skipped, the next ones made as usual."""
-    import ntk_callback.callback as callback_module
+    import ntk_callback.monitor as callback_module  # the monitor makes the engine calls
     from ntk_callback import NTKReportCallback
 
     calls = {"n": 0}
@@ -156,7 +156,7 @@ def test_out_of_memory_warns_skips_that_report_and_training_continues(
 
         return engine
 
-    # the callback computes the kernel with layerwise_ntk (layerwise=True, the default) or empirical_ntk
+    # the monitor computes the kernel with layerwise_ntk (layerwise=True, the default) or empirical_ntk
     for name in ("empirical_ntk", "layerwise_ntk"):
         monkeypatch.setattr(callback_module, name, flaky(getattr(callback_module, name)))
     cb = NTKReportCallback(num_probes=10, every_n_epochs=1)

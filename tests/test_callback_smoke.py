@@ -296,8 +296,8 @@ def test_preserve_global_rng_restores_after_an_exception() -> None:
 def test_state_dict_roundtrip_weights_only_and_state_key() -> None:
     x, y = _data(9)
     cb = NTKReportCallback(probes=(x, y), every_n_epochs=2)
-    cb._init_kernel = torch.eye(9)
-    cb._history.append({"tag": "init", "epoch": 0, "step": 0, "metrics": {"kta": 0.5}, "eigenvalues": [1.0] * 9})
+    cb.monitor._init_kernel = torch.eye(9)
+    cb.history.append({"tag": "init", "epoch": 0, "step": 0, "metrics": {"kta": 0.5}, "eigenvalues": [1.0] * 9})
     buf = io.BytesIO()
     torch.save(cb.state_dict(), buf)
     buf.seek(0)
