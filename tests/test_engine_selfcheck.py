@@ -273,3 +273,28 @@ def test_fused_check_leaves_the_kernel_bit_for_bit(mode: str, dtype: torch.dtype
         assert checked.keys() == plain.keys()
         for key in checked:
             assert torch.equal(checked[key], plain[key]), key
+
+
+class BatchMixer(nn.Module):
+    """Outputs that depend on the other probes of the batch (a batch mean): the
+    per-probe kernel's premise fails, which the fused check could not see by itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.a(x))
+        return self.b(h + 0.5 * h.mean(0, keepdim=True))
+
+
+@pytest.mark.parametrize("mode", ["target", "trace"])
+def test_batch_dependent_outputs_take_the_exact_path(mode: str) -> None:
+    torch.manual_seed(0)
+    model = BatchMixer().double()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    K, why = N.empirical_ntk(model, x, y, mode=mode, explain=True)
+    assert all(p.startswith("generic") for p in why.paths.values()), why
+    generic = N.empirical_ntk(model, x, y, mode=mode, implementation="generic")
+    assert rel_err(K, generic) <= TOL64

@@ -47,6 +47,9 @@ class Problem:
     # the probe chunks of the structured path
     activation_numel: int = 0
     single_probe_checked: bool = False
+    # the model's output on the first probes of `inputs`, a batch of their own (trial
+    # forward): a capture pass over more probes must give the same rows
+    trial_out1: torch.Tensor | None = None
 
     @property
     def cross(self) -> bool:
@@ -264,7 +267,8 @@ def build_problem(model: torch.nn.Module, inputs: Any, targets: Any, *, mode: Mo
     # (:meth:`Problem.check_single_probe`). The full batches are checked for non-finite
     # outputs where their outputs are computed anyway (:meth:`Problem.check_outputs`),
     # which saves a whole forward pass.
-    num_outputs = problem.trial_rows(x1, "inputs", n1, min(n1, 3), measure=True).shape[1]
+    problem.trial_out1 = problem.trial_rows(x1, "inputs", n1, min(n1, 3), measure=True)
+    num_outputs = problem.trial_out1.shape[1]
     if x2 is not None and n2 is not None:
         other = problem.trial_rows(x2, "inputs2", n2, min(n2, 3)).shape[1]
         if other != num_outputs:

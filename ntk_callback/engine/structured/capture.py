@@ -38,12 +38,15 @@ def _detach(value: Any, copy: bool) -> Any:
 
 
 def forward(problem: Problem, modules: dict[str, nn.Module], rules: dict[str, Rule],
-            copy: bool, x: Any, n: int, label: str) -> tuple[torch.Tensor, Calls]:
+            copy: bool, x: Any, n: int, label: str, broadcast: bool = False
+            ) -> tuple[torch.Tensor, Calls]:
     """One batched forward with hooks: the model's (n, O) output and each planned
     module's calls. The captured inputs are used as they are (``copy=False``): a later
     in-place op on one of them (``ReLU(inplace=True)``, ``out += identity``) is detected
     by its version counter and raises :class:`InPlace`; with ``copy=True`` the inputs are
-    cloned and the output replaced by a clone, which absorbs later in-place ops."""
+    cloned and the output replaced by a clone, which absorbs later in-place ops. With
+    ``broadcast``, a rule's broadcast calls (batch size 1 for n probes) have their input
+    and output expanded to n copies, the output replaced by the expanded one."""
     calls: Calls = {m: [] for m in modules}
     versions: list[tuple[torch.Tensor, int]] = []
     handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -53,9 +56,18 @@ def forward(problem: Problem, modules: dict[str, nn.Module], rules: dict[str, Ru
 
         def fn(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
                out: Any) -> Any:
-            if not rule.accepts(module, Call(args, kwargs, out), n):
-                raise Fallback(mname, "a call's inputs/outputs are not batched along the "
-                                      "probe dimension")
+            call = Call(args, kwargs, out)
+            if not rule.accepts(module, call, n):
+                if not (broadcast and rule.broadcasts(module, call, n)):
+                    raise Fallback(mname, "a call's inputs/outputs are not batched along "
+                                          "the probe dimension")
+                # a copy a probe of the shared input and output (same values): each
+                # probe's cotangent then reaches its own copy
+                args = (args[0].expand(n, *args[0].shape[1:]),)
+                out = out.expand(n, *out.shape[1:])
+                replaced = True
+            else:
+                replaced = False
             if not torch.is_grad_enabled():
                 # e.g. reentrant activation checkpointing: the graph is built later
                 raise Fallback(mname, "called with autograd disabled")
@@ -73,7 +85,7 @@ def forward(problem: Problem, modules: dict[str, nn.Module], rules: dict[str, Ru
             for t in [*args, *kwargs.values(), tracked]:
                 if isinstance(t, torch.Tensor):
                     versions.append((t, t._version))
-            return None
+            return out if replaced else None
         return fn
 
     for mname, module in modules.items():

@@ -43,10 +43,11 @@ class Result:
 def _forward(problem: Problem, plan: Plan, x: Any, n: int, label: str
              ) -> tuple[torch.Tensor, Calls]:
     try:
-        return forward(problem, plan.modules, plan.rules, plan.copy_outputs, x, n, label)
+        return forward(problem, plan.modules, plan.rules, plan.copy_outputs, x, n, label,
+                       plan.broadcast)
     except InPlace:
         plan.copy_outputs = True
-    return forward(problem, plan.modules, plan.rules, True, x, n, label)
+    return forward(problem, plan.modules, plan.rules, True, x, n, label, plan.broadcast)
 
 
 def _add_term_gram(out: torch.Tensor, t1: Term, t2: Term, mode: KernelMode, budget: int,
@@ -131,7 +132,12 @@ def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]], budget: in
     rows_left = budget
     # With one cotangent row (target, sum mode) the self-check is fused into the capture
     # pass (one positive probe weighting); with several, it takes its own backward passes.
-    fused = check > 0 and k == 1
+    # The fused check cannot see a probe's cotangent reaching another probe's rows (the
+    # weights travel with it), so it runs only where that cannot happen: no broadcast
+    # call was expanded (the separate check verifies those copies) and the capture pass
+    # gives the trial forward's rows for the same probes (outputs that do not depend on
+    # the other probes of the batch; see `_independent`).
+    fused = check > 0 and k == 1 and not plan.broadcasting
 
     def route(name: str, term: Term) -> str:
         nonlocal rows_left
@@ -158,6 +164,8 @@ def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]], budget: in
             """Capture the probes ``sl``: rows-route rows go into ``bufs`` in place; returns
             the chunk's Gram-route terms (its graph is freed when this returns)."""
             out, calls = _forward(problem, plan, B.take(x, sl), sl.stop - sl.start, label)
+            if check and sl.start == 0 and label == "inputs":
+                _independent(problem, out)
             for mname, expected in plan.calls.items():
                 if len(calls[mname]) != expected:
                     raise Fallback(mname)
@@ -311,6 +319,21 @@ def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]], budget: in
     if checks and symmetric:
         out.quads = _quads(checks[0], rows1, gram1, slots, key_of, mode, budget)
     return out
+
+
+def _independent(problem: Problem, out: torch.Tensor) -> None:
+    """The per-probe kernel assumes each probe's output ignores the other probes of its
+    batch (eval BatchNorm, no batch statistics): the capture pass's first rows must be the
+    trial forward's, computed on those probes alone. Otherwise no structured rule applies
+    (the exact path computes one probe at a time)."""
+    trial = problem.trial_out1
+    if trial is None or out.shape[0] <= trial.shape[0]:
+        return
+    got = out[: trial.shape[0]].detach()
+    rtol = 1e-9 if got.dtype == torch.float64 else 1e-4
+    scale = float(trial.abs().max())
+    if float((got - trial).abs().max()) > rtol * scale + 1e-30:
+        raise Fallback("", "the model's outputs depend on the other probes of the batch")
 
 
 def _add_ref(ref: dict[str, torch.Tensor], names: list[str],

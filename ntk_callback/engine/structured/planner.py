@@ -34,6 +34,8 @@ class Plan:
     reasons: dict[str, str] = field(default_factory=dict)           # module -> why not taken
     # set for good once the model turns out to need it
     copy_outputs: bool = False   # an op modified a captured tensor in place
+    broadcast: bool = False      # broadcast calls admitted (the self-check runs)
+    broadcasting: set[str] = field(default_factory=set)  # modules taken with such calls
     handled: set[str] = field(default_factory=set)
 
     def __bool__(self) -> bool:
@@ -52,6 +54,7 @@ class Plan:
                 self.handled.discard(full)
             del self.modules[name], self.rules[name], self.calls[name]
             self.forced.pop(name, None)
+            self.broadcasting.discard(name)
         self.reasons[name] = reason
 
 
@@ -60,7 +63,7 @@ def _inside_compiled(name: str, compiled: list[str]) -> bool:
 
 
 def plan(problem: Problem, implementation: str,
-         layer_paths: dict[str, str] | None = None) -> Plan:
+         layer_paths: dict[str, str] | None = None, broadcast: bool = False) -> Plan:
     """Choose the modules the structured rules take.
 
     A module is taken for the parameters its rule covers when: it has a rule for its
@@ -71,8 +74,10 @@ def plan(problem: Problem, implementation: str,
     and every use of it in the trial forward happened inside this module's own call.
     ``layer_paths`` maps module names to ``"generic"``, ``"gram"`` or ``"rows"`` to force
     a path (``"gram"``/``"rows"`` apply to weight terms that have both routes).
+    ``broadcast`` (set when the self-check runs) also admits a rule's broadcast calls
+    (:meth:`.rules.Rule.broadcasts`), whose per-probe treatment only the check verifies.
     """
-    result = Plan()
+    result = Plan(broadcast=broadcast)
     layer_paths = dict(layer_paths or {})
     for name, route in layer_paths.items():
         if route not in ROUTES:
@@ -127,8 +132,9 @@ def plan(problem: Problem, implementation: str,
         if not calls:
             result.reasons[mname] = "never called by the forward"
             continue
-        bad = [c for c in calls
-               if not rule.accepts(module, Call(c.args, c.kwargs, c.output), census.batch)]
+        recorded = [Call(c.args, c.kwargs, c.output) for c in calls]
+        shared = [c for c in recorded if not rule.accepts(module, c, census.batch)]
+        bad = [c for c in shared if not (broadcast and rule.broadcasts(module, c, census.batch))]
         if bad:
             result.reasons[mname] = ("a call's inputs/outputs are not the form the rule "
                                      "covers (e.g. one tensor batched along dim 0)")
@@ -147,6 +153,8 @@ def plan(problem: Problem, implementation: str,
                 attrs[attr] = full
         if attrs:
             result.add(mname, module, rule, attrs, len(calls))
+            if shared:
+                result.broadcasting.add(mname)
             if mname in layer_paths:
                 result.forced[mname] = layer_paths[mname]
     return result

@@ -95,9 +95,30 @@ class Rule:
                 and isinstance(call.output, torch.Tensor) and call.output.dim() >= 1
                 and call.output.shape[0] == n)
 
+    def broadcasts(self, module: nn.Module, call: Call, n: int) -> bool:
+        """Whether a call that :meth:`accepts` refuses is a *broadcast call*: one tensor
+        input and output of batch size 1 where the batch has ``n > 1`` probes (e.g.
+        Hugging Face's ``position_ids`` of shape (1, S)), whose output the model adds to
+        per-probe tensors. The capture pass then expands input and output to ``n`` (the
+        same values, one copy a probe), so each probe's cotangent reaches its own copy.
+        Whether the model really treats the copies as one a probe is not proven by the
+        planner: such calls are taken only with the self-check on, which compares the
+        rows with autograd. Default: no (a rule opts in)."""
+        return False
+
     def terms(self, module: nn.Module, attrs: dict[str, str], call: Call, d: torch.Tensor,
               memo: Memo) -> list[Term]:
         raise NotImplementedError
+
+
+def broadcast_call(call: Call, n: int) -> bool:
+    """One tensor input and one tensor output, both of batch size 1 (dim >= 2), no keyword
+    arguments, for a batch of ``n > 1`` probes."""
+    return (n > 1 and len(call.args) == 1 and not call.kwargs
+            and isinstance(call.args[0], torch.Tensor) and call.args[0].dim() >= 2
+            and call.args[0].shape[0] == 1
+            and isinstance(call.output, torch.Tensor) and call.output.dim() >= 2
+            and call.output.shape[0] == 1)
 
 
 _RULES: dict[type, Rule] = {}
@@ -339,6 +360,10 @@ class EmbeddingRule(Rule):
 
     def accepts(self, module: nn.Module, call: Call, n: int) -> bool:
         return super().accepts(module, call, n) and not call.args[0].is_floating_point()
+
+    def broadcasts(self, module: nn.Module, call: Call, n: int) -> bool:
+        # position / token-type ids of shape (1, S) shared by every probe
+        return broadcast_call(call, n) and not call.args[0].is_floating_point()
 
     def terms(self, module: nn.Module, attrs: dict[str, str], call: Call, d: torch.Tensor,
               memo: Memo) -> list[Term]:
