@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         loss_reduction="mean",
         steps_per_epoch=len(loader),
     )
-    monitor.start(step=0, writer=writer)  # K0, before the first optimizer step
+    monitor.start(step=0, writer=writer, optimizers=[optimizer])  # K0, before any step
 
     step = 0
     for epoch in range(args.epochs):

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import time
 import types
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -342,10 +342,16 @@ class NTKMonitor:
         return self._param_steps
 
     # ------------------------------------------------------------------ the training loop
-    def start(self, step: int = 0, writer: Any = None) -> Optional[Tuple[Dict[str, float], NTKReport]]:
+    def start(
+        self, step: int = 0, writer: Any = None, optimizers: Sequence[Any] = ()
+    ) -> Optional[Tuple[Dict[str, float], NTKReport]]:
         """Before the first optimizer step: decide whether the dynamics metrics apply (they
         need one output per probe and float targets), then measure and report K0
-        (``tag="init"``). Returns :meth:`report`'s value."""
+        (``tag="init"``). ``optimizers``: the ones training will step, whose current
+        learning rate the K0 report's lr-dependent keys read (otherwise they are known from
+        the first :meth:`on_optimizer_step`). Returns :meth:`report`'s value."""
+        if optimizers:
+            self.optimizers = list(optimizers)
         self.begin_run()
         self.setup_dynamics(step)
         return self.report(step=step, epoch=0, tag="init", writer=writer)
