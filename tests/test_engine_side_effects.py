@@ -249,3 +249,41 @@ def test_eval_mode_false_uses_current_mode() -> None:
     K = empirical_ntk(case.model, case.inputs, mode="trace", dtype=torch.float64, eval_mode=False)
     assert R.rel_err(K, ref) <= 1e-12
     assert all(m.training for m in case.model.modules())
+
+
+def test_float64_measurement_keeps_gradient_accumulator_hooks() -> None:
+    """DistributedDataParallel all-reduces gradients from hooks on each parameter's
+    gradient accumulator. A float64 measurement must not replace those accumulators (an
+    assignment of a float64 tensor to ``.data`` would, and DDP ranks then train apart):
+    hooks registered before the call still fire in the next backward, and the
+    parameters are the same objects with the same values."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.LSTM(5, 4, batch_first=True))
+
+    class Head(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = model
+            self.out = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h, _ = self.body(x)
+            return self.out(h[:, -1])
+
+    net = Head()
+    x = torch.randn(4, 6, 3)
+    y = torch.tensor([0, 1, 1, 0])
+    fired: list[str] = []
+    params = dict(net.named_parameters())
+    before = {n: p.detach().clone() for n, p in params.items()}
+    nodes = []   # held, as DDP's reducer holds them (autograd keeps only a weak ref)
+    for name, p in params.items():
+        nodes.append(torch.autograd.graph.get_gradient_edge(p).node)
+        nodes[-1].register_hook(lambda *args, name=name: fired.append(name))
+    K = empirical_ntk(net, x, y, dtype=torch.float64)
+    assert K.dtype == torch.float64
+    assert dict(net.named_parameters()) == params                   # same objects
+    assert all(torch.equal(p, before[n]) and p.dtype == torch.float32
+               for n, p in params.items())
+    net(x).sum().backward()
+    assert sorted(fired) == sorted(params)

@@ -58,39 +58,46 @@ def frozen_measurement(model: torch.nn.Module, eval_mode: bool = True) -> Iterat
 
 @contextlib.contextmanager
 def cast_floating(model: torch.nn.Module, dtype: torch.dtype) -> Iterator[bool]:
-    """Run the model in ``dtype`` for the duration: every floating parameter's ``.data``
-    and every floating buffer is replaced by a cast copy, then the original tensors are
-    put back (the same storage, so bit for bit what was there; ``.grad`` is not touched).
-    Yields whether anything had to be cast.
+    """Run the model in ``dtype`` for the duration: every floating parameter is replaced
+    in its module by a new ``Parameter`` holding a cast copy (tied parameters by one
+    shared copy), every floating buffer by a cast copy; on exit the original objects are
+    put back, untouched. Yields whether anything had to be cast.
 
-    Casting the model itself rather than calling it functionally with cast tensors keeps
-    everything that reads parameters outside one forward call exact: activation
-    checkpointing recomputes in the backward, RNNs hold flat weight lists, hook-based
-    reparametrisations recompute weights in pre-hooks.
+    The original parameters are never written, not even their ``.data``: assigning a
+    tensor of another dtype to ``.data`` makes autograd drop the parameter's gradient
+    accumulator, and with it every hook registered there -- DistributedDataParallel's
+    gradient all-reduce among them, so ranks would silently train apart after one
+    float64 measurement. Casting the model itself rather than calling it functionally
+    with cast tensors keeps everything that reads parameters from the modules outside
+    one forward call exact: activation checkpointing recomputes in the backward, RNNs
+    hold flat weight lists (rebuilt here), hook-based reparametrisations recompute
+    weights in pre-hooks.
     """
-    params: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+    swapped: dict[int, torch.nn.Parameter] = {}
+    params: list[tuple[dict[str, torch.nn.Parameter | None], str, torch.nn.Parameter]] = []
     buffers: list[tuple[dict[str, torch.Tensor | None], str, torch.Tensor]] = []
-    seen: set[int] = set()
     for module in model.modules():
-        for p in module._parameters.values():
-            if p is not None and id(p) not in seen and p.is_floating_point() and p.dtype != dtype:
-                seen.add(id(p))
-                params.append((p, p.data))
+        for name, p in module._parameters.items():
+            if p is not None and p.is_floating_point() and p.dtype != dtype:
+                params.append((module._parameters, name, p))
         for name, b in module._buffers.items():
             if b is not None and b.is_floating_point() and b.dtype != dtype:
                 buffers.append((module._buffers, name, b))
     try:
-        for p, data in params:
-            p.data = data.to(dtype)
-        for store, name, b in buffers:
-            store[name] = b.to(dtype)
+        for store, name, p in params:
+            if id(p) not in swapped:
+                swapped[id(p)] = torch.nn.Parameter(p.detach().to(dtype),
+                                                    requires_grad=p.requires_grad)
+            store[name] = swapped[id(p)]
+        for bstore, name, b in buffers:
+            bstore[name] = b.to(dtype)
         _refresh_rnns(model)
         yield bool(params or buffers)
     finally:
-        for p, data in params:
-            p.data = data
-        for store, name, b in buffers:
-            store[name] = b
+        for store, name, p in params:
+            store[name] = p
+        for bstore, name, b in buffers:
+            bstore[name] = b
         if params or buffers:
             _refresh_rnns(model)
 
