@@ -34,20 +34,21 @@ Under ``fast_dev_run`` the callback runs as usual (K0, then the report after the
 epoch), but Lightning replaces every logger with a no-op ``DummyLogger``: only the
 console report and ``trainer.callback_metrics`` remain.
 """
-from __future__ import annotations
 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+from collections.abc import Mapping
+from functools import partial
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
 from ._lightning import (
     Callback,
-    NTKCallbackConfigError,
     MisconfigurationException,
+    NTKCallbackConfigError,
     logger_kind,
     rank_zero_warn,
     sharded_strategy_name,
@@ -62,7 +63,7 @@ from ._probes import (
 )
 from .engine import NTKError
 from .loggers import DEFAULT_PREFIX, prefixed_scalars
-from .monitor import NTKMonitor, _StepRecord, _check_bool, _check_int, _step_record
+from .monitor import NTKMonitor, _check_bool, _check_int, _step_record, _StepRecord
 from .report import NTKReport
 
 _SOURCES = ("train", "val")
@@ -250,19 +251,19 @@ class NTKReportCallback(Callback):
         num_probes: int = 64,
         every_n_epochs: int = 1,
         mode: str = "target",
-        probes: Optional[Tuple[Any, Optional[Tensor]]] = None,
+        probes: tuple[Any, Tensor | None] | None = None,
         probe_source: str = "train",
         seed: int = 0,
-        batch_to_probe: Optional[Callable[[Any], Tuple[Any, Optional[Tensor]]]] = None,
+        batch_to_probe: Callable[[Any], tuple[Any, Tensor | None]] | None = None,
         strict: bool = False,
-        dtype: Optional[torch.dtype] = None,
+        dtype: torch.dtype | None = None,
         log_images: bool = True,
         log_figures: bool = True,
         log_console: bool = True,
-        memory_budget: Optional[int] = None,
-        output_fn: Optional[Callable[[Any], Tensor]] = None,
+        memory_budget: int | None = None,
+        output_fn: Callable[[Any], Tensor] | None = None,
         layerwise: bool = True,
-        dynamics: Union[bool, str] = "auto",
+        dynamics: bool | str = "auto",
         num_heldout: int = 32,
         loss_reduction: str = "mean",
         residual_top_k: int = 5,
@@ -270,11 +271,11 @@ class NTKReportCallback(Callback):
         alignment: str = "auto",
         alignment_projections: int = 8,
         init_kernel_at: str = "train_start",
-        console: Optional[str] = None,
+        console: str | None = None,
         heatmap_scale: str = "per_report",
-        spectrum_every_n_epochs: Optional[int] = None,
+        spectrum_every_n_epochs: int | None = None,
         spectrum_k: int = 20,
-        spectrum_probes: Union[int, str] = "train",
+        spectrum_probes: int | str = "train",
     ) -> None:
         super().__init__()
         try:
@@ -283,10 +284,14 @@ class NTKReportCallback(Callback):
             self.log_console = _check_bool(_OWNER, "log_console", log_console)
             self.num_heldout = _check_int(_OWNER, "num_heldout", num_heldout, 0)
             if spectrum_every_n_epochs is not None:
-                spectrum_every_n_epochs = _check_int(_OWNER, "spectrum_every_n_epochs", spectrum_every_n_epochs, 1)
+                spectrum_every_n_epochs = _check_int(
+                    _OWNER, "spectrum_every_n_epochs", spectrum_every_n_epochs, 1
+                )
             self.spectrum_k = _check_int(_OWNER, "spectrum_k", spectrum_k, 1)
             if spectrum_probes != "train" and (
-                isinstance(spectrum_probes, bool) or not isinstance(spectrum_probes, int) or spectrum_probes < 2
+                isinstance(spectrum_probes, bool)
+                or not isinstance(spectrum_probes, int)
+                or spectrum_probes < 2
             ):
                 raise ValueError(
                     f"{_OWNER}(spectrum_probes={spectrum_probes!r}): expected 'train' (the whole training dataset) "
@@ -346,9 +351,9 @@ class NTKReportCallback(Callback):
         self._explicit = probes is not None
         self._monitor = monitor
         self._dispatcher = monitor._dispatcher  # one set of once-only warnings
-        self._lr_pending: Optional[_StepRecord] = None  # optimizers[0]'s lrs at batch start (fallback)
-        self._lr_records: List[_StepRecord] = []  # the optimizer steps seen in the current batch
-        self._disabled_reason: Optional[str] = None
+        self._lr_pending: _StepRecord | None = None  # optimizers[0]'s lrs at batch start (fallback)
+        self._lr_records: list[_StepRecord] = []  # the optimizer steps seen in the current batch
+        self._disabled_reason: str | None = None
 
     # ------------------------------------------------------------------ public state
     @property
@@ -381,44 +386,46 @@ class NTKReportCallback(Callback):
 
     @property
     def state_key(self) -> str:
-        settings: Dict[str, Any] = dict(
+        settings: dict[str, Any] = dict(
             num_probes=self.num_probes,
             every_n_epochs=self.every_n_epochs,
             mode=self.mode,
             probe_source="explicit" if self._explicit else self.probe_source,
             seed=self.seed,
         )
-        if self.prefix != DEFAULT_PREFIX:  # the default keeps the key of checkpoints written before `prefix`
+        if (
+            self.prefix != DEFAULT_PREFIX
+        ):  # the default keeps the key of checkpoints written before `prefix`
             settings["prefix"] = self.prefix
         return self._generate_state_key(**settings)
 
     @property
-    def history(self) -> List[Dict[str, Any]]:
+    def history(self) -> list[dict[str, Any]]:
         """One record per report: ``{"tag", "epoch", "step", "metrics", "eigenvalues"}`` (see :meth:`state_dict`)."""
         return self._monitor.history
 
     @property
-    def spectra(self) -> List[Dict[str, Any]]:
+    def spectra(self) -> list[dict[str, Any]]:
         """One record per whole-set spectrum (``spectrum_every_n_epochs``), as :attr:`history`."""
         return self._monitor.spectra
 
     @property
-    def probes(self) -> Optional[Probes]:
+    def probes(self) -> Probes | None:
         """The probe set ``(inputs, targets)`` on CPU, once drawn (or given)."""
         return self._monitor.probes
 
     @property
-    def init_kernel(self) -> Optional[Tensor]:
+    def init_kernel(self) -> Tensor | None:
         """K0, the kernel measured before the first optimizer step (CPU), or None."""
         return self._monitor.init_kernel
 
     @property
-    def init_layer_kernels(self) -> Optional[Dict[str, Tensor]]:
+    def init_layer_kernels(self) -> dict[str, Tensor] | None:
         """``{layer: K0_l}`` (CPU), the per-layer kernels drift is measured against, or None."""
         return self._monitor.init_layer_kernels
 
     @property
-    def heldout(self) -> Optional[Probes]:
+    def heldout(self) -> Probes | None:
         """The held-out probes ``(inputs, targets)`` of the dynamics metrics (CPU), or None."""
         return self._monitor.heldout
 
@@ -446,7 +453,7 @@ class NTKReportCallback(Callback):
             return self._batch_to_probe(batch)
         return default_batch_to_probe(batch)
 
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         """Checkpointed state: :meth:`NTKMonitor.state_dict` (its format), with the callback's
         settings (``num_probes``, ``every_n_epochs``, ``probe_source``, ``init_kernel_at``) added
         to ``"settings"``."""
@@ -459,7 +466,7 @@ class NTKReportCallback(Callback):
         )
         return state
 
-    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore probes, K0 and history (:meth:`NTKMonitor.load_state_dict`); tolerant of
         missing keys and of older/newer versions."""
         self._monitor.load_state_dict(state_dict)
@@ -492,7 +499,11 @@ class NTKReportCallback(Callback):
                 return
         mon.setup_dynamics(trainer.global_step)
         self._lr_pending, self._lr_records = None, []
-        if mon.dynamics_active and self.num_heldout > 0 and (mon.heldout is None or trainer.world_size > 1):
+        if (
+            mon.dynamics_active
+            and self.num_heldout > 0
+            and (mon.heldout is None or trainer.world_size > 1)
+        ):
             mon.heldout = self._resolve_heldout(trainer)
         if mon.init_kernel is None and self.init_kernel_at == "train_start":
             if trainer.global_step > 0:
@@ -502,7 +513,9 @@ class NTKReportCallback(Callback):
                 )
             self._report(trainer, pl_module, tag="init")
 
-    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
+    ) -> None:
         # Lightning steps "step"-interval LR schedulers *before* on_train_batch_end, so the
         # lr of this batch's optimizer step is the one in param_groups now (read only); it is
         # the fallback for an optimizer step that on_before_optimizer_step did not see.
@@ -511,7 +524,9 @@ class NTKReportCallback(Callback):
             optimizers = list(getattr(trainer, "optimizers", None) or [])
             self._lr_pending = _step_record(optimizers[0]) if len(optimizers) == 1 else None
 
-    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any, *args: Any) -> None:
+    def on_before_optimizer_step(
+        self, trainer: Any, pl_module: Any, optimizer: Any, *args: Any
+    ) -> None:
         # Called inside optimizer.step(), after the closure (backward) and before the update:
         # param_groups hold the lrs this step uses (read only). Every optimizer of manual
         # optimization passes through here, each time it steps.
@@ -520,7 +535,9 @@ class NTKReportCallback(Callback):
             if record is not None:
                 self._lr_records.append(record)
 
-    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         mon = self._monitor
         if not mon.dynamics_active:
             return
@@ -528,12 +545,18 @@ class NTKReportCallback(Callback):
         if mon._lr_step is None or step < mon._lr_step:
             mon._lr_step = step
         elif step > mon._lr_step:  # optimizer step(s) taken in this batch (not while accumulating)
-            records: Optional[List[_StepRecord]] = self._lr_records
-            taken = step - mon._lr_step  # every optimizer's every step (manual optimization: all of them)
+            records: list[_StepRecord] | None = self._lr_records
+            taken = (
+                step - mon._lr_step
+            )  # every optimizer's every step (manual optimization: all of them)
             if len(self._lr_records) != taken:
-                if len({key for key, _ in self._lr_records}) == 1:  # one optimizer (an LBFGS closure runs often)
+                if (
+                    len({key for key, _ in self._lr_records}) == 1
+                ):  # one optimizer (an LBFGS closure runs often)
                     records = [self._lr_records[0]] * taken
-                elif not self._lr_records and self._lr_pending is not None:  # the only optimizer, unseen
+                elif (
+                    not self._lr_records and self._lr_pending is not None
+                ):  # the only optimizer, unseen
                     records = [self._lr_pending] * taken
                 else:
                     records = None  # several optimizers: which of them stepped is unknown
@@ -569,7 +592,11 @@ class NTKReportCallback(Callback):
 
     # ------------------------------------------------------------------ internals
     def _active(self, trainer: Any, need_probes: bool = True) -> bool:
-        if trainer.sanity_checking or trainer.state.fn != "fit" or self._disabled_reason is not None:
+        if (
+            trainer.sanity_checking
+            or trainer.state.fn != "fit"
+            or self._disabled_reason is not None
+        ):
             return False
         return self.probes is not None or not need_probes
 
@@ -580,7 +607,11 @@ class NTKReportCallback(Callback):
         mon.optimizers = list(getattr(trainer, "optimizers", None) or [])
         # same input dtype conversion Lightning applies to batches ("64-true", "bf16-true", ...)
         plugin = getattr(trainer, "precision_plugin", None)
-        mon.input_transform = plugin.convert_input if plugin is not None and hasattr(plugin, "convert_input") else None
+        mon.input_transform = (
+            plugin.convert_input
+            if plugin is not None and hasattr(plugin, "convert_input")
+            else None
+        )
         mon.steps_per_epoch = self._steps_per_epoch(trainer)
         return mon
 
@@ -592,7 +623,7 @@ class NTKReportCallback(Callback):
                 "trainer.callback_metrics only. Fix: Trainer(logger=TensorBoardLogger('logs')) to keep them.",
             )
 
-    def _resolve_probes(self, trainer: Any) -> Optional[Probes]:
+    def _resolve_probes(self, trainer: Any) -> Probes | None:
         """Probes for this run: given, restored or drawn on rank 0; broadcast so every rank uses rank 0's."""
         probes, error, local_err = self.probes, None, None
         if probes is None and trainer.is_global_zero:
@@ -632,11 +663,12 @@ class NTKReportCallback(Callback):
         inputs, targets = draw_probes(loader, self.num_probes, generator, self.batch_to_probe)
         got = num_samples(inputs)
         if got < self.num_probes:
-            rank_zero_warn(f"NTKReportCallback: only {got} probes available (num_probes={self.num_probes}); using {got}.")
+            rank_zero_warn(
+                f"NTKReportCallback: only {got} probes available (num_probes={self.num_probes}); using {got}."
+            )
         return inputs, targets
 
-
-    def _resolve_heldout(self, trainer: Any) -> Optional[Probes]:
+    def _resolve_heldout(self, trainer: Any) -> Probes | None:
         """Held-out probes from the validation data, drawn on rank 0 and broadcast (like the probes)."""
         heldout, error, missing, local_err = self.heldout, None, False, None
         if heldout is None and trainer.is_global_zero:
@@ -671,9 +703,8 @@ class NTKReportCallback(Callback):
             rank_zero_warn(msg)
         return None
 
-
     @staticmethod
-    def _steps_per_epoch(trainer: Any) -> Optional[float]:
+    def _steps_per_epoch(trainer: Any) -> float | None:
         """Optimizer steps per epoch, ceil(batches / accumulate_grad_batches); None when unknown."""
         try:
             batches = float(trainer.num_training_batches)
@@ -682,8 +713,9 @@ class NTKReportCallback(Callback):
             return None
         if not math.isfinite(batches) or batches <= 0:
             return None
-        return float(math.ceil(batches / accumulate))  # Lightning also steps on an epoch's last, partial accumulation
-
+        return float(
+            math.ceil(batches / accumulate)
+        )  # Lightning also steps on an epoch's last, partial accumulation
 
     def _report(self, trainer: Any, pl_module: Any, tag: str) -> None:
         mon = self._attach(trainer, pl_module)
@@ -700,17 +732,23 @@ class NTKReportCallback(Callback):
             record, report, kernel = measured
             self._publish(trainer, record, report, kernel)
 
-    def _publish(self, trainer: Any, record: Dict[str, Any], report: NTKReport, kernel: Tensor) -> None:
+    def _publish(
+        self, trainer: Any, record: dict[str, Any], report: NTKReport, kernel: Tensor
+    ) -> None:
         metrics = prefixed_scalars(record["metrics"], self.prefix)
         step = record["step"]
         # monitorable by ModelCheckpoint / EarlyStopping (set on every rank: they agree across ranks)
-        trainer.callback_metrics.update({k: torch.tensor(v, dtype=torch.float64) for k, v in metrics.items()})
+        trainer.callback_metrics.update(
+            {k: torch.tensor(v, dtype=torch.float64) for k, v in metrics.items()}
+        )
         loggers = list(trainer.loggers)
         self._dispatcher.log_scalars(loggers, metrics, step)
         if trainer.is_global_zero:
             self._dispatcher.warn_scalar_only(loggers)
         if trainer.is_global_zero and self._dispatcher.wants_media(loggers):
-            self._monitor.publish_media(lambda media: self._dispatcher.log_media(loggers, media), record, kernel)
+            self._monitor.publish_media(
+                lambda media: self._dispatcher.log_media(loggers, media), record, kernel
+            )
         if self.console != "off" and trainer.is_global_zero:
             if self.console == "compact":
                 text = report.format_compact() + _insight_lines(record["metrics"], compact=True)
@@ -718,7 +756,7 @@ class NTKReportCallback(Callback):
                 text = "\n" + report.format() + _insight_lines(record["metrics"])
             _console_print(trainer, text)
 
-    def _spectrum_loader(self, trainer: Any) -> Tuple[Any, int]:
+    def _spectrum_loader(self, trainer: Any) -> tuple[Any, int]:
         """The whole-set spectrum's data: the first ``spectrum_probes`` examples (or all) of
         the training dataset, in index order, batched like the training dataloader."""
         from torch.utils.data import DataLoader, Subset
@@ -736,13 +774,20 @@ class NTKReportCallback(Callback):
             ) from None
         n = size if self.spectrum_probes == "train" else min(int(self.spectrum_probes), size)
         batch_size = getattr(loader, "batch_size", None) or 256
+        assert dataset is not None  # len() and indexing worked above
         subset = Subset(dataset, range(n))
-        return DataLoader(subset, batch_size=batch_size, shuffle=False, collate_fn=loader.collate_fn), n
+        return DataLoader(
+            subset, batch_size=batch_size, shuffle=False, collate_fn=loader.collate_fn
+        ), n
 
     def _comm(self, trainer: Any) -> Any:
         """The communicator splitting the spectrum's passes across ranks: the process group
         the strategy initialised (DDP), or None for one process."""
-        if trainer.world_size <= 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        if (
+            trainer.world_size <= 1
+            or not torch.distributed.is_available()
+            or not torch.distributed.is_initialized()
+        ):
             return None
         from .engine.distributed import TorchDistributedComm
 
@@ -768,19 +813,23 @@ class NTKReportCallback(Callback):
             return
         record["metrics"]["num_examples"] = float(n)
         metrics = prefixed_scalars(record["metrics"], f"{self.prefix}/spectrum_set")
-        trainer.callback_metrics.update({k: torch.tensor(v, dtype=torch.float64) for k, v in metrics.items()})
+        trainer.callback_metrics.update(
+            {k: torch.tensor(v, dtype=torch.float64) for k, v in metrics.items()}
+        )
         loggers = list(trainer.loggers)
         self._dispatcher.log_scalars(loggers, metrics, step)
         if not trainer.is_global_zero:
             return
-        image = mon.spectrum_image() if any(logger_kind(lg) == "tensorboard" for lg in loggers) else None
+        image = (
+            mon.spectrum_image()
+            if any(logger_kind(lg) == "tensorboard" for lg in loggers)
+            else None
+        )
         for lg in loggers:
             if image is not None and logger_kind(lg) == "tensorboard":
                 self._dispatcher._guard(
                     f"{type(lg).__name__} media",
-                    lambda lg=lg: lg.experiment.add_image(
-                        f"{self.prefix}/spectrum_set", image, global_step=step, dataformats="CHW"
-                    ),
+                    partial(_add_image, lg, f"{self.prefix}/spectrum_set", image, step),
                 )
         if self.console != "off":
             m = record["metrics"]
@@ -800,7 +849,12 @@ class NTKReportCallback(Callback):
         )
 
 
-_BAR_ATTRS = ("_train_progress_bar", "_val_progress_bar", "_test_progress_bar", "_predict_progress_bar")
+_BAR_ATTRS = (
+    "_train_progress_bar",
+    "_val_progress_bar",
+    "_test_progress_bar",
+    "_predict_progress_bar",
+)
 
 
 def _console_print(trainer: Any, text: str) -> None:
@@ -812,14 +866,17 @@ def _console_print(trainer: Any, text: str) -> None:
     bar = getattr(trainer, "progress_bar_callback", None)
     if bar is not None and getattr(bar, "is_enabled", False):
         present = [a for a in _BAR_ATTRS if hasattr(bar, a)]
-        open_bar = any(getattr(bar, a) is not None and not getattr(getattr(bar, a), "disable", True) for a in present)
+        open_bar = any(
+            getattr(bar, a) is not None and not getattr(getattr(bar, a), "disable", True)
+            for a in present
+        )
         if open_bar or not present:  # not a TQDM bar: its own print does not drop text
             bar.print(text)
             return
     print(text, flush=True)
 
 
-def _fmt(v: Optional[float], spec: str = ".3g") -> str:
+def _fmt(v: float | None, spec: str = ".3g") -> str:
     return "n/a" if v is None or not math.isfinite(v) else format(v, spec)
 
 
@@ -827,7 +884,9 @@ def _insight_lines(metrics: Mapping[str, float], compact: bool = False) -> str:
     """Console lines for the per-layer shares and the dynamics metrics ("" when neither is present);
     ``compact``: the dynamics on one line, no layer line."""
     lines = []
-    shares = {k[len("layer_share/"):]: v for k, v in metrics.items() if k.startswith("layer_share/")}
+    shares = {
+        k[len("layer_share/") :]: v for k, v in metrics.items() if k.startswith("layer_share/")
+    }
     if shares and not compact:
         top = sorted(shares, key=lambda k: -shares[k] if math.isfinite(shares[k]) else math.inf)
         cells = [
@@ -845,7 +904,9 @@ def _insight_lines(metrics: Mapping[str, float], compact: bool = False) -> str:
             )
         energy = next((k for k in metrics if k.startswith("residual_energy_top")), None)
         if energy is not None:
-            cells.append(f"top-{energy[len('residual_energy_top'):]} energy {_fmt(metrics[energy], '.2f')}")
+            cells.append(
+                f"top-{energy[len('residual_energy_top') :]} energy {_fmt(metrics[energy], '.2f')}"
+            )
         if "steps_to_halve_residual" in metrics:
             halve = f"halves in {_fmt(metrics['steps_to_halve_residual'], '.0f')} steps"
             if "epochs_to_halve_residual" in metrics:
@@ -858,3 +919,8 @@ def _insight_lines(metrics: Mapping[str, float], compact: bool = False) -> str:
 
 
 __all__ = ["NTKReportCallback"]
+
+
+def _add_image(logger: Any, tag: str, image: Any, step: int) -> None:
+    """A CHW image to a TensorBoard logger's writer (``.experiment`` touched only here)."""
+    logger.experiment.add_image(tag, image, global_step=step, dataformats="CHW")

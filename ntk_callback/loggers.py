@@ -29,11 +29,13 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable
 
 import numpy as np
 
 from . import plotting
+
 try:
     from ._lightning import logger_kind, rank_zero_info, rank_zero_warn
 except ImportError:  # no Lightning (NTKMonitor in a plain loop): no Lightning logger can exist
@@ -248,7 +250,7 @@ class LoggerDispatcher:
                 continue
             self._guard(
                 f"{type(lg).__name__}.log_metrics",
-                lambda lg=lg: lg.log_metrics(dict(metrics), step=step),
+                partial(lg.log_metrics, dict(metrics), step=step),
             )
 
     # -- media ---------------------------------------------------------------------
@@ -291,7 +293,7 @@ class LoggerDispatcher:
             if writer is None:
                 continue  # scalars only: see warn_scalar_only
             self._guard(
-                f"{type(lg).__name__} media", lambda lg=lg, writer=writer: writer(lg, media)
+                f"{type(lg).__name__} media", partial(writer, lg, media)
             )
 
     def _images(self, media: ReportMedia) -> list[tuple]:
@@ -321,7 +323,8 @@ class LoggerDispatcher:
             return
         hist = log10_spectrum(media.eigenvalues) if media.histogram else np.zeros(0)
         if hist.size:
-            lg.log_metrics({f"{self.prefix}/eigenvalues": wandb.Histogram(hist)}, step=media.step)
+            histogram = wandb.Histogram(hist.tolist())
+            lg.log_metrics({f"{self.prefix}/eigenvalues": histogram}, step=media.step)
 
     def _media_mlflow(self, lg: Any, media: ReportMedia) -> None:
         exp, run_id = lg.experiment, lg.run_id  # an mlflow.tracking.MlflowClient

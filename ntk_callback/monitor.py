@@ -19,17 +19,20 @@ A hand-written loop::
 
 Whole-dataset spectra: :meth:`NTKMonitor.spectrum` (``ntk_callback.ntk_spectrum``).
 """
+
 from __future__ import annotations
 
 import math
 import time
 import types
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from collections.abc import Mapping, Sequence
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from . import plotting
 from ._probes import ProbeError, Probes, apply_to_tensors, num_samples, to_cpu, validate_probes
 from .engine import KernelMode, NTKError, empirical_ntk, layerwise_ntk, mode_names, model_outputs
 from .engine.distributed import Communicator
@@ -44,41 +47,57 @@ from .loggers import (
     prefixed_scalars,
     rank_zero_warn,
 )
-from . import plotting
 from .plotting import HEATMAP_SCALES
 from .report import NTKReport, analyze_ntk
 
 _ALIGNMENTS = ("auto", "trace", "projected")
 _EXACT_TRACE_MAX_OUTPUTS = 16  # alignment="auto": the exact trace kernel up to this many outputs
-_PROJECTION_SEED_OFFSET = 2  # the projections' generator seed is seed + 2 (probes: seed, held-out: seed + 1)
+_PROJECTION_SEED_OFFSET = (
+    2  # the projections' generator seed is seed + 2 (probes: seed, held-out: seed + 1)
+)
 _FIGURE_EVERY = 5  # history pictures: always at the first, every 5th and the last report
-_BN_SCALE_WARN = 0.3  # |log10(tr K / tr K0)| (a factor 2) from which a BatchNorm statistics change is flagged
+_BN_SCALE_WARN = (
+    0.3  # |log10(tr K / tr K0)| (a factor 2) from which a BatchNorm statistics change is flagged
+)
 _REDUCTIONS = ("mean", "sum", "half_sum")
 STATE_VERSION = 1
-_BASE_PICTURES = ("spectrum", "drift")  # history pictures always drawn; "layers" / "dynamics" when active
+_BASE_PICTURES = (
+    "spectrum",
+    "drift",
+)  # history pictures always drawn; "layers" / "dynamics" when active
 _FIGURE_BUDGET = 0.02  # fraction of the training time the history pictures may take before the end
 # dynamics keys that depend on the learning rate: at the current lr, over the report
 # interval, since the linearised network started (see _dynamics_metrics)
-_CURRENT_LR_KEYS = ("steps_to_halve_residual", "epochs_to_halve_residual", "slowest_mode_time_constant")
-_PREDICTION_KEYS = ("predicted_residual_norm", "predicted_vs_observed_residual", "residual_prediction_error")
+_CURRENT_LR_KEYS = (
+    "steps_to_halve_residual",
+    "epochs_to_halve_residual",
+    "slowest_mode_time_constant",
+)
+_PREDICTION_KEYS = (
+    "predicted_residual_norm",
+    "predicted_vs_observed_residual",
+    "residual_prediction_error",
+)
 _LINEARIZED_KEYS = ("linearization_gap", "linearized_heldout_mse")
 _LR_RTOL = 1e-9  # learning rates this close count as one
 
 # (id of an optimizer's param_groups list, [(the group's params, its lr)]): one optimizer step
-_StepRecord = Tuple[int, List[Tuple[Any, float]]]
+_StepRecord = tuple[int, list[tuple[Any, float]]]
 
 
-def _step_record(optimizer: Any) -> Optional[_StepRecord]:
+def _step_record(optimizer: Any) -> _StepRecord | None:
     """The param groups and their lrs of ``optimizer`` now (a Lightning-wrapped optimizer
     shares the raw one's ``param_groups`` list, hence the key); None when unreadable."""
     groups = getattr(optimizer, "param_groups", None)
+    if groups is None:
+        return None
     try:
         return id(groups), [(g["params"], float(g["lr"])) for g in groups]
     except (KeyError, TypeError, ValueError):
         return None
 
 
-def _add_lrs(lrs: Dict[int, List[float]], record: _StepRecord) -> None:
+def _add_lrs(lrs: dict[int, list[float]], record: _StepRecord) -> None:
     """Append a step's lr to the sequence of every parameter in ``lrs`` it steps."""
     for params, lr in record[1]:
         for p in params:
@@ -87,7 +106,7 @@ def _add_lrs(lrs: Dict[int, List[float]], record: _StepRecord) -> None:
                 seq.append(lr)
 
 
-def _one_sequence(lrs: Dict[int, List[float]]) -> Optional[Tuple[float, ...]]:
+def _one_sequence(lrs: dict[int, list[float]]) -> tuple[float, ...] | None:
     """The lr sequence all parameters share (``()`` for none or no parameters), or None."""
     distinct = {tuple(v) for v in lrs.values()}
     if not distinct:
@@ -101,10 +120,9 @@ def _one_sequence(lrs: Dict[int, List[float]]) -> Optional[Tuple[float, ...]]:
     return first
 
 
-def _name_list(names: List[str], limit: int = 4) -> str:
+def _name_list(names: list[str], limit: int = 4) -> str:
     more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
-
 
 
 def _check_int(owner: str, name: str, value: Any, minimum: int) -> int:
@@ -133,7 +151,8 @@ def _check_probes(owner: str, probes: Any, what: str = "probes") -> Probes:
     if not (isinstance(probes, (tuple, list)) and len(probes) == 2):
         raise ValueError(
             f"{owner}({what}=...): expected a pair (inputs, targets), targets may be None; "
-            f"got {type(probes).__name__}" + (f" of length {len(probes)}" if isinstance(probes, (tuple, list)) else "")
+            f"got {type(probes).__name__}"
+            + (f" of length {len(probes)}" if isinstance(probes, (tuple, list)) else "")
         )
     inputs, targets = probes
     if targets is not None and not isinstance(targets, Tensor):
@@ -176,18 +195,18 @@ class NTKMonitor:
 
     def __init__(
         self,
-        model: Optional[torch.nn.Module] = None,
-        probes: Optional[Tuple[Any, Optional[Tensor]]] = None,
+        model: torch.nn.Module | None = None,
+        probes: tuple[Any, Tensor | None] | None = None,
         *,
         mode: str = "target",
         seed: int = 0,
         strict: bool = False,
-        dtype: Optional[torch.dtype] = None,
-        memory_budget: Optional[int] = None,
-        output_fn: Optional[Callable[[Any], Tensor]] = None,
+        dtype: torch.dtype | None = None,
+        memory_budget: int | None = None,
+        output_fn: Callable[[Any], Tensor] | None = None,
         layerwise: bool = True,
-        dynamics: Union[bool, str] = "auto",
-        heldout: Optional[Tuple[Any, Optional[Tensor]]] = None,
+        dynamics: bool | str = "auto",
+        heldout: tuple[Any, Tensor | None] | None = None,
         loss_reduction: str = "mean",
         residual_top_k: int = 5,
         prefix: str = DEFAULT_PREFIX,
@@ -196,15 +215,21 @@ class NTKMonitor:
         log_images: bool = True,
         log_figures: bool = True,
         heatmap_scale: str = "per_report",
-        steps_per_epoch: Optional[float] = None,
+        steps_per_epoch: float | None = None,
         _owner: str = "NTKMonitor",
     ) -> None:
         owner = self._owner = _owner  # the name warnings and errors start with
         self.model = model
         if not isinstance(mode, str) or mode not in mode_names(scalar_only=True):  # (N, N) kernels
             known = isinstance(mode, str) and mode in mode_names()
-            hint = f" ({mode!r} gives an (N, N, O, O) kernel; use 'trace' or 'sum' for a scalar kernel)" if known else ""
-            raise ValueError(f"{owner}(mode={mode!r}): expected one of {mode_names(scalar_only=True)}{hint}.")
+            hint = (
+                f" ({mode!r} gives an (N, N, O, O) kernel; use 'trace' or 'sum' for a scalar kernel)"
+                if known
+                else ""
+            )
+            raise ValueError(
+                f"{owner}(mode={mode!r}): expected one of {mode_names(scalar_only=True)}{hint}."
+            )
         self.mode = mode
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
             raise ValueError(f"{owner}(seed={seed!r}): expected an integer.")
@@ -250,74 +275,88 @@ class NTKMonitor:
                 f"kernel up to {_EXACT_TRACE_MAX_OUTPUTS} outputs, its random-projection estimate beyond)."
             )
         self.alignment = alignment
-        self.alignment_projections = _check_int(owner, "alignment_projections", alignment_projections, 1)
+        self.alignment_projections = _check_int(
+            owner, "alignment_projections", alignment_projections, 1
+        )
         self.steps_per_epoch = steps_per_epoch
-        self._probes: Optional[Probes] = _check_probes(owner, probes) if probes is not None else None
+        self._probes: Probes | None = _check_probes(owner, probes) if probes is not None else None
         # set by an adapter: the input conversion of its batches (Lightning's precision plugin)
-        self.input_transform: Optional[Callable[[Any], Any]] = None
-        self.optimizers: List[Any] = []  # the optimizers whose param groups the lr keys read
+        self.input_transform: Callable[[Any], Any] | None = None
+        self.optimizers: list[Any] = []  # the optimizers whose param groups the lr keys read
 
-        self._init_kernel: Optional[Tensor] = None
-        self._init_alignment_kernel: Optional[Tensor] = None  # label-free K0 for kta_change (target mode)
+        self._init_kernel: Tensor | None = None
+        self._init_alignment_kernel: Tensor | None = (
+            None  # label-free K0 for kta_change (target mode)
+        )
         self._init_label = ""  # which K0 drift is measured against ("step 0, train start")
-        self._bn_stats0: Optional[Dict[str, Tensor]] = None  # BatchNorm running statistics when K0 was measured
-        self._num_outputs: Optional[int] = None  # O, read once per fit for the alignment kernel
-        self.last_alignment_kernel: Optional[Tensor] = None
-        self._init_layer_kernels: Optional[Dict[str, Tensor]] = None
-        self._history: List[Dict[str, Any]] = []
-        self._spectra: List[Dict[str, Any]] = []  # whole-set spectra (spectrum())
-        self.last_kernel: Optional[Tensor] = None
-        self.last_layer_kernels: Optional[Dict[str, Tensor]] = None
-        self.last_report: Optional[NTKReport] = None
+        self._bn_stats0: dict[str, Tensor] | None = (
+            None  # BatchNorm running statistics when K0 was measured
+        )
+        self._num_outputs: int | None = None  # O, read once per fit for the alignment kernel
+        self.last_alignment_kernel: Tensor | None = None
+        self._init_layer_kernels: dict[str, Tensor] | None = None
+        self._history: list[dict[str, Any]] = []
+        self._spectra: list[dict[str, Any]] = []  # whole-set spectra (spectrum())
+        self.last_kernel: Tensor | None = None
+        self.last_layer_kernels: dict[str, Tensor] | None = None
+        self.last_report: NTKReport | None = None
         # training dynamics: held-out probes, the tracker and the cumulative learning rate
-        self._heldout: Optional[Probes] = _check_probes(owner, heldout, "heldout") if heldout is not None else None
-        self._tracker: Optional[DynamicsTracker] = None
-        self._tracker_state: Optional[Mapping[str, Any]] = None  # restored, loaded when the tracker is built
+        self._heldout: Probes | None = (
+            _check_probes(owner, heldout, "heldout") if heldout is not None else None
+        )
+        self._tracker: DynamicsTracker | None = None
+        self._tracker_state: Mapping[str, Any] | None = (
+            None  # restored, loaded when the tracker is built
+        )
         self._dynamics_on = False
-        self._lr_sum = 0.0  # sum of the learning rates of the steps of theta taken so far (one lr for all)
-        self._lr_step: Optional[int] = None  # (adapter) global step _lr_sum is up to date with
+        self._lr_sum = (
+            0.0  # sum of the learning rates of the steps of theta taken so far (one lr for all)
+        )
+        self._lr_step: int | None = None  # (adapter) global step _lr_sum is up to date with
         self._param_steps = 0  # steps of the whole theta so far (the dynamics' step count)
         self._lr_mixed = 0  # batches whose steps moved the trainable parameters at different lrs
-        self._lr_mixed_init: Optional[int] = None  # _lr_mixed at the tracker's first measurement
-        self._lr_mixed_prev: Optional[int] = None  # _lr_mixed at the tracker's last measurement
+        self._lr_mixed_init: int | None = None  # _lr_mixed at the tracker's first measurement
+        self._lr_mixed_prev: int | None = None  # _lr_mixed at the tracker's last measurement
         self._fit_start = time.perf_counter()
         self._figures_spent = 0.0  # seconds spent drawing the history pictures in this fit
         self._figures_estimate = 0.3  # seconds one drawing takes (updated after each)
-        self._figures_step: Optional[int] = None  # step of the last report drawn with them
-        self._dispatcher = LoggerDispatcher(log_images=self.log_images, on_error=self._logger_failed, prefix=self.prefix)
+        self._figures_step: int | None = None  # step of the last report drawn with them
+        self._dispatcher = LoggerDispatcher(
+            log_images=self.log_images, on_error=self._logger_failed, prefix=self.prefix
+        )
 
     # ------------------------------------------------------------------ public state
     @property
-    def history(self) -> List[Dict[str, Any]]:
+    def history(self) -> list[dict[str, Any]]:
         """One record per report: ``{"tag", "epoch", "step", "metrics", "eigenvalues"}`` (see :meth:`state_dict`)."""
         return self._history
 
     @property
-    def probes(self) -> Optional[Probes]:
+    def probes(self) -> Probes | None:
         """The probe set ``(inputs, targets)`` on CPU."""
         return self._probes
 
     @probes.setter
-    def probes(self, probes: Optional[Probes]) -> None:
+    def probes(self, probes: Probes | None) -> None:
         self._probes = _check_probes(self._owner, probes) if probes is not None else None
 
     @property
-    def init_kernel(self) -> Optional[Tensor]:
+    def init_kernel(self) -> Tensor | None:
         """K0, the kernel measured before the first optimizer step (CPU), or None."""
         return self._init_kernel
 
     @property
-    def init_layer_kernels(self) -> Optional[Dict[str, Tensor]]:
+    def init_layer_kernels(self) -> dict[str, Tensor] | None:
         """``{layer: K0_l}`` (CPU), the per-layer kernels drift is measured against, or None."""
         return self._init_layer_kernels
 
     @property
-    def heldout(self) -> Optional[Probes]:
+    def heldout(self) -> Probes | None:
         """The held-out probes ``(inputs, targets)`` of the dynamics metrics (CPU), or None."""
         return self._heldout
 
     @heldout.setter
-    def heldout(self, heldout: Optional[Probes]) -> None:
+    def heldout(self, heldout: Probes | None) -> None:
         self._heldout = heldout
 
     @property
@@ -344,7 +383,7 @@ class NTKMonitor:
     # ------------------------------------------------------------------ the training loop
     def start(
         self, step: int = 0, writer: Any = None, optimizers: Sequence[Any] = ()
-    ) -> Optional[Tuple[Dict[str, float], NTKReport]]:
+    ) -> tuple[dict[str, float], NTKReport] | None:
         """Before the first optimizer step: decide whether the dynamics metrics apply (they
         need one output per probe and float targets), then measure and report K0
         (``tag="init"``). ``optimizers``: the ones training will step, whose current
@@ -371,8 +410,8 @@ class NTKMonitor:
         self.count_steps(known, f"in optimizer step {self._param_steps + 1}")
 
     def report(
-        self, step: int, epoch: int = 0, tag: Optional[str] = None, writer: Any = None
-    ) -> Optional[Tuple[Dict[str, float], NTKReport]]:
+        self, step: int, epoch: int = 0, tag: str | None = None, writer: Any = None
+    ) -> tuple[dict[str, float], NTKReport] | None:
         """Measure the kernel now and report it: ``(metrics, NTKReport)``, the metrics without
         prefix (the history record's), or None when the report was skipped after a fault.
 
@@ -398,10 +437,12 @@ class NTKMonitor:
     def _logger_failed(self, what: str, err: BaseException) -> None:
         if self.strict:
             raise err
-        rank_zero_warn(f"{self._owner}: {what} failed ({type(err).__name__}: {err}); training continues.")
+        rank_zero_warn(
+            f"{self._owner}: {what} failed ({type(err).__name__}: {err}); training continues."
+        )
 
     # ------------------------------------------------------------------ TensorBoard
-    def write(self, writer: Any, record: Dict[str, Any], kernel: Tensor) -> None:
+    def write(self, writer: Any, record: dict[str, Any], kernel: Tensor) -> None:
         """Write one report (a history record and its kernel) to a ``SummaryWriter``."""
         step = record["step"]
         for key, value in prefixed_scalars(record["metrics"], self.prefix).items():
@@ -421,7 +462,7 @@ class NTKMonitor:
 
     # ------------------------------------------------------------------ whole-set spectrum
     @property
-    def spectra(self) -> List[Dict[str, Any]]:
+    def spectra(self) -> list[dict[str, Any]]:
         """One record per whole-set spectrum: ``{"tag": "spectrum_set", "epoch", "step",
         "metrics", "eigenvalues"}`` (the top k, descending)."""
         return self._spectra
@@ -434,10 +475,10 @@ class NTKMonitor:
         step: int = 0,
         epoch: int = 0,
         trace_samples: int = 16,
-        batch_to_probe: Optional[Callable[[Any], Any]] = None,
-        comm: Optional[Communicator] = None,
+        batch_to_probe: Callable[[Any], Any] | None = None,
+        comm: Communicator | None = None,
         writer: Any = None,
-    ) -> Optional[Dict[str, Any]]:
+    ) -> dict[str, Any] | None:
         """The top-``k`` NTK eigenvalues of the model over a whole data set, in the monitor's
         ``mode`` and ``dtype``, without forming the N x N kernel (:func:`ntk_callback.ntk_spectrum`:
         Lanczos on ``v -> K v``, or the parameter-space Gram when the parameters are few),
@@ -452,19 +493,32 @@ class NTKMonitor:
         ``<prefix>/spectrum_set/<key>`` scalars and the ``<prefix>/spectrum_set`` picture
         (every whole-set spectrum so far). None after a reported fault (raised when ``strict``).
         """
-        kwargs: Dict[str, Any] = {"mode": self.mode, "dtype": self.dtype, "batch_to_probe": batch_to_probe,
-                                  "memory_budget": self.memory_budget, "output_fn": self.output_fn,
-                                  "eval_mode": True, "comm": comm}
+        kwargs: dict[str, Any] = {
+            "mode": self.mode,
+            "dtype": self.dtype,
+            "batch_to_probe": batch_to_probe,
+            "memory_budget": self.memory_budget,
+            "output_fn": self.output_fn,
+            "eval_mode": True,
+            "comm": comm,
+        }
         start = time.perf_counter()
         try:
             with torch.inference_mode(False), torch.enable_grad():
-                eig = ntk_spectrum(self.model, data, k=k, seed=self.seed, **kwargs)
-                est = ntk_trace_estimate(self.model, data, num_samples=trace_samples, seed=self.seed,
-                                         **kwargs) if trace_samples else None
+                eig = ntk_spectrum(self._net(), data, k=k, seed=self.seed, **kwargs)
+                est = (
+                    ntk_trace_estimate(
+                        self._net(), data, num_samples=trace_samples, seed=self.seed, **kwargs
+                    )
+                    if trace_samples
+                    else None
+                )
             eig = eig.detach().double().cpu()
             if not bool(torch.isfinite(eig).all()):
-                raise NTKError("the whole-set spectrum has NaN/inf eigenvalues: the model's outputs or gradients "
-                               "overflowed. Fix: dtype=torch.float64, or check the loss and learning rate.")
+                raise NTKError(
+                    "the whole-set spectrum has NaN/inf eigenvalues: the model's outputs or gradients "
+                    "overflowed. Fix: dtype=torch.float64, or check the loss and learning rate."
+                )
         except Exception as err:  # noqa: BLE001 - a measurement must never stop training
             self._fault(err, where=f"whole-set spectrum at step {step}")
             return None
@@ -472,18 +526,25 @@ class NTKMonitor:
         if est is not None:
             metrics.update(trace=float(est.trace), trace_stderr=float(est.trace_stderr))
         metrics["seconds"] = time.perf_counter() - start
-        record = {"tag": "spectrum_set", "epoch": int(epoch), "step": int(step), "metrics": metrics,
-                  "eigenvalues": eig.tolist()}
+        record = {
+            "tag": "spectrum_set",
+            "epoch": int(epoch),
+            "step": int(step),
+            "metrics": metrics,
+            "eigenvalues": eig.tolist(),
+        }
         self._spectra.append(record)
         if writer is not None:
             for key, value in prefixed_scalars(metrics, f"{self.prefix}/spectrum_set").items():
                 writer.add_scalar(key, value, global_step=step)
             image = self.spectrum_image()
             if image is not None:
-                writer.add_image(f"{self.prefix}/spectrum_set", image, global_step=step, dataformats="CHW")
+                writer.add_image(
+                    f"{self.prefix}/spectrum_set", image, global_step=step, dataformats="CHW"
+                )
         return record
 
-    def spectrum_image(self) -> Optional[np.ndarray]:
+    def spectrum_image(self) -> np.ndarray | None:
         """The (3, H, W) picture of every whole-set spectrum so far (``plotting.spectrum_figure``),
         or None without matplotlib or spectra."""
         if not (self.log_images and self._spectra):
@@ -494,7 +555,7 @@ class NTKMonitor:
             return None
 
     # ------------------------------------------------------------------ checkpoint state
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         """Checkpointed state (plain tensors, lists and numbers; loadable with ``weights_only=True``).
 
         ``{"version": 1, "probes": {"inputs": CPU tensor (or tuple/list/dict of tensors),
@@ -524,12 +585,18 @@ class NTKMonitor:
             "init_kernel": self._init_kernel,
             "init_alignment_kernel": self._init_alignment_kernel,
             "init_label": self._init_label,
-            "init_layer_kernels": dict(self._init_layer_kernels) if self._init_layer_kernels is not None else None,
+            "init_layer_kernels": dict(self._init_layer_kernels)
+            if self._init_layer_kernels is not None
+            else None,
             "dynamics": {
                 "lr_sum": self._lr_sum,
                 "lr_step": self._lr_step,
                 "param_steps": self._param_steps,
-                "lr_mixed": {"count": self._lr_mixed, "at_init": self._lr_mixed_init, "at_prev": self._lr_mixed_prev},
+                "lr_mixed": {
+                    "count": self._lr_mixed,
+                    "at_init": self._lr_mixed_init,
+                    "at_prev": self._lr_mixed_prev,
+                },
                 "heldout": heldout,
                 "tracker": tracker,
             },
@@ -547,10 +614,12 @@ class NTKMonitor:
             },
         }
 
-    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore probes, K0 and history; tolerant of missing keys and of older/newer versions."""
         if not isinstance(state_dict, Mapping):
-            rank_zero_warn(f"{self._owner}: ignoring a saved state of type {type(state_dict).__name__}.")
+            rank_zero_warn(
+                f"{self._owner}: ignoring a saved state of type {type(state_dict).__name__}."
+            )
             return
         saved_mode = state_dict.get("settings", {}).get("mode", self.mode)
         same_kernel = str(saved_mode) == str(self.mode)  # K0 of the same kernel mode: comparable
@@ -566,7 +635,9 @@ class NTKMonitor:
                 validate_probes(inputs, targets)
                 self._probes = (to_cpu(inputs), to_cpu(targets) if targets is not None else None)
             except ProbeError as err:
-                rank_zero_warn(f"{self._owner}: the saved probes are unusable ({err}); new probes will be drawn.")
+                rank_zero_warn(
+                    f"{self._owner}: the saved probes are unusable ({err}); new probes will be drawn."
+                )
         k0 = state_dict.get("init_kernel")
         layers0 = state_dict.get("init_layer_kernels")
         if isinstance(layers0, Mapping) and same_kernel:
@@ -579,11 +650,14 @@ class NTKMonitor:
             self._init_label = str(state_dict.get("init_label") or "")
             settings = state_dict.get("settings", {}) or {}
             same_alignment = all(
-                settings.get(k, getattr(self, k)) == getattr(self, k) for k in ("alignment", "alignment_projections")
+                settings.get(k, getattr(self, k)) == getattr(self, k)
+                for k in ("alignment", "alignment_projections")
             )
             k0a = state_dict.get("init_alignment_kernel")
             # an alignment K0 of other settings (exact vs projected) would make kta_change compare two kernels
-            self._init_alignment_kernel = k0a.detach().cpu() if isinstance(k0a, Tensor) and same_alignment else None
+            self._init_alignment_kernel = (
+                k0a.detach().cpu() if isinstance(k0a, Tensor) and same_alignment else None
+            )
         elif k0 is not None:
             rank_zero_warn(
                 f"{self._owner}: the saved initial kernel was measured in mode {saved_mode!r}, this callback uses "
@@ -611,8 +685,12 @@ class NTKMonitor:
         mixed = mixed if isinstance(mixed, Mapping) else {}
         try:
             self._lr_mixed = int(mixed.get("count", 0) or 0)
-            self._lr_mixed_init = int(mixed["at_init"]) if mixed.get("at_init") is not None else None
-            self._lr_mixed_prev = int(mixed["at_prev"]) if mixed.get("at_prev") is not None else None
+            self._lr_mixed_init = (
+                int(mixed["at_init"]) if mixed.get("at_init") is not None else None
+            )
+            self._lr_mixed_prev = (
+                int(mixed["at_prev"]) if mixed.get("at_prev") is not None else None
+            )
         except (TypeError, ValueError):
             self._lr_mixed, self._lr_mixed_init, self._lr_mixed_prev = 0, None, None
         held = saved.get("heldout")
@@ -622,12 +700,17 @@ class NTKMonitor:
                 validate_probes(inputs, targets)
                 self._heldout = (to_cpu(inputs), to_cpu(targets) if targets is not None else None)
             except ProbeError as err:
-                rank_zero_warn(f"{self._owner}: the saved held-out probes are unusable ({err}); new ones will be drawn.")
+                rank_zero_warn(
+                    f"{self._owner}: the saved held-out probes are unusable ({err}); new ones will be drawn."
+                )
         tracker = saved.get("tracker")
         if isinstance(tracker, Mapping):
-            self._tracker, self._tracker_state = None, tracker  # rebuilt with the probes' targets at train start
+            self._tracker, self._tracker_state = (
+                None,
+                tracker,
+            )  # rebuilt with the probes' targets at train start
 
-    def _model_inputs(self, probes: Optional[Probes] = None) -> Tuple[Any, Optional[Tensor]]:
+    def _model_inputs(self, probes: Probes | None = None) -> tuple[Any, Tensor | None]:
         """``probes`` (default: the probe set) on the module's device, inputs converted like Lightning's batches."""
         probes = self._probes if probes is None else probes
         assert probes is not None
@@ -639,26 +722,26 @@ class NTKMonitor:
             inputs = self.input_transform(inputs)
         return inputs, (targets.to(device) if targets is not None else None)
 
-    def _engine_kwargs(self) -> Dict[str, Any]:
-        kwargs: Dict[str, Any] = {"mode": self.mode, "dtype": self.dtype, "eval_mode": True}
+    def _engine_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"mode": self.mode, "dtype": self.dtype, "eval_mode": True}
         if self.memory_budget is not None:
             kwargs["memory_budget"] = self.memory_budget
         if self.output_fn is not None:
             kwargs["output_fn"] = self.output_fn
         return kwargs
 
-    def _compute_kernel(self, step: int) -> Optional[Tuple[Tensor, Optional[Dict[str, Tensor]]]]:
+    def _compute_kernel(self, step: int) -> tuple[Tensor, dict[str, Tensor] | None] | None:
         """``(K, {layer: K_l} or None)`` on the probes (CPU), or None after a reported fault
         (re-raised when strict). With ``layerwise`` K is the sum of the layer kernels
         (exactly ``empirical_ntk``: the NTK is a sum over parameters), added in float64."""
         try:
             inputs, targets = self._model_inputs()
             kwargs = self._engine_kwargs()
-            layers: Optional[Dict[str, Tensor]] = None
+            layers: dict[str, Tensor] | None = None
             # hooks may run under no_grad/inference_mode (e.g. after validation): the kernel needs autograd
             with torch.inference_mode(False), torch.enable_grad():
                 if self.layerwise:
-                    parts = layerwise_ntk(self.model, inputs, targets, **kwargs)
+                    parts = layerwise_ntk(self._net(), inputs, targets, **kwargs)
                     if not parts:
                         raise NTKError(
                             "the model has no trainable parameters (requires_grad=True), so its NTK is empty. "
@@ -666,9 +749,11 @@ class NTKMonitor:
                         )
                     layers = {name: k.detach().to("cpu") for name, k in parts.items()}
                     first = next(iter(layers.values()))
-                    kernel = torch.stack([k.double() for k in layers.values()]).sum(0).to(first.dtype)
+                    kernel = (
+                        torch.stack([k.double() for k in layers.values()]).sum(0).to(first.dtype)
+                    )
                 else:
-                    kernel = empirical_ntk(self.model, inputs, targets, **kwargs)
+                    kernel = empirical_ntk(self._net(), inputs, targets, **kwargs)
             kernel = kernel.detach().to("cpu")
             if not bool(torch.isfinite(kernel).all()):
                 raise NTKError(
@@ -682,17 +767,24 @@ class NTKMonitor:
 
     # -------------------------------------------------------------- training dynamics
 
+    def _net(self) -> torch.nn.Module:
+        """The model, which a monitor may be given after construction."""
+        if self.model is None:
+            raise NTKError(f"{self._owner} has no model yet: pass `model=` or set `.model` "
+                           "before the first report.")
+        return self.model
+
     @staticmethod
-    def _trainable(model: Any) -> Dict[int, str]:
+    def _trainable(model: Any) -> dict[int, str]:
         """``{id(p): name}`` of the parameters the kernel covers (``requires_grad=True``)."""
         return {id(p): name for name, p in model.named_parameters() if p.requires_grad}
 
-    def _current_lr(self) -> Optional[float]:
+    def _current_lr(self) -> float | None:
         """The one learning rate of every trainable parameter in the optimizers' param groups
         now; 0 when none is in an optimizer (or there is none); None when they differ (a
         parameter in no optimizer, or in several, next to ones in one)."""
         trainable = self._trainable(self.model)
-        lrs: Dict[int, List[float]] = {pid: [] for pid in trainable}
+        lrs: dict[int, list[float]] = {pid: [] for pid in trainable}
         for opt in self.optimizers:
             record = _step_record(opt)
             if record is not None:
@@ -702,7 +794,7 @@ class NTKMonitor:
             return None
         return one[0] if one else 0.0
 
-    def count_steps(self, records: Optional[List[_StepRecord]], where: str, unknown: str = "") -> None:
+    def count_steps(self, records: list[_StepRecord] | None, where: str, unknown: str = "") -> None:
         """Charge one batch's optimizer steps (``records``: the param groups and lrs of each
         step, see ``_step_record``; None when which optimizers stepped is unknown, then
         ``unknown`` says why): each trainable parameter's sequence of lrs in it; one sequence
@@ -711,9 +803,9 @@ class NTKMonitor:
         trainable = self._trainable(self.model)
         if not trainable:
             return
-        one: Optional[Tuple[float, ...]] = None
+        one: tuple[float, ...] | None = None
         if records is not None:
-            lrs: Dict[int, List[float]] = {pid: [] for pid in trainable}
+            lrs: dict[int, list[float]] = {pid: [] for pid in trainable}
             for record in records:
                 _add_lrs(lrs, record)
             one = _one_sequence(lrs)
@@ -730,12 +822,13 @@ class NTKMonitor:
             detail = self._describe_lrs(records)
         self._warn_mixed_lrs(where, detail)
 
-    def _describe_lrs(self, records: Optional[List["_StepRecord"]]) -> str:
+    def _describe_lrs(self, records: list[_StepRecord] | None) -> str:
         """``optimizer i param group j (names): lr ...`` for every group holding trainable
         parameters (the lrs of this batch's steps when ``records`` is given, else the current
         ones), and the trainable parameters in no optimizer."""
         names = self._trainable(self.model)
-        parts, covered = [], set()
+        parts: list[str] = []
+        covered: set[int] = set()
         for i, opt in enumerate(self.optimizers):
             record = _step_record(opt)
             if record is None:
@@ -753,7 +846,11 @@ class NTKMonitor:
                     text = f"lr {lr:.4g}, not stepped in this batch"
                 else:
                     used = [g[j][1] for g in steps if j < len(g)]
-                    text = "lr " + ", ".join(f"{v:.4g}" for v in used) + (f" ({len(used)} steps)" if len(used) > 1 else "")
+                    text = (
+                        "lr "
+                        + ", ".join(f"{v:.4g}" for v in used)
+                        + (f" ({len(used)} steps)" if len(used) > 1 else "")
+                    )
                 parts.append(f"optimizer {i} param group {j} ({_name_list(inside)}): {text}")
         orphans = [name for pid, name in names.items() if pid not in covered]
         if orphans:
@@ -779,10 +876,12 @@ class NTKMonitor:
     def _outputs(self, inputs: Any) -> Tensor:
         """f(x) as the kernel sees it, (N, O) on CPU (no gradient, no side effects)."""
         with torch.inference_mode(False):
-            out = model_outputs(self.model, inputs, dtype=self.dtype, eval_mode=True, output_fn=self.output_fn)
+            out = model_outputs(
+                self._net(), inputs, dtype=self.dtype, eval_mode=True, output_fn=self.output_fn
+            )
         return out.detach().to("cpu")
 
-    def _dynamics_blocker(self) -> Optional[str]:
+    def _dynamics_blocker(self) -> str | None:
         """Why the dynamics metrics cannot apply to this model and probe set, or None."""
         assert self._probes is not None
         inputs, targets = self._probes
@@ -819,10 +918,12 @@ class NTKMonitor:
                     "models with one output per probe trained on float regression targets (MSE loss).",
                 )
             return
-        assert self._probes is not None
+        assert self._probes is not None and self._probes[1] is not None
         if self._tracker is None:
             self._tracker = DynamicsTracker(
-                self._probes[1], residual_top_k=self.residual_top_k, loss_reduction=self.loss_reduction
+                self._probes[1],
+                residual_top_k=self.residual_top_k,
+                loss_reduction=self.loss_reduction,
             )
             if self._tracker_state is not None:
                 self._tracker.load_state_dict(self._tracker_state)
@@ -831,24 +932,33 @@ class NTKMonitor:
             self._lr_step = step  # the lr sum is up to date with the step training starts at
         self._dynamics_on = True
 
-    def _dynamics_metrics(self, kernel: Tensor, step: int) -> Dict[str, float]:
+    def _dynamics_metrics(self, kernel: Tensor, step: int) -> dict[str, float]:
         """The tracker's metrics at this report (empty when off or after a reported fault)."""
         if not self._dynamics_on or self._tracker is None:
             return {}
         try:
             inputs, targets = self._model_inputs()
             outputs = self._outputs(inputs)
-            kwargs: Dict[str, Any] = {}
+            kwargs: dict[str, Any] = {}
             if self._heldout is not None:
                 h_inputs, h_targets = self._model_inputs(self._heldout)
                 kwargs["heldout_outputs"] = self._outputs(h_inputs)
-                if h_targets is not None and h_targets.is_floating_point() and h_targets.numel() == len(h_targets):
+                if (
+                    h_targets is not None
+                    and h_targets.is_floating_point()
+                    and h_targets.numel() == len(h_targets)
+                ):
                     kwargs["heldout_targets"] = h_targets.cpu()
                 if self._tracker.init is None:
                     # K0(held-out, probes): with K0 and f0 it defines the network linearised at initialisation
                     with torch.inference_mode(False), torch.enable_grad():
                         cross = empirical_ntk(
-                            self.model, h_inputs, None, inputs2=inputs, targets2=targets, **self._engine_kwargs()
+                            self._net(),
+                            h_inputs,
+                            None,
+                            inputs2=inputs,
+                            targets2=targets,
+                            **self._engine_kwargs(),
                         )
                     kwargs["cross_kernel"] = cross.detach().to("cpu")
             checks = {
@@ -865,7 +975,12 @@ class NTKMonitor:
             first = self._tracker.init is None
             # the tracker counts steps of theta (param_steps), not Lightning's global step
             out = self._tracker.update(
-                kernel, outputs, self._param_steps, self._lr_sum, 0.0 if current is None else current, **kwargs
+                kernel,
+                outputs,
+                self._param_steps,
+                self._lr_sum,
+                0.0 if current is None else current,
+                **kwargs,
             )
         except Exception as err:  # noqa: BLE001 - a measurement must never stop training
             self._fault(err, where=f"training-dynamics metrics at step {step}", stage="dynamics")
@@ -873,7 +988,7 @@ class NTKMonitor:
         # leave out what a step at different learning rates makes wrong (the tracker assumes lr K)
         if first:
             self._lr_mixed_init = self._lr_mixed
-        drop: Tuple[str, ...] = ()
+        drop: tuple[str, ...] = ()
         if current is None:
             drop += _CURRENT_LR_KEYS
         if self._lr_mixed != (self._lr_mixed_prev or 0):
@@ -887,7 +1002,7 @@ class NTKMonitor:
             out["epochs_to_halve_residual"] = out["steps_to_halve_residual"] / per_epoch
         return out
 
-    def _layer_metrics(self, layers: Dict[str, Tensor], step: int) -> Dict[str, float]:
+    def _layer_metrics(self, layers: dict[str, Tensor], step: int) -> dict[str, float]:
         """``layer_share/<l>`` and ``layer_drift/<l>``; a layer first seen now (K0 not measured, or
         unfrozen later) gets this kernel as its reference."""
         if self._init_layer_kernels is None:
@@ -896,7 +1011,12 @@ class NTKMonitor:
         for k in new:
             self._init_layer_kernels[k] = layers[k]
         out = {f"layer_share/{k}": v for k, v in layer_shares(layers).items()}
-        out.update({f"layer_drift/{k}": v for k, v in layer_drift(layers, self._init_layer_kernels).items()})
+        out.update(
+            {
+                f"layer_drift/{k}": v
+                for k, v in layer_drift(layers, self._init_layer_kernels).items()
+            }
+        )
         return out
 
     def _fault(self, err: BaseException, where: str, stage: str = "engine") -> None:
@@ -905,7 +1025,7 @@ class NTKMonitor:
         if stage == "analysis":
             cause = "the analysis of the kernel failed"
             fix = "Fix: check the probe targets (shape (N,), int class labels or float regression targets)."
-        elif stage == "dynamics" and not ("out of memory" in str(err).lower()):
+        elif stage == "dynamics" and "out of memory" not in str(err).lower():
             cause = "the training-dynamics metrics could not be computed"
             fix = (
                 "Fix: forward() (or output_fn=...) must give one finite output per probe; dynamics=False turns "
@@ -932,7 +1052,7 @@ class NTKMonitor:
             + " Training continues (strict=True turns this into an error)."
         )
 
-    def _alignment_kernel(self) -> Tuple[Optional[Tensor], str]:
+    def _alignment_kernel(self) -> tuple[Tensor | None, str]:
         """The label-free kernel the alignments (kta, cka, ...) are computed on, and its name.
 
         ``(None, name)`` when the report's own kernel is label-free already (``mode`` trace
@@ -955,7 +1075,9 @@ class NTKMonitor:
             return None, ""  # the target kernel of a single output is its trace kernel
         kwargs = self._engine_kwargs()
         kwargs["mode"] = "trace"
-        if self.alignment == "trace" or (self.alignment == "auto" and num_outputs <= _EXACT_TRACE_MAX_OUTPUTS):
+        if self.alignment == "trace" or (
+            self.alignment == "auto" and num_outputs <= _EXACT_TRACE_MAX_OUTPUTS
+        ):
             source = "trace kernel"
         else:
             k = self.alignment_projections
@@ -963,20 +1085,25 @@ class NTKMonitor:
             kwargs["output_fn"] = projected_output_fn(V, self.output_fn)
             source = f"trace kernel est. from {k} output projections"
         with torch.inference_mode(False), torch.enable_grad():
-            kernel = empirical_ntk(self.model, inputs, None, **kwargs)
+            kernel = empirical_ntk(self._net(), inputs, None, **kwargs)
         kernel = kernel.detach().to("cpu")
         if not bool(torch.isfinite(kernel).all()):
-            raise NTKError("the alignment (trace) kernel has NaN/inf entries: the model's outputs or gradients overflowed.")
+            raise NTKError(
+                "the alignment (trace) kernel has NaN/inf entries: the model's outputs or gradients overflowed."
+            )
         return kernel, source
 
     @staticmethod
-    def _bn_stats(pl_module: Any) -> Dict[str, Tensor]:
+    def _bn_stats(pl_module: Any) -> dict[str, Tensor]:
         """``{module name: [running_mean, running_var]}`` (CPU copies) of every BatchNorm layer
         that tracks running statistics: eval-mode kernels depend on them."""
-        out: Dict[str, Tensor] = {}
+        out: dict[str, Tensor] = {}
         for name, m in pl_module.named_modules():
-            if isinstance(m, torch.nn.modules.batchnorm._NormBase) and m.running_mean is not None:
-                out[name] = torch.cat([m.running_mean.detach().reshape(-1), m.running_var.detach().reshape(-1)]).cpu()
+            if (isinstance(m, torch.nn.modules.batchnorm._NormBase)
+                    and m.running_mean is not None and m.running_var is not None):
+                out[name] = torch.cat(
+                    [m.running_mean.detach().reshape(-1), m.running_var.detach().reshape(-1)]
+                ).cpu()
         return out
 
     def _check_bn_scale(self, metrics: Mapping[str, float], step: int) -> None:
@@ -985,7 +1112,12 @@ class NTKMonitor:
         K = s K0 gives ``relative_change = |s - 1|``), while BatchNorm running statistics
         changed since K0 (the eval-mode kernel follows them)."""
         scale = metrics.get("log10_scale_change")
-        if scale is None or not math.isfinite(scale) or abs(scale) < _BN_SCALE_WARN or not self._bn_stats0:
+        if (
+            scale is None
+            or not math.isfinite(scale)
+            or abs(scale) < _BN_SCALE_WARN
+            or not self._bn_stats0
+        ):
             return
         rel = metrics.get("relative_change")
         if rel is not None and math.isfinite(rel) and abs(10.0**scale - 1.0) < 0.5 * rel:
@@ -1007,8 +1139,13 @@ class NTKMonitor:
         )
 
     def measure(
-        self, step: int, epoch: int, tag: str, title: Optional[str] = None, init_when: str = "train start"
-    ) -> Optional[Tuple[Dict[str, Any], NTKReport, Tensor]]:
+        self,
+        step: int,
+        epoch: int,
+        tag: str,
+        title: str | None = None,
+        init_when: str = "train start",
+    ) -> tuple[dict[str, Any], NTKReport, Tensor] | None:
         """One report's computation: the kernel (and per-layer kernels) on the probes, the
         alignment kernel, ``analyze_ntk`` against K0, the layer and dynamics metrics; the
         record is appended to the history. Returns ``(record, report, kernel)``, or None
@@ -1034,7 +1171,9 @@ class NTKMonitor:
         new_init = tag == "init" or fallback
         init = kernel if new_init else self._init_kernel
         init_align = align if new_init else self._init_alignment_kernel
-        where = title or {"init": "initial kernel K0", "final": "end of training"}.get(tag, f"after epoch {epoch}")
+        where = title or {"init": "initial kernel K0", "final": "end of training"}.get(
+            tag, f"after epoch {epoch}"
+        )
         if new_init:
             init_label = f"step {step}, " + ("first successful report" if fallback else init_when)
         else:
@@ -1054,7 +1193,11 @@ class NTKMonitor:
             self._fault(err, where=f"report at step {step}", stage="analysis")
             return None
         if new_init:
-            self._init_kernel, self._init_alignment_kernel, self._init_label = kernel, align, init_label
+            self._init_kernel, self._init_alignment_kernel, self._init_label = (
+                kernel,
+                align,
+                init_label,
+            )
             self._bn_stats0 = self._bn_stats(self.model)
         if fallback:
             self._dispatcher._warn_once(
@@ -1075,8 +1218,10 @@ class NTKMonitor:
             flat.update(self._layer_metrics(layers, step))
             self.last_layer_kernels = layers
         flat.update(self._dynamics_metrics(kernel, step))
-        eig = report.eigenvalues.detach().cpu().double() if isinstance(report.eigenvalues, Tensor) else torch.as_tensor(
-            np.asarray(report.eigenvalues, dtype=np.float64)
+        eig = (
+            report.eigenvalues.detach().cpu().double()
+            if isinstance(report.eigenvalues, Tensor)
+            else torch.as_tensor(np.asarray(report.eigenvalues, dtype=np.float64))
         )
         record = {
             "tag": tag,
@@ -1089,10 +1234,12 @@ class NTKMonitor:
         self.last_kernel, self.last_report, self.last_alignment_kernel = kernel, report, align
         return record, report, kernel
 
-    def publish_media(self, sink: Callable[[ReportMedia], None], record: Dict[str, Any], kernel: Tensor) -> None:
+    def publish_media(
+        self, sink: Callable[[ReportMedia], None], record: dict[str, Any], kernel: Tensor
+    ) -> None:
         """Hand one report's pictures to ``sink`` (a logger's media writer): the heatmap
         (K0's also as ``kernel_init``), the histogram, and the history pictures when due."""
-        pictures: Tuple[str, ...] = ("kernel",)
+        pictures: tuple[str, ...] = ("kernel",)
         if record["tag"] == "init":
             pictures += ("kernel_init",)  # its own tag: TensorBoard keeps only 10 images per tag
         if self._figures_due(record["tag"]):
@@ -1100,9 +1247,9 @@ class NTKMonitor:
         targets = self._probes[1] if self._probes is not None else None
         self._log_media(sink, record, kernel, targets, pictures, histogram=True)
 
-    def _history_pictures(self) -> Tuple[str, ...]:
+    def _history_pictures(self) -> tuple[str, ...]:
         """The pictures drawn from the whole history: spectrum, drift, layers, dynamics."""
-        pictures = _BASE_PICTURES
+        pictures: tuple[str, ...] = _BASE_PICTURES
         if self.layerwise:
             pictures += ("layers",)
         if self._dynamics_on:
@@ -1130,16 +1277,18 @@ class NTKMonitor:
     def _log_media(
         self,
         sink: Callable[[ReportMedia], None],
-        record: Dict[str, Any],
+        record: dict[str, Any],
         kernel: Tensor,
-        targets: Optional[Tensor],
-        pictures: Tuple[str, ...],
+        targets: Tensor | None,
+        pictures: tuple[str, ...],
         histogram: bool,
     ) -> None:
         labels = None
         if targets is not None and targets.ndim in (1, 2) and targets.numel() == targets.shape[0]:
             # integer labels group the heatmap by class; real (regression) targets sort it
-            labels = (targets.double() if targets.is_floating_point() else targets).reshape(-1).numpy()
+            labels = (
+                (targets.double() if targets.is_floating_point() else targets).reshape(-1).numpy()
+            )
         scale = self.heatmap_scale
         media = ReportMedia(
             step=record["step"],
@@ -1153,7 +1302,9 @@ class NTKMonitor:
             tag=record["tag"],
             inputs=self._probes[0] if self._probes is not None else None,
             heatmap_scale=scale,
-            init_kernel=self._init_kernel.double().numpy() if scale == "initial" and self._init_kernel is not None else None,
+            init_kernel=self._init_kernel.double().numpy()
+            if scale == "initial" and self._init_kernel is not None
+            else None,
         )
         start = time.perf_counter()
         sink(media)
@@ -1164,25 +1315,33 @@ class NTKMonitor:
 
     def _refresh_figures(self, sink: Callable[[ReportMedia], None]) -> None:
         """Draw the history pictures for the last report if its own report skipped them."""
-        if not (self.log_figures and self.log_images and self._history and self.last_kernel is not None):
+        if not (
+            self.log_figures and self.log_images and self._history and self.last_kernel is not None
+        ):
             return
         last = self._history[-1]
         if self._figures_step == last["step"]:
             return
         targets = self._probes[1] if self._probes is not None else None
-        self._log_media(sink, last, self.last_kernel, targets, self._history_pictures(), histogram=False)
+        self._log_media(
+            sink, last, self.last_kernel, targets, self._history_pictures(), histogram=False
+        )
 
 
-
-def _copy_records(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+def _copy_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [
-        {"tag": r["tag"], "epoch": r["epoch"], "step": r["step"], "metrics": dict(r["metrics"]),
-         "eigenvalues": list(r["eigenvalues"])}
+        {
+            "tag": r["tag"],
+            "epoch": r["epoch"],
+            "step": r["step"],
+            "metrics": dict(r["metrics"]),
+            "eigenvalues": list(r["eigenvalues"]),
+        }
         for r in records
     ]
 
 
-def _load_records(saved: Any) -> List[Dict[str, Any]]:
+def _load_records(saved: Any) -> list[dict[str, Any]]:
     """History records from a saved state; malformed ones are dropped."""
     records = []
     for rec in saved or []:
