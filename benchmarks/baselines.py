@@ -39,13 +39,14 @@ control flow of Hugging Face's attention-mask code) is reported as an error.
 from __future__ import annotations
 
 import importlib.util
-import inspect
 from typing import Any, Callable
 
 import torch
 from torch import nn
 from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 from torch.utils._pytree import tree_leaves, tree_map
+
+from ntk_callback.engine.batch import call_convention
 
 SUPPORTED: dict[str, tuple[str, ...]] = {
     "per_sample_loop": ("target", "trace", "full"),
@@ -79,37 +80,13 @@ def batch_to(x: Any, dtype: torch.dtype) -> Any:
     return tree_map(lambda v: v.to(dtype) if v.is_floating_point() else v, x)
 
 
-def _required_positional(fn: Callable) -> list[str] | None:
-    try:
-        sig = inspect.signature(fn)
-    except (TypeError, ValueError):
-        return None
-    names = []
-    for p in sig.parameters.values():
-        if p.kind is inspect.Parameter.VAR_POSITIONAL:
-            return None
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty:
-            names.append(p.name)
-    return names
-
-
 def split_args(model: nn.Module, x: Any) -> tuple[tuple, dict]:
-    """``(args, kwargs)`` of ``model.forward`` for a batch, with ``empirical_ntk``'s
-    convention: a tuple is unpacked when forward takes several positional arguments
-    (or ``*args``), a dict when forward's parameters are its keys, anything else is
-    the single argument."""
-    required = _required_positional(model.forward)
-    if isinstance(x, (tuple, list)) and (required is None or len(required) > 1):
-        return tuple(x), {}
-    if isinstance(x, dict):
-        try:
-            params = inspect.signature(model.forward).parameters
-        except (TypeError, ValueError):
-            params = {}
-        if required is not None and len(required) != 1 and set(required) <= set(x) \
-                and set(x) <= set(params):
-            return (), dict(x)
-    return (x,), {}
+    """``(args, kwargs)`` of ``model.forward`` for a batch, with ``empirical_ntk``'s own
+    convention (the engine's ``call_convention``, so every method reads a batch the same
+    way): a tuple is unpacked when forward takes several positional arguments (or
+    ``*args``), a dict when forward's parameters are its keys, anything else is the
+    single argument."""
+    return call_convention(model, x)(x)
 
 
 def call(model: nn.Module, x: Any) -> torch.Tensor:
