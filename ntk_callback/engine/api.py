@@ -10,7 +10,7 @@ import torch
 from . import blocked as _blocked
 from . import structured
 from .errors import NTKError
-from .generic import explain_failure, generic_kernel
+from .generic import RowCheckFailed, explain_failure, generic_kernel
 from .modes import TRACE, ModeLike
 from .problem import DEFAULT_MEMORY_BUDGET, Problem, build_problem, output_shape, resolve_dtype
 from .state import cast_floating, frozen_measurement
@@ -126,16 +126,28 @@ def _structured(problem: Problem, plan: structured.Plan, keys: dict[str, list[st
 
 
 def _generic(problem: Problem, names: list[str], budget: int, chunk_size: int | None,
-             methods: dict[str, str]) -> torch.Tensor:
+             methods: dict[str, str], self_check: bool = True,
+             reasons: dict[str, str] | None = None) -> torch.Tensor:
     """Exact kernel of ``names`` by torch.func, or by the per-probe autograd loop where
-    vmap cannot run the model (remembered for later groups)."""
+    vmap cannot run the model (remembered for later groups) or where vmap's rows fail
+    the autograd check (``self_check``; only these parameters, the reason in
+    ``reasons``)."""
     if methods.get("") != "loop":
         try:
-            kernel = generic_kernel(problem, names, budget, chunk_size, method="vmap")
+            kernel = generic_kernel(problem, names, budget, chunk_size, method="vmap",
+                                    check=self_check)
             methods.update({n: "vmap" for n in names})
             return kernel
         except NTKError:
             raise
+        except RowCheckFailed as exc:
+            log.debug("self-check: %s; per-probe autograd loop", exc)
+            if reasons is not None:
+                reasons.update({n: f"self-check: {exc}; per-probe autograd loop"
+                                for n in names})
+            kernel = generic_kernel(problem, names, budget, chunk_size, method="loop")
+            methods.update({n: "loop" for n in names})
+            return kernel
         except Exception as exc:  # noqa: BLE001 - anything vmap cannot do, the loop can
             mapped = explain_failure(exc) if isinstance(exc, RuntimeError) else None
             if mapped is not None:
@@ -166,7 +178,8 @@ def _kernels(problem: Problem, keys: dict[str, list[str]], implementation: str, 
             rest = [n for n in names if n not in handled]
             kernel = done.get(key)
             for group in _group(problem, rest, budget):
-                part = _generic(problem, group, budget, chunk_size, methods)
+                part = _generic(problem, group, budget, chunk_size, methods, self_check,
+                                explanation.reasons)
                 kernel = part if kernel is None else kernel + part
             if kernel is None:
                 kernel = torch.zeros(output_shape(problem), dtype=problem.dtype,

@@ -23,6 +23,27 @@ from .modes import KernelMode, ModeLike
 DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of Jacobian held at once
 
 
+def slot_names(model: torch.nn.Module) -> dict[str, str]:
+    """Every place a parameter or buffer is stored (one path per storing module, however
+    many names the module has) -> the tensor's name in ``named_parameters()`` /
+    ``named_buffers()``.
+
+    ``functional_call`` is given one entry per slot with ``tie_weights=False``: a tensor
+    tied into several modules is swapped in each of them, and a module registered under
+    two names (``self.dec = self.enc``) is swapped once. torch's own tie handling swaps
+    such a module under both names and restores it in the wrong order, leaving a plain
+    tensor shadowing the parameter (the model would then train a frozen copy)."""
+    canonical = {id(t): n for n, t in model.named_parameters()}
+    canonical.update({id(t): n for n, t in model.named_buffers()})
+    out: dict[str, str] = {}
+    for prefix, module in model.named_modules():
+        for store in (module._parameters, module._buffers):
+            for attr, t in store.items():
+                if t is not None and id(t) in canonical:
+                    out[f"{prefix}.{attr}" if prefix else attr] = canonical[id(t)]
+    return out
+
+
 @dataclass
 class Problem:
     model: torch.nn.Module
@@ -84,7 +105,10 @@ class Problem:
     def forward(self, tensors: dict[str, torch.Tensor], x: Any) -> torch.Tensor:
         """Batched forward, outputs as (n, O)."""
         args, kwargs = self.split(x)
-        out = functional_call(self.model, tensors, args, kwargs, strict=False)
+        by_slot = {slot: tensors[name] for slot, name in slot_names(self.model).items()
+                   if name in tensors}
+        out = functional_call(self.model, by_slot, args, kwargs, strict=False,
+                              tie_weights=False)
         return self.as_matrix(out)
 
     def call(self, x: Any) -> Any:
