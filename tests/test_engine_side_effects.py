@@ -287,3 +287,83 @@ def test_float64_measurement_keeps_gradient_accumulator_hooks() -> None:
                for n, p in params.items())
     net(x).sum().backward()
     assert sorted(fired) == sorted(params)
+
+
+class _WritesInForward(nn.Module):
+    """A forward that writes buffers in place even in eval mode (a call counter, an EMA of
+    activations) beside a max_norm embedding, which renormalises its own weight rows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 4, max_norm=0.5)
+        self.a = nn.Linear(4, 8)
+        self.b = nn.Linear(8, 3)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        self.register_buffer("ema", torch.zeros(8))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.a(self.emb(ids).mean(1)))
+        self.calls += 1
+        with torch.no_grad():
+            self.ema.mul_(0.9).add_(0.1 * h.detach().mean(0))
+        return self.b(h)
+
+
+@pytest.mark.parametrize("implementation", ["auto", "generic"])
+@pytest.mark.parametrize("dtype", [None, torch.float64])
+def test_writes_in_forward_are_put_back(implementation: str, dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    model = _WritesInForward().eval()
+    with torch.no_grad():
+        model.emb.weight.mul_(3.0)  # rows above max_norm: the forward renormalises them
+    ids = torch.randint(0, 10, (5, 3), generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 2, 1, 1, 0])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    empirical_ntk(model, ids, y, dtype=dtype, implementation=implementation)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} changed"
+
+
+def test_counter_model_kernel_matches_reference() -> None:
+    """vmap cannot run the in-place counter; the per-probe loop takes over (no error)."""
+    torch.manual_seed(0)
+    model = _WritesInForward().eval()
+    ids = torch.randint(0, 10, (5, 3), generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 2, 1, 1, 0])
+    ref = R.ntk_loop(model, ids, y, "target")
+    for implementation in ("auto", "generic"):
+        k = empirical_ntk(model, ids, y, dtype=torch.float64, implementation=implementation)
+        assert R.rel_err(k, ref) <= 1e-10
+
+
+class _ClampsWeight(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 3)
+        self.gain = nn.Parameter(torch.full((3,), 2.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            self.gain.clamp_(0.0, 1.0)
+        return self.a(x) * self.gain
+
+
+def test_parameter_written_in_forward_is_named_in_a_warning() -> None:
+    model = _ClampsWeight()
+    with pytest.warns(RuntimeWarning, match="gain"):
+        empirical_ntk(model, torch.randn(4, 4), torch.tensor([0, 1, 2, 0]))
+
+
+class _NoisyInEval(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(nn.functional.dropout(x, 0.3, training=True))
+
+
+def test_randomness_in_eval_mode_names_the_fix() -> None:
+    with pytest.raises(NTKError, match="even in eval mode"):
+        empirical_ntk(_NoisyInEval(), torch.randn(4, 4), torch.tensor([0, 1, 2, 0]),
+                      implementation="generic")

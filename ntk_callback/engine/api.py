@@ -99,7 +99,7 @@ def _structured(problem: Problem, plan: structured.Plan, keys: dict[str, list[st
                 plan.drop(m, exc.reason)
             continue
         except RuntimeError as exc:
-            if explain_failure(exc) is not None:
+            if explain_failure(exc, problem.model) is not None:
                 raise
             reason = f"the structured pass failed: {type(exc).__name__}: {str(exc)[:200]}"
             for m in list(plan.modules):
@@ -149,7 +149,8 @@ def _generic(problem: Problem, names: list[str], budget: int, chunk_size: int | 
             methods.update({n: "loop" for n in names})
             return kernel
         except Exception as exc:  # noqa: BLE001 - anything vmap cannot do, the loop can
-            mapped = explain_failure(exc) if isinstance(exc, RuntimeError) else None
+            mapped = (explain_failure(exc, problem.model) if isinstance(exc, RuntimeError)
+                      else None)
             if mapped is not None:
                 raise mapped from exc
             log.debug("vmap failed (%s: %s); per-probe autograd loop", type(exc).__name__, exc)
@@ -186,7 +187,7 @@ def _kernels(problem: Problem, keys: dict[str, list[str]], implementation: str, 
                                      device=problem.device)
             out[key] = kernel
     except RuntimeError as exc:
-        mapped = explain_failure(exc)
+        mapped = explain_failure(exc, problem.model)
         if mapped is not None:
             raise mapped from exc
         raise

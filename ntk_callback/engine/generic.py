@@ -216,10 +216,24 @@ def generic_kernel(problem: Problem, names: list[str], budget: int,
     return kernel
 
 
-def explain_failure(exc: Exception) -> NTKError | None:
-    """Map torch.func failures that have a known user-side fix to an NTKError."""
+def explain_failure(exc: Exception, model: torch.nn.Module | None = None) -> NTKError | None:
+    """Map torch.func failures that have a known user-side fix to an NTKError. An in-place
+    write is such a failure only while a BatchNorm module is in training mode (the probes
+    then interact); other in-place writes in forward (a counter, an EMA buffer) are left
+    to the per-probe loop, which runs the model as it is."""
     text = str(exc)
+    if model is not None and not any(
+            isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training
+            for m in model.modules()):
+        if "inplace" in text.lower() or "in-place" in text.lower():
+            return None
     if "randomness" in text:
+        if model is not None and not any(m.training for m in model.modules()):
+            return NTKError("the model draws random numbers in forward even in eval mode (e.g. "
+                            "`F.dropout(x, p, training=True)` or noise added with "
+                            "`torch.randn`), so its NTK is not defined; make the randomness "
+                            "depend on `self.training`. "
+                            f"({text.splitlines()[0]})")
         return NTKError("the model draws random numbers in forward (e.g. Dropout in train mode) "
                         "while the NTK is measured; use eval_mode=True (the default) so dropout "
                         f"is off. ({text.splitlines()[0]})")

@@ -6,11 +6,14 @@ CUDA RNG streams, enables autograd even under ``no_grad``/``inference_mode``, an
 restores every submodule's ``training`` flag, the RNG streams and the TF32 switches.
 Parameters, buffers and ``.grad`` are never written by the engine: torch.func
 differentiates copies of the parameter *values*, and BatchNorm in eval mode reads its
-running statistics without updating them.
+running statistics without updating them. What the model's own forward writes in place
+(buffers such as counters or EMAs, embedding weights renormalised by ``max_norm``) is
+put back on exit.
 """
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -38,6 +41,45 @@ def _no_tf32() -> Iterator[None]:
         torch.set_float32_matmul_precision(precision)
 
 
+def _writes_weights(module: torch.nn.Module) -> bool:
+    """Modules whose own forward writes their parameters (embedding renormalisation)."""
+    return (isinstance(module, (torch.nn.Embedding, torch.nn.EmbeddingBag))
+            and module.max_norm is not None)
+
+
+@contextlib.contextmanager
+def _restored_tensors(model: torch.nn.Module) -> Iterator[None]:
+    """Put back every buffer, and the weights of modules that renormalise them in forward,
+    that the measurement's forward passes wrote in place (a counter or an EMA updated in
+    forward, ``nn.Embedding(max_norm=...)``), detected by autograd's version counter. Any
+    other parameter written in place cannot be restored (the engine keeps no copy of the
+    weights): a warning names it."""
+    buffers = [(b, b.detach().clone(), b._version) for b in model.buffers()]
+    kept: dict[int, torch.Tensor] = {}
+    for m in model.modules():
+        if _writes_weights(m):
+            weight = m.get_parameter("weight")
+            kept[id(weight)] = weight.detach().clone()
+    params = [(n, p, p._version) for n, p in model.named_parameters()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, value, version in buffers:
+                if b._version != version:
+                    b.copy_(value)
+            for name, p, version in params:
+                if p._version != version:
+                    if id(p) in kept:
+                        p.copy_(kept[id(p)])
+                    else:
+                        warnings.warn(
+                            f"the model's forward wrote parameter {name!r} in place while the "
+                            "NTK was measured; the change stays (the engine keeps no copy of "
+                            "the weights). Move in-place weight updates out of forward.",
+                            RuntimeWarning, stacklevel=3)
+
+
 @contextlib.contextmanager
 def frozen_measurement(model: torch.nn.Module, eval_mode: bool = True) -> Iterator[None]:
     flags = [(m, m.training) for m in model.modules()]
@@ -45,6 +87,7 @@ def frozen_measurement(model: torch.nn.Module, eval_mode: bool = True) -> Iterat
     try:
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch.random.fork_rng(devices=devices))
+            stack.enter_context(_restored_tensors(model))
             stack.enter_context(_no_tf32())
             stack.enter_context(torch.inference_mode(False))
             stack.enter_context(torch.enable_grad())
