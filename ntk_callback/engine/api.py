@@ -9,10 +9,11 @@ import torch
 
 from . import blocked as _blocked
 from . import structured
+from .device import default_budget
 from .errors import NTKError
 from .generic import RowCheckFailed, explain_failure, generic_kernel
 from .modes import TRACE, ModeLike
-from .problem import DEFAULT_MEMORY_BUDGET, Problem, build_problem, output_shape, resolve_dtype
+from .problem import Problem, build_problem, output_shape, resolve_dtype
 from .state import cast_floating, frozen_measurement
 
 IMPLEMENTATIONS = ("auto", "generic", "structured")
@@ -50,10 +51,11 @@ def _check(problem: Problem, implementation: str, budget: int | None,
         raise NTKError(f"chunk_size={chunk_size!r} must be a positive int (probes per "
                        "vectorised chunk) or None for automatic.")
     if budget is None:
-        return DEFAULT_MEMORY_BUDGET
+        return default_budget(problem.device)
     if not isinstance(budget, int) or budget < 1:
         raise NTKError(f"memory_budget={budget!r} must be a positive number of bytes "
-                       "(e.g. 2**30) or None for the default of 1 GiB.")
+                       "(e.g. 2**30) or None for the device's default (1 GiB on the CPU, a "
+                       "quarter of the free memory up to 16 GiB on CUDA).")
     return budget
 
 
@@ -254,7 +256,9 @@ def empirical_ntk(model: torch.nn.Module, inputs: Any, targets: Any = None, *,
         inputs2, targets2: a second probe set; the result is then the (N1, N2) (or
             (N1, N2, O, O)) cross kernel between ``inputs`` and ``inputs2``.
         memory_budget: bytes of Jacobian rows (generic path) or of per-probe gradient
-            rows and activation Grams (structured path) held at once (default 1 GiB);
+            rows and activation Grams (structured path) held at once (default: 1 GiB
+            on the CPU; on CUDA a quarter of the device's free memory, at most 16 GiB,
+            see :mod:`.device`);
             larger problems are chunked over probes, outputs and parameter tensors. The
             peak memory of a call is this plus transient autograd buffers, in practice
             below 2-4x the budget.
@@ -392,7 +396,7 @@ def _blocked_run(model: torch.nn.Module, inputs: Any, targets: Any, mode: ModeLi
     def block_fn(x: Any, t: Any, x2: Any, t2: Any, check: bool,
                  paths: dict[str, str] | None) -> tuple[dict[str, torch.Tensor], Explanation]:
         return _run(model, x, t, mode, dtype, chunk_size, eval_mode, x2, t2,
-                    _blocked.call_budget(memory_budget), output_fn, implementation, paths,
+                    call_budget, output_fn, implementation, paths,
                     check, by_layer)
 
     def num_outputs(x: Any) -> int:
@@ -400,11 +404,13 @@ def _blocked_run(model: torch.nn.Module, inputs: Any, targets: Any, mode: ModeLi
                              output_fn=output_fn).shape[1]
 
     first = next((p for p in model.parameters() if p.requires_grad), None)
+    device = first.device if first is not None else torch.device("cpu")
+    call_budget = _blocked.call_budget(memory_budget, device)
     return _blocked.blocked_kernel(
         block_fn, inputs, targets, inputs2, targets2, mode=mode,
         dtype=resolve_dtype(model, dtype),
-        device=first.device if first is not None else torch.device("cpu"),
-        num_outputs=num_outputs, budget=memory_budget or DEFAULT_MEMORY_BUDGET,
+        device=device,
+        num_outputs=num_outputs, budget=memory_budget or default_budget(device),
         batch_to_probe=batch_to_probe, block_size=block_size, out=out, progress=progress,
         comm=comm, self_check=bool(self_check), layer_paths=layer_paths, layerwise=by_layer)
 

@@ -45,10 +45,11 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import batch as B
+from .device import default_budget
 from .distributed import Communicator, check_same_data, guarded, resolve
 from .errors import NTKError
 from .modes import KernelMode, ModeLike
-from .problem import DEFAULT_MEMORY_BUDGET, blocks
+from .problem import blocks
 
 DEFAULT_BLOCK_MAX = 2048
 
@@ -67,12 +68,13 @@ def is_data_stream(obj: Any) -> bool:
     return isinstance(obj, Iterable)
 
 
-def call_budget(memory_budget: int | None) -> int | None:
-    """The memory budget of each block's engine call: half the caller's, so that the
-    call's transient buffers (autograd's, outside the engine's accounting) fit in the
-    other half; bad values pass through to the engine's own error."""
+def call_budget(memory_budget: int | None, device: torch.device | None = None) -> int | None:
+    """The memory budget of each block's engine call: half the caller's (default: the
+    default budget of ``device``, :mod:`.device`), so that the call's transient buffers
+    (autograd's, outside the engine's accounting) fit in the other half; bad values pass
+    through to the engine's own error."""
     if memory_budget is None:
-        return DEFAULT_MEMORY_BUDGET // 2
+        return default_budget(device) // 2
     if isinstance(memory_budget, int) and not isinstance(memory_budget, bool) \
             and memory_budget > 1:
         return memory_budget // 2

@@ -20,7 +20,7 @@ from .census import Census, take_census
 from .errors import NTKError
 from .modes import KernelMode, ModeLike
 
-DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of Jacobian held at once
+DEFAULT_MEMORY_BUDGET = 1 << 30  # the CPU's default budget; a call's default: device.py
 
 
 def slot_names(model: torch.nn.Module) -> dict[str, str]:

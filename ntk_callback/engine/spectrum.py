@@ -56,9 +56,10 @@ from torch.func import jvp, vjp, vmap
 
 from . import batch as B
 from .blocked import collect
+from .device import default_budget, model_device
 from .distributed import Communicator, check_same_data, gather_rows, guarded, resolve, shard
 from .errors import NTKError
-from .problem import DEFAULT_MEMORY_BUDGET, Problem, build_problem, resolve_dtype
+from .problem import Problem, build_problem, resolve_dtype
 from .state import cast_floating, frozen_measurement
 
 ROUTES = ("auto", "matfree", "gram")
@@ -277,7 +278,7 @@ def ntk_spectrum(model: torch.nn.Module, data: Any, targets: Any = None, *, k: i
     Side effects: none (as :func:`.api.empirical_ntk`).
     """
     comm = resolve(comm)
-    budget = memory_budget or DEFAULT_MEMORY_BUDGET
+    budget = memory_budget or default_budget(model_device(model))
     if not isinstance(k, int) or k < 1:
         raise NTKError(f"k={k!r} must be a positive int (eigenvalues wanted).")
     with frozen_measurement(model, eval_mode), cast_floating(model, resolve_dtype(model, dtype)):
@@ -340,7 +341,7 @@ def ntk_trace_estimate(model: torch.nn.Module, data: Any, targets: Any = None, *
     the exact values on the Gram route (see the module doc; arguments as
     :func:`ntk_spectrum`). For normalised metrics such as ``lambda_max / trace``."""
     comm = resolve(comm)
-    budget = memory_budget or DEFAULT_MEMORY_BUDGET
+    budget = memory_budget or default_budget(model_device(model))
     if not isinstance(num_samples, int) or num_samples < 2:
         raise NTKError(f"num_samples={num_samples!r} must be an int >= 2 (Rademacher vectors; "
                        "the standard error needs two).")

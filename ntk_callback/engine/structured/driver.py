@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from .. import batch as B
+from ..device import profile_for
 from ..modes import KernelMode
 from ..problem import Problem, blocks, output_shape
 from ..symmetric import add_gram, columns, mirror_lower, panel_rows
@@ -130,6 +131,7 @@ def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]], budget: in
     chunk = max(1, min(n_all, budget // (2 * per_probe)))
     routes: dict[str, str] = {}
     rows_left = budget
+    device = profile_for(problem.device)  # what the routes cost there (planner.choose)
     # With one cotangent row (target, sum mode) the self-check is fused into the capture
     # pass (one positive probe weighting); with several, it takes its own backward passes.
     # The fused check cannot see a probe's cotangent reaching another probe's rows (the
@@ -144,7 +146,7 @@ def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]], budget: in
         if name not in routes:
             param = name.split("#")[0]
             routes[name] = choose(term, k, problem.n1, problem.n2, mode, rows_left, itemsize,
-                                  plan.forced.get(module_of[param]))
+                                  plan.forced.get(module_of[param]), device)
             if routes[name] == "rows":
                 rows_left -= rows_bytes(term, k, n_all, itemsize)
         return routes[name]

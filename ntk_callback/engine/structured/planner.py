@@ -11,11 +11,12 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from ..device import CPU, DeviceProfile
 from ..errors import NTKError
 from ..modes import KernelMode
 from ..problem import Problem
 from .rules import Call, Rule, rule_for
-from .terms import Term
+from .terms import ConvTerm, Term
 
 ROUTES = ("generic", "gram", "rows")
 _STOCHASTIC = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd,
@@ -171,13 +172,29 @@ def _optimized_module_type() -> type:
 # --------------------------------------------------------------------------- cost model
 
 def rows_bytes(term: Term, k: int, n_all: int, itemsize: int) -> int:
+    """Bytes of the rows route's per-probe gradient rows of ``term``: (n_all, k, P)."""
     return n_all * k * term.size()[4] * itemsize
 
 
 def choose(term: Term, k: int, n1: int, n2: int | None, mode: KernelMode, budget: int,
-           itemsize: int, forced: str | None) -> str:
-    """Cost model for a term with ``k`` cotangent rows: flops of each route; the rows route
-    only while its rows fit ``budget``."""
+           itemsize: int, forced: str | None, device: DeviceProfile = CPU) -> str:
+    """Cost model for a term with ``k`` cotangent rows: the rows route only while its rows
+    fit ``budget``; then the cheaper route on ``device`` (:mod:`..device`).
+
+    Flops (S positions, o outputs, c inputs, P parameters, n1 x n2 probe pairs, ``pairs``
+    row pairs a probe pair): the rows route builds the rows, ``k n S o c`` (linear terms)
+    or ``k n S P``, and multiplies them, ``2 pairs n1 n2 P``; the Gram route multiplies
+    (n S) x (n S) Grams of inputs and cotangents, ``2 n1 n2 S^2 (c + k o + pairs)``. On
+    the CPU (``flops_per_byte = flops_per_launch = 0``) that is the whole model. On CUDA
+    the memory traffic of each route (rows written and read; the Gram route's blocks and
+    the unfolded patches of a convolution) and the Gram route's launches (one set a block
+    of probes, as :func:`.driver._add_term_gram` blocks them) are added in
+    flop-equivalents; and rows that would take more than ``device.reserve_share`` of the
+    budget left must save at least ``device.reserve_density * n1`` flop-equivalents a
+    byte (the Gram route's cost grows as n^2, the rows as n):
+    terms come deepest layer first, and the budget is kept for the high-resolution
+    convolutions met last, whose im2col Gram route costs the most of all.
+    """
     if term.rows_only:
         return "rows"
     _, s, o, c, p = term.size()
@@ -187,8 +204,27 @@ def choose(term: Term, k: int, n1: int, n2: int | None, mode: KernelMode, budget
     if forced in ("gram", "rows"):
         return forced
     build = k * n_all * s * (o * c if term.linear else p)
-    rows_flops = 2 * build + 2 * pairs * nn2 * p
-    gram_flops = 2 * nn2 * s * s * ((c if term.linear else 1) + k * o + pairs)
-    if rows_bytes(term, k, n_all, itemsize) > budget:
+    rows_flops: float = 2 * build + 2 * pairs * nn2 * p
+    gram_flops: float = 2 * nn2 * s * s * ((c if term.linear else 1) + k * o + pairs)
+    rows_size = rows_bytes(term, k, n_all, itemsize)
+    if rows_size > budget:
         return "gram"
-    return "rows" if rows_flops <= gram_flops else "gram"
+    if not (device.flops_per_byte or device.flops_per_launch):
+        return "rows" if rows_flops <= gram_flops else "gram"
+    # the Gram route's blocks: per block row, n2 S^2 entries of each Gram and their
+    # product (as _add_term_gram sizes them); a conv's patches unfolded, written and read
+    per_row = (n2 if n2 is not None else n1) * s * s * itemsize * (3 + mode.term_gram_extra(k))
+    blocks = -(-n1 * per_row // max(1, budget))
+    unfold = 2 * n_all * s * c * itemsize if isinstance(term, ConvTerm) else 0
+    rows_cost = rows_flops + device.flops_per_byte * 2 * rows_size + device.flops_per_launch * 4 * k
+    gram_cost = (gram_flops + device.flops_per_byte * (n1 * per_row + unfold)
+                 + device.flops_per_launch * 6 * blocks)
+    if rows_cost > gram_cost:
+        return "gram"
+    # The backward offers the deep layers (small S, large P) first; rows that take a large
+    # share of what is left must save enough per byte, or the budget is gone before the
+    # high-resolution layers, whose Gram route costs orders of magnitude more.
+    if rows_size > device.reserve_share * budget \
+            and gram_cost - rows_cost < device.reserve_density * n1 * rows_size:
+        return "gram"
+    return "rows"
