@@ -209,7 +209,8 @@ def m_ddp(args: argparse.Namespace) -> dict:
     import torch.multiprocessing as mp
     out: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for kind, n in (("kernel", args.n), ("spectrum", args.spectrum_n)):
+        kinds = (("kernel", args.n), ("spectrum", args.spectrum_n))
+        for kind, n in [(k, n) for k, n in kinds if k in args.ddp_kinds.split(",")]:
             runs = {}
             for world in (1, 2):
                 path = os.path.join(tmp, f"{kind}{world}.pt")
@@ -247,6 +248,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--spectrum-n", type=int, default=20000)
     ap.add_argument("--eig", action="store_true")
+    ap.add_argument("--ddp-kinds", default="kernel,spectrum",
+                    help="ddp: which of kernel,spectrum to measure")
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args()
     defaults = {"spectrum": (60000, 10), "cnn": (10000, None), "cnn_spectrum": (256, 20),

@@ -114,11 +114,14 @@ def test_two_processes_match_one(tmp_path) -> None:
     single_blocked = empirical_ntk(model, iter(_loader()), mode="trace", block_size=7)
     for r in ranks:
         assert rel_err(r["trace"], trace) < 1e-12
-        assert torch.equal(r["trace"], single_blocked)  # disjoint blocks, summed with zeros
+        # each rank contracts its rows of a block: round-off, not bits, differ from one process
+        assert rel_err(r["trace"], single_blocked) < 1e-12
         assert rel_err(r["full"], full) < 1e-12
         assert list(r["layers"]) == list(layers)
         for key in layers:
             assert rel_err(r["layers"][key], layers[key]) < 1e-12
+    for key in ("trace", "full"):  # the ranks hold the very same kernel
+        assert torch.equal(ranks[0][key], ranks[1][key])
     import numpy as np
     assert rel_err(torch.from_numpy(np.load(tmp_path / "kernel.npy")), target) < 1e-12
 

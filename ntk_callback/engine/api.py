@@ -84,7 +84,7 @@ _MAX_RETRIES = 4
 
 
 def _structured(problem: Problem, plan: structured.Plan, keys: dict[str, list[str]],
-                budget: int, self_check: bool, explanation: Explanation
+                budget: int, self_check: bool, explanation: Explanation, split: Any = None
                 ) -> dict[str, torch.Tensor]:
     """Structured contributions of the plan's parameters, verified by the self-check;
     modules that fail a run-time assumption or the check leave the plan (and the
@@ -94,7 +94,8 @@ def _structured(problem: Problem, plan: structured.Plan, keys: dict[str, list[st
             return {}
         try:
             result = structured.compute(problem, plan, keys, budget,
-                                        check=SELF_CHECK_VECTORS if self_check else 0)
+                                        check=SELF_CHECK_VECTORS if self_check else 0,
+                                        split=split)
         except structured.Fallback as exc:
             targets = [exc.module] if exc.module in plan.modules else list(plan.modules)
             for m in targets:
@@ -164,7 +165,8 @@ def _generic(problem: Problem, names: list[str], budget: int, chunk_size: int | 
 
 def _kernels(problem: Problem, keys: dict[str, list[str]], implementation: str, budget: int,
              chunk_size: int | None, layer_paths: dict[str, str] | None = None,
-             self_check: bool = True) -> tuple[dict[str, torch.Tensor], Explanation]:
+             self_check: bool = True, split: Any = None
+             ) -> tuple[dict[str, torch.Tensor], Explanation]:
     """Kernel of each key's parameters. Structured rules take the layers they provably
     cover (unless implementation='generic'), checked against autograd; the rest goes
     through torch.func (or the per-probe loop)."""
@@ -173,7 +175,7 @@ def _kernels(problem: Problem, keys: dict[str, list[str]], implementation: str, 
     plan = structured.plan(problem, implementation, layer_paths, broadcast=self_check)
     methods: dict[str, str] = {}
     try:
-        done = _structured(problem, plan, keys, budget, self_check, explanation)
+        done = _structured(problem, plan, keys, budget, self_check, explanation, split)
         handled = plan.handled
         if any(n not in handled for names in keys.values() for n in names):
             problem.check_single_probe()
@@ -370,8 +372,8 @@ def _run(model: torch.nn.Module, inputs: Any, targets: Any, mode: ModeLike,
          dtype: torch.dtype | None, chunk_size: int | None, eval_mode: bool, inputs2: Any,
          targets2: Any, memory_budget: int | None,
          output_fn: Callable[[Any], torch.Tensor] | None, implementation: str,
-         layer_paths: dict[str, str] | None, self_check: bool, by_layer: bool
-         ) -> tuple[dict[str, torch.Tensor], Explanation]:
+         layer_paths: dict[str, str] | None, self_check: bool, by_layer: bool,
+         split: Any = None) -> tuple[dict[str, torch.Tensor], Explanation]:
     with frozen_measurement(model, eval_mode), cast_floating(model, resolve_dtype(model, dtype)):
         problem = build_problem(model, inputs, targets, mode=mode, dtype=dtype,
                                 inputs2=inputs2, targets2=targets2, output_fn=output_fn)
@@ -381,7 +383,7 @@ def _run(model: torch.nn.Module, inputs: Any, targets: Any, mode: ModeLike,
             key = problem.param_owner.get(name, name) if by_layer else ""
             keys.setdefault(key, []).append(name)
         return _kernels(problem, keys, implementation, budget, chunk_size, layer_paths,
-                        bool(self_check))
+                        bool(self_check), split)
 
 
 def _blocked_run(model: torch.nn.Module, inputs: Any, targets: Any, mode: ModeLike,
@@ -394,10 +396,11 @@ def _blocked_run(model: torch.nn.Module, inputs: Any, targets: Any, mode: ModeLi
     """Loader / blocked / memory-mapped / distributed kernels: :mod:`.blocked` calls the
     one-shot engine once a block."""
     def block_fn(x: Any, t: Any, x2: Any, t2: Any, check: bool,
-                 paths: dict[str, str] | None) -> tuple[dict[str, torch.Tensor], Explanation]:
+                 paths: dict[str, str] | None, split: Any = None
+                 ) -> tuple[dict[str, torch.Tensor], Explanation]:
         return _run(model, x, t, mode, dtype, chunk_size, eval_mode, x2, t2,
                     call_budget, output_fn, implementation, paths,
-                    check, by_layer)
+                    check, by_layer, split)
 
     def num_outputs(x: Any) -> int:
         return model_outputs(model, x, dtype=dtype, eval_mode=eval_mode,

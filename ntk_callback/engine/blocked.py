@@ -27,12 +27,18 @@ blocks run without it and must take exactly the same path for every parameter (t
 ``explain`` record is compared with the first block's); a block that does not is
 recomputed with the self-check on.
 
-Ranks (``comm=``): every rank passes the same probes (checked); the pairs ``(i, j)`` are
-dealt out to balance their passes, each rank computes its own, and an all-reduce (a sum
-with zeros elsewhere, so the entries are bit for bit those of one process) puts the
-kernel on every rank; with ``out=`` each rank writes its own blocks into the one file
-(the ranks must share its file system, e.g. one machine). Any error on a rank stops
-every rank (:mod:`.distributed`).
+Ranks (``comm=``): every rank passes the same probes (checked), and every block pair is
+one collective engine call (:class:`.distributed.ProbeSplit`): each rank runs the model
+forward and backward over its share of the pair's probes only, capturing their per-probe
+factors (the structured rules' layer inputs and cotangents, or gradient rows), the ranks
+all-gather them, each rank contracts its share of the kernel's rows, and an all-reduce
+(a sum with zeros elsewhere) puts the block on every rank. Splitting the calls instead
+(pairs dealt to ranks) would leave some rank a pass over every probe: two proper subsets
+of the blocks cannot hold every pair. The blocks are therefore as large as for one
+process. Parameters on the exact path (no structured rule) are computed whole on every
+rank. With ``out=`` rank 0 writes the file, the others map it after it is written (the
+ranks must share its file system, e.g. one machine). Any error on a rank stops every rank
+(:mod:`.distributed`).
 """
 from __future__ import annotations
 
@@ -46,15 +52,16 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import batch as B
 from .device import default_budget
-from .distributed import Communicator, check_same_data, guarded, resolve
+from .distributed import Communicator, ProbeSplit, check_same_data, guarded, resolve
 from .errors import NTKError
 from .modes import KernelMode, ModeLike
 from .problem import blocks
 
 DEFAULT_BLOCK_MAX = 2048
 
-# kernel(x, t, x2, t2, self_check, layer_paths) -> ({key: block}, explanation)
-BlockFn = Callable[[Any, Any, Any, Any, bool, Any], tuple[dict[str, torch.Tensor], Any]]
+# kernel(x, t, x2, t2, self_check, layer_paths, split) -> ({key: block}, explanation);
+# split: a ProbeSplit (the call is collective) or None
+BlockFn = Callable[[Any, Any, Any, Any, bool, Any, Any], tuple[dict[str, torch.Tensor], Any]]
 
 
 def is_data_stream(obj: Any) -> bool:
@@ -162,8 +169,8 @@ def checksum(inputs: Any, targets: torch.Tensor | None) -> float:
     return total
 
 
-def _block_size(block_size: int | None, n: int, budget: int, itemsize: int, outputs: int,
-                world: int) -> int:
+def _block_size(block_size: int | None, n: int, budget: int, itemsize: int,
+                outputs: int) -> int:
     if block_size is not None:
         if not isinstance(block_size, int) or block_size < 1:
             raise NTKError(f"block_size={block_size!r} must be a positive int (probes per "
@@ -171,22 +178,7 @@ def _block_size(block_size: int | None, n: int, budget: int, itemsize: int, outp
         return block_size
     # a kernel block (and its mirrored copy) is a small part of the budget
     fit = int(math.sqrt(budget / (8 * itemsize * outputs * outputs)))
-    size = max(1, min(n, DEFAULT_BLOCK_MAX, fit))
-    if world > 1:  # enough pairs to share: at least world blocks
-        size = min(size, max(1, -(-n // world)))
-    return size
-
-
-def _deal(costs: list[int], world: int) -> list[list[int]]:
-    """Pair indices per rank, greedily balancing ``costs`` (the probes each pair runs
-    through the model)."""
-    load = [0] * world
-    owned: list[list[int]] = [[] for _ in range(world)]
-    for p in sorted(range(len(costs)), key=lambda p: (-costs[p], p)):
-        r = min(range(world), key=lambda r: (load[r], r))
-        owned[r].append(p)
-        load[r] += costs[p]
-    return [sorted(o) for o in owned]
+    return max(1, min(n, DEFAULT_BLOCK_MAX, fit))
 
 
 def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
@@ -240,15 +232,13 @@ def blocked_kernel(block_fn: BlockFn, inputs: Any, targets: Any, inputs2: Any, t
     check_same_data(comm, n1 + (n2 if cross else 0),
                     checksum(x1, t1) + (checksum(x2, t2) if cross else 0.0), "probes")
     itemsize = torch.empty((), dtype=dtype).element_size()
-    size = _block_size(block_size, max(n1, n2), budget, itemsize, o, comm.world_size)
+    size = _block_size(block_size, max(n1, n2), budget, itemsize, o)
     rows, cols = blocks(n1, size), blocks(n2, size)
     if cross:
         pairs = [(i, j) for i in range(len(rows)) for j in range(len(cols))]
     else:
         pairs = [(i, j) for i in range(len(rows)) for j in range(i, len(rows))]
-    width = [s.stop - s.start for s in rows], [s.stop - s.start for s in cols]
-    costs = [width[0][i] + (0 if (i == j and not cross) else width[1][j]) for i, j in pairs]
-    mine = _deal(costs, comm.world_size)[comm.rank]
+    split = ProbeSplit(comm) if comm.world_size > 1 else None
     shape = (n1, n2) + ((o, o) if all_pairs else ())
 
     writer = None
@@ -278,17 +268,20 @@ def blocked_kernel(block_fn: BlockFn, inputs: Any, targets: Any, inputs2: Any, t
         else:
             xj, tj = B.take(x2, sj), (None if t2 is None else t2[sj])
         first = state["paths"] is None
-        kernels, expl = block_fn(xi, ti, xj, tj, bool(self_check) and first, layer_paths)
+        kernels, expl = block_fn(xi, ti, xj, tj, bool(self_check) and first, layer_paths,
+                                 split)
         if first:
             state["first"], state["paths"] = expl, dict(expl.paths)
         elif self_check and dict(expl.paths) != state["paths"]:
             # this block would take another path than the checked one: check it too
-            kernels, expl = block_fn(xi, ti, xj, tj, True, layer_paths)
+            kernels, expl = block_fn(xi, ti, xj, tj, True, layer_paths, split)
         return kernels
 
     def place(key: str, i: int, j: int, block: torch.Tensor) -> None:
         si, sj = rows[i], cols[j]
         if writer is not None:
+            if comm.rank != 0:  # every rank has the block; rank 0 writes it
+                return
             arr = block.detach().cpu().numpy()
             writer[si, sj] = arr
             if not cross and i != j:
@@ -301,10 +294,9 @@ def blocked_kernel(block_fn: BlockFn, inputs: Any, targets: Any, inputs2: Any, t
             result[key][sj, si] = _mirror(block)
 
     def work() -> None:
-        bar = _progress(len(mine), progress)
+        bar = _progress(len(pairs), progress and comm.rank == 0)
         try:
-            for p in mine:
-                i, j = pairs[p]
+            for i, j in pairs:
                 for key, block in call(i, j).items():
                     place(key, i, j, block)
                 bar.update(1)
@@ -313,36 +305,12 @@ def blocked_kernel(block_fn: BlockFn, inputs: Any, targets: Any, inputs2: Any, t
         if writer is not None:
             writer.flush()
 
-    guarded(comm, work)
+    guarded(comm, work)  # with out=: rank 0 has flushed the file when this returns
     if writer is not None:
         return writer, state["first"]
-    keys = _keys(result, comm, layerwise)
-    for key in keys:
-        if key not in result:
-            result[key] = torch.zeros(shape, dtype=dtype, device=device)
-        result[key] = comm.all_reduce(result[key], "sum") if comm.world_size > 1 else result[key]
     if not layerwise:
         return result.get("", torch.zeros(shape, dtype=dtype, device=device)), state["first"]
-    return {k: result[k] for k in keys}, state["first"]
-
-
-def _keys(result: dict[str, torch.Tensor], comm: Communicator, layerwise: bool) -> list[str]:
-    """The layer keys, in the same order on every rank (a rank may have computed no
-    block). One process: the engine's order."""
-    if comm.world_size == 1:
-        return list(result)
-    if not layerwise:
-        return [""]
-    names = "\n".join(result)
-    data = torch.tensor(list(names.encode()), dtype=torch.int64)
-    length = comm.all_reduce(torch.tensor([data.numel()], dtype=torch.int64), "max")
-    pad = torch.full((int(length.item()),), -1, dtype=torch.int64)
-    pad[:data.numel()] = data
-    for part in comm.all_gather(pad):
-        text = bytes(int(c) for c in part if c >= 0).decode()
-        if text:
-            return text.split("\n")
-    return []
+    return result, state["first"]
 
 
 def _progress(total: int, enabled: bool) -> Any:

@@ -53,6 +53,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from torch.func import jvp, vjp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import batch as B
 from .blocked import collect
@@ -100,6 +101,7 @@ class _Operator:
         self.width = (1 if self.all_pairs else self.k) * sum(
             t.numel() for t in self.params.values())
         self.products = 0
+        self.double_vjp = False  # set once forward-mode AD turns out unsupported
 
     def _f(self, x: Any) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
         def f(live: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -121,6 +123,28 @@ class _Operator:
         if self.all_pairs:
             return torch.einsum("io,iro->ir", t[0], cot).reshape(-1)
         return torch.einsum("rio,iro->i", t, cot)
+
+    def _push(self, f: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+              u: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Jacobian-vector products ``J u`` for each row of the tangents ``u``: forward-mode
+        ``jvp``, or, for ops without forward AD (e.g. the fused ``nn.TransformerEncoderLayer``
+        of eval mode), the transpose of the vjp: ``J u = d/dc <J^T c, u>``."""
+        if not self.double_vjp:
+            try:
+                return vmap(lambda tan: jvp(f, (self.params,), (tan,))[1])(u)
+            except NotImplementedError:
+                self.double_vjp = True
+        # the math attention kernel: the fused ones have no double backward
+        with sdpa_kernel(SDPBackend.MATH):
+            out, pull = vjp(f, self.params)
+
+            def transposed(c: torch.Tensor) -> dict[str, torch.Tensor]:
+                grads: dict[str, torch.Tensor] = pull(c)[0]
+                return grads
+
+            push = vjp(transposed, torch.zeros_like(out))[1]
+            pushed: torch.Tensor = vmap(lambda tan: push(tan)[0])(u)
+        return pushed
 
     def matvec(self, v_np: np.ndarray) -> np.ndarray:
         v = torch.as_tensor(np.ascontiguousarray(v_np).reshape(-1))
@@ -153,7 +177,7 @@ class _Operator:
             parts = []
             for sl in self.chunks:
                 f = self._f(B.take(self.p.x1, sl))
-                t = vmap(lambda tan, f=f: jvp(f, (self.params,), (tan,))[1])(u)
+                t = self._push(f, u)
                 parts.append(self._readout(t, sl))
             width = self.k if self.all_pairs else 1
             if not parts:

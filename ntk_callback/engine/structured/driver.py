@@ -2,7 +2,7 @@
 the self-check data, for the parameters of a :class:`.planner.Plan`."""
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -104,7 +104,7 @@ def check_vectors(n: int, k: int, count: int, seed: int,
 
 
 def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]], budget: int,
-            check: int = 0) -> Result:
+            check: int = 0, split: Any = None) -> Result:
     """Kernel contributions of the planned parameters, by layer key, and (``check`` > 0
     vectors) the self-check data.
 
@@ -114,6 +114,10 @@ def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]], budget: in
     exist for all probes at once; Gram-route terms keep theirs (small for the layers where
     that route wins). Raises :class:`.capture.Fallback` (naming the module when one is
     to blame) when a structural assumption fails at run time.
+
+    ``split`` (a :class:`..distributed.ProbeSplit`, collective): every rank captures its
+    share of the probes, the rows and terms are gathered, each rank contracts its rows of
+    the kernel and the kernels are summed (:func:`_split_collect`, :func:`_contract_share`).
     """
     mode = problem.mode
     itemsize = problem.itemsize()
@@ -156,8 +160,8 @@ def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]], budget: in
     slots: dict[str, tuple[str, int, int]] = {}  # term name -> (key, start, stop)
     widths: dict[str, int] = {}                   # key -> P of its rows-route terms
 
-    def collect(x: Any, cot: torch.Tensor, n: int, label: str, data: CheckData | None
-                ) -> tuple[dict[str, torch.Tensor], dict[str, Term]]:
+    def collect(x: Any, cot: torch.Tensor, n: int, label: str, data: CheckData | None,
+                first: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Term]]:
         bufs: dict[str, torch.Tensor] = {}
         gram: dict[str, list[Term]] = {}
         layout: list[str] | None = None
@@ -166,7 +170,7 @@ def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]], budget: in
             """Capture the probes ``sl``: rows-route rows go into ``bufs`` in place; returns
             the chunk's Gram-route terms (its graph is freed when this returns)."""
             out, calls = _forward(problem, plan, B.take(x, sl), sl.stop - sl.start, label)
-            if check and sl.start == 0 and label == "inputs":
+            if check and sl.start == 0 and label == "inputs" and first:
                 _independent(problem, out)
             for mname, expected in plan.calls.items():
                 if len(calls[mname]) != expected:
@@ -278,7 +282,11 @@ def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]], budget: in
                 w = [torch.exp2(torch.round(2.5 * w[0]).clamp_(-6, 6))]
             data = CheckData(w, u, [{} for _ in w], [{} for _ in w])
             checks.append(data)
-        collected.append(collect(x, cot, n, label, data))
+        if split is None:
+            collected.append(collect(x, cot, n, label, data))
+        else:
+            collected.append(_split_collect(split, collect, x, cot, n, label, data,
+                                            list(plan.modules), checked, live))
     rows1, gram1 = collected[0]
     rows2, gram2 = collected[1] if problem.cross else collected[0]
     symmetric = not problem.cross
@@ -290,9 +298,12 @@ def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]], budget: in
             result[key] = torch.zeros(shape, dtype=problem.dtype, device=problem.device)
         return result[key]
 
-    for key, j1 in rows1.items():
+    if split is not None:
+        _contract_share(split, acc, rows1, rows2, gram1, gram2, key_of, mode, budget,
+                        itemsize, symmetric)
+    for key, j1 in rows1.items() if split is None else ():
         add_gram(acc(key), mode, j1, None if symmetric else rows2[key])
-    for name, t1 in gram1.items():
+    for name, t1 in gram1.items() if split is None else ():
         t2 = gram2[name]
         for a1, a2 in zip(t1.gram_pieces(), t2.gram_pieces()):
             _add_term_gram(acc(key_of[name.split("#")[0]]), a1, a1 if symmetric else a2,
@@ -402,3 +413,137 @@ def _quads(data: CheckData, bufs: dict[str, torch.Tensor], gram: dict[str, Term]
             quads[key] = quads.get(key, 0.0) + mode.term_quad(term, w, u, budget)
         out.append(quads)
     return out
+
+# ---------------------------------------------------------------- probes split over ranks
+
+Collected = tuple[dict[str, torch.Tensor], dict[str, Term]]
+
+
+def _split_collect(split: Any, collect: Callable[..., Collected], x: Any, cot: torch.Tensor,
+                   n: int, label: str, data: CheckData | None, modules: list[str],
+                   checked: list[str], live: Mapping[str, torch.Tensor]) -> Collected:
+    """Collective :func:`compute` ``collect`` of one probe set under ``split``: this rank
+    captures its share (rows-route rows, Gram-route terms, and for the self-check the
+    autograd side of its probes, with the global probe weights), then every rank gets
+    everything: rows and terms gathered along the probe axis, autograd's side summed.
+
+    Failures are agreed on before any exchange (every rank raises the same thing): a
+    :class:`.capture.Fallback` (or a run-time error, which a single process answers by
+    dropping every module) on any rank becomes the same Fallback everywhere, so that all
+    ranks retry with the same plan; any other error stops every rank."""
+    usable = split.usable(n)
+    share = split.share(n) if usable else slice(0, n)
+    local = data
+    if data is not None and usable:
+        local = CheckData([w[share] for w in data.w], data.u, [{} for _ in data.w],
+                          [{} for _ in data.w])
+    code = 0
+    error: BaseException | None = None
+    bufs: dict[str, torch.Tensor] = {}
+    gram: dict[str, Term] = {}
+    try:
+        bufs, gram = collect(B.take(x, share) if usable else x, cot[share],
+                             share.stop - share.start, label, local, share.start == 0)
+    except Fallback as exc:
+        code = 2 + modules.index(exc.module) if exc.module in modules else 1
+        error = exc
+    except RuntimeError as exc:
+        code, error = 1, exc
+    except Exception as exc:  # noqa: BLE001 - raised below, after every rank knows
+        code, error = split.stop_code(), exc
+    got = split.agree(code)
+    if error is not None and code == split.stop_code():
+        raise split.stopped(error)
+    if got:
+        if error is not None and code == got:
+            raise error
+        module = modules[got - 2] if got >= 2 else ""
+        raise Fallback(module, "the structured pass failed on another rank"
+                       if got == 1 else "its calls did not match the trial forward's "
+                       "on another rank")
+    if not usable:
+        return bufs, gram
+    bufs = {key: split.gather(buf, n) for key, buf in bufs.items()}
+    gram = {name: _gather_term(split, term, n) for name, term in gram.items()}
+    if data is not None and local is not None:
+        _reduce_refs(split, local, data, checked, live)
+    return bufs, gram
+
+
+def _gather_term(split: Any, term: Term, n: int) -> Term:
+    """A Gram-route term of this rank's probes -> the term of all ``n`` probes (probe axis:
+    0 of ``data``, 1 of ``d``; probe-major cotangents travel in their memory layout)."""
+    data = None if term.data is None else split.gather(term.inputs.contiguous(), n)
+    if term.probe_major:
+        d = split.gather(term.d.permute(1, 2, 0, 3).contiguous(), n).permute(2, 0, 1, 3)
+    else:
+        d = split.gather(term.d.transpose(0, 1).contiguous(), n).transpose(0, 1)
+    return term.like(data, d, {})
+
+
+def _reduce_refs(split: Any, local: CheckData, data: CheckData, checked: list[str],
+                 live: Mapping[str, torch.Tensor]) -> None:
+    """Autograd's side of the self-check, summed over the ranks' probes into ``data.ref``
+    (one all-reduce; a presence flag a parameter, as a rank's gradient may be None)."""
+    parts = []
+    for ref in local.ref:
+        for name in checked:
+            g = ref.get(name)
+            flag = torch.ones(1, dtype=live[name].dtype, device=live[name].device)
+            if g is None:
+                flag, g = 0 * flag, torch.zeros_like(live[name])
+            parts += [flag, g.reshape(-1)]
+    if not parts:
+        return
+    total = split.reduce(torch.cat(parts))
+    pos = 0
+    for ref in data.ref:
+        for name in checked:
+            size = live[name].numel()
+            if float(total[pos]) > 0:
+                ref[name] = total[pos + 1:pos + 1 + size].reshape(live[name].shape)
+            pos += 1 + size
+
+
+def _contract_share(split: Any, acc: Callable[[str], torch.Tensor],
+                    rows1: dict[str, torch.Tensor], rows2: dict[str, torch.Tensor],
+                    gram1: dict[str, Term], gram2: dict[str, Term], key_of: dict[str, str],
+                    mode: KernelMode, budget: int, itemsize: int, symmetric: bool) -> None:
+    """This rank's rows ``a:b`` of the kernel (:meth:`..distributed.ProbeSplit.rows`), the
+    rest zero, then the sum over ranks (collective) into every key's kernel. A self-kernel:
+    the diagonal block ``[a:b, a:b]`` on upper panels and ``[a:b, b:]`` as a cross block
+    (exact on and above the diagonal, as :func:`..symmetric.mirror_lower` expects)."""
+    keys = sorted(set(rows1) | {key_of[name.split("#")[0]] for name in gram1})
+    outs = {key: acc(key) for key in keys}
+    n1 = next(iter(rows1.values())).shape[0] if rows1 else \
+        (next(iter(gram1.values())).d.shape[1] if gram1 else 0)
+    rows = split.rows(n1, symmetric)
+    a, b = rows.start, rows.stop
+
+    def part(term: Term, lo: int, hi: int | None) -> Term:
+        return term.like(None if term.data is None else term.inputs[lo:hi],
+                         term.d[:, lo:hi], {})
+
+    if b > a:
+        for key, j1 in rows1.items():
+            if symmetric:
+                add_gram(outs[key][a:b, a:b], mode, j1[a:b], None)
+                if b < n1:
+                    add_gram(outs[key][a:b, b:], mode, j1[a:b], j1[b:])
+            else:
+                add_gram(outs[key][a:b], mode, j1[a:b], rows2[key])
+        for name, t1 in gram1.items():
+            out = outs[key_of[name.split("#")[0]]]
+            for p1, p2 in zip(t1.gram_pieces(), gram2[name].gram_pieces()):
+                if symmetric:
+                    mine = part(p1, a, b)
+                    _add_term_gram(out[a:b, a:b], mine, mine, mode, budget, itemsize, True)
+                    if b < n1:
+                        _add_term_gram(out[a:b, b:], mine, part(p1, b, None), mode, budget,
+                                       itemsize, False)
+                else:
+                    _add_term_gram(out[a:b], part(p1, a, b), p2, mode, budget, itemsize,
+                                   False)
+    split.agree(0)
+    for key in keys:
+        outs[key].copy_(split.reduce(outs[key]))
