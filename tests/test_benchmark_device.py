@@ -36,7 +36,8 @@ def test_device_smoke_run_end_to_end(tmp_path: Path) -> None:
     assert data["device"] == "cpu" and data["default_budget_gib"] == 1.0
     rows = data["rows"]
     methods = {(r["mode"], r["method"]) for r in rows}
-    assert methods == {("target", "floor_G"), ("target", "vmap_jacrev"), ("target", "ours"),
+    assert methods == {("target", "floor_G"), ("target", "vmap_jacrev"), ("target", "vmap_grad"),
+                       ("target", "ours"),
                        ("target", "ours_1GiB"), ("trace", "floor_trace"),
                        ("trace", "vmap_jacrev"), ("trace", "ours"), ("trace", "ours_1GiB")}
     for r in rows:
@@ -45,7 +46,7 @@ def test_device_smoke_run_end_to_end(tmp_path: Path) -> None:
         if not r["method"].startswith("floor"):
             assert r["err"] <= 1e-5, r     # float32 kernels against the float64 loop
     md = out.read_text()
-    assert "| config | N | mode | floor | B vmap(jacrev) | ours | ours @1 GiB |" in md
+    assert "| config | N | mode | floor | B vmap(jacrev) | vmap(grad) | ours | ours @1 GiB |" in md
     assert md.count("| mlp_small | 8 |") == 2
     assert "do not edit by hand" in md
 
