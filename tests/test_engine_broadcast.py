@@ -85,3 +85,73 @@ def _only(model: nn.Module, prefix: str) -> nn.Module:
     for name, p in m.named_parameters():
         p.requires_grad_(name.startswith(prefix + "."))
     return m
+
+
+class TokenNet(nn.Module):
+    """A ViT-like stem: a cls token expanded over the probes and concatenated, position
+    embeddings added by broadcast (both plain Parameters of a module without a rule);
+    ``use="first"`` hands every probe the first probe's cls copy."""
+
+    def __init__(self, use: str = "per_probe") -> None:
+        super().__init__()
+        self.use = use
+        self.proj = nn.Linear(4, 6)
+        self.cls = nn.Parameter(torch.randn(1, 1, 6))
+        self.pos = nn.Parameter(torch.randn(1, 4, 6))
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cls = self.cls.expand(x.shape[0], -1, -1)
+        if self.use == "first":
+            cls = cls[:1].expand(x.shape[0], -1, -1)
+        h = torch.tanh(torch.cat([cls, self.proj(x)], 1) + self.pos)
+        return self.head(h).sum(1)
+
+
+def _token_case(use: str = "per_probe"):
+    torch.manual_seed(0)
+    model = TokenNet(use).double()
+    x = torch.randn(7, 3, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    return model, x, torch.tensor([0, 2, 1, 1, 0, 2, 1])
+
+
+@pytest.mark.parametrize("mode", ["target", "trace", "full"])
+def test_broadcast_parameters_are_structured_and_exact(mode: str) -> None:
+    model, x, y = _token_case()
+    ref = ntk_loop(model, x, y, mode=mode)
+    K, why = N.empirical_ntk(model, x, y, mode=mode, explain=True)
+    assert why.paths["cls"] == why.paths["pos"] == "structured: BroadcastUseRule", why
+    assert rel_err(K, ref) <= TOL64
+    K32 = N.empirical_ntk(model.float(), x.float(), y, mode=mode)
+    assert rel_err(K32, ref) <= 2e-5
+    # without the check they stay on the exact path
+    _, why = N.empirical_ntk(model.double(), x, y, mode=mode, self_check=False, explain=True)
+    assert why.paths["cls"].startswith("generic"), why
+
+
+def test_a_broadcast_parameter_shared_across_probes_is_caught() -> None:
+    model, x, y = _token_case("first")
+    K, why = N.empirical_ntk(model, x, y, explain=True)
+    assert why.paths["cls"].startswith("generic"), why
+    assert "self-check" in why.reasons.get("cls", ""), why.reasons
+    assert rel_err(K, ntk_loop(model, x, y, mode="target")) <= TOL64
+
+
+def test_a_dropped_broadcast_sum_is_caught(monkeypatch) -> None:
+    """A planted bug in the new rule: each broadcast parameter's rows lose their first
+    entry (a dropped term); the check sends them to the exact path."""
+    from ntk_callback.engine.structured import rules as R
+    original = R.BroadcastUseRule.terms
+
+    def broken(self, module, attrs, call, d, memo):
+        terms = original(self, module, attrs, call, d, memo)
+        return [t.like(t.data, t.d * (torch.arange(t.d.shape[2]) > 0).to(t.d).reshape(1, 1, -1, 1))
+                for t in terms]
+
+    monkeypatch.setattr(R.BroadcastUseRule, "terms", broken)
+    model, x, y = _token_case()
+    for mode in ("target", "trace"):
+        K, why = N.empirical_ntk(model, x, y, mode=mode, explain=True)
+        assert why.paths["pos"].startswith("generic") and why.paths["cls"].startswith("generic")
+        assert "self-check" in why.reasons.get("pos", ""), why.reasons
+        assert rel_err(K, ntk_loop(model, x, y, mode=mode)) <= TOL64

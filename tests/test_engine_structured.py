@@ -234,8 +234,8 @@ def test_layerwise_routes_match_generic(name: str) -> None:
 
 
 def test_structured_rules_cover_the_layers() -> None:
-    """The plan takes the supported layers (so the tests above exercise the rules) and
-    leaves tied weights to the generic path."""
+    """The plan takes the supported layers (so the tests above exercise the rules),
+    tied weights included."""
     from ntk_callback.engine.problem import build_problem
     from ntk_callback.engine.state import cast_floating, frozen_measurement
 
@@ -247,7 +247,9 @@ def test_structured_rules_cover_the_layers() -> None:
     model, x, y = _build("tied")
     with frozen_measurement(model), cast_floating(model, torch.float64):
         problem = build_problem(model, x, y, mode="target", dtype=torch.float64)
-        assert structured.plan(problem, "auto").handled == set()
+        plan = structured.plan(problem, "auto")
+    # the weight tied between the embedding and the head: both rules take it, rows summed
+    assert plan.tied == {"emb.weight"} and "emb.weight" in plan.handled
 
 
 def test_conv_rows_routes_both_used() -> None:

@@ -355,7 +355,7 @@ def test_hf_conv1d_takes_the_structured_path() -> None:
     """Hugging Face's ``Conv1D`` (GPT-2's transposed-weight Linear) has a rule, registered
     the first time one is met (the engine never imports transformers itself): every
     Conv1D weight and bias is structured and the kernel matches the reference (the
-    tied embedding/head weight stays on the exact path)."""
+    embedding/head weight tied between them too: their rows are summed)."""
     T = pytest.importorskip("transformers")
     from transformers.pytorch_utils import Conv1D
 
@@ -366,7 +366,7 @@ def test_hf_conv1d_takes_the_structured_path() -> None:
             for p in ("weight", "bias")}
     assert len(conv) == 16                                    # 2 layers x 4 Conv1D
     assert all(why.paths[p] == "structured: TransposedLinearRule" for p in conv), why.paths
-    assert why.paths["lm.transformer.wte.weight"].startswith("generic")
+    assert why.paths["lm.transformer.wte.weight"].startswith("structured")
     J = R.jacobian_loop(ref_model, x)[0]
     assert R.rel_err(K, R.kernel_from_jacobian(J, J, "target", t)) <= TOL64
     assert T is not None

@@ -47,7 +47,33 @@ class Census:
     calls: dict[str, list[ModuleCall]] = field(default_factory=dict)  # module -> calls
     uses: dict[str, set[str | None]] = field(default_factory=dict)     # param -> contexts
     batch: int = 0                                                      # trial probes
+    # param -> the form of each use (:func:`broadcast_form`: "expand", "add", or "other")
+    forms: dict[str, list[str]] = field(default_factory=dict)
     complete: bool = True  # False when the recording could not run (then nothing is trusted)
+
+
+BROADCAST_ADDS = {torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__}
+
+
+def broadcast_form(func: Callable[..., Any], param: torch.Tensor, args: tuple[Any, ...],
+                   kwargs: dict[str, Any], result: Any, batch: int) -> str:
+    """How one op uses a parameter: ``"expand"`` (``p.expand(n, ...)``) or ``"add"`` (``x +
+    p`` with p broadcast over the probe dimension of x) when the op's result is batched
+    along dim 0 with ``batch`` probes and holds p once a probe (its per-probe gradient is
+    the result's cotangent of that probe, summed over the broadcast axes); else
+    ``"other"``."""
+    if not (isinstance(result, torch.Tensor) and result.dim() >= 1 and result.shape[0] == batch
+            and not kwargs and len(args) >= 1):
+        return "other"
+    shared = param.dim() < result.dim() or param.shape[0] == 1
+    if func is torch.Tensor.expand and args[0] is param and shared:
+        return "expand"
+    if func in BROADCAST_ADDS and len(args) == 2 and shared and param.dim() <= result.dim():
+        other = args[1] if args[0] is param else args[0]
+        if (isinstance(other, torch.Tensor) and other is not param
+                and other.shape == result.shape):
+            return "add"
+    return "other"
 
 
 class _UseRecorder(TorchFunctionMode):
@@ -59,6 +85,7 @@ class _UseRecorder(TorchFunctionMode):
                            args: tuple[Any, ...] = (),
                            kwargs: dict[str, Any] | None = None) -> Any:
         kwargs = kwargs or {}
+        result = func(*args, **kwargs)
         if func not in _METADATA and getattr(func, "__name__", "") != "__get__":
             for leaf in tree_flatten((args, kwargs))[0]:
                 if isinstance(leaf, torch.Tensor):
@@ -66,7 +93,9 @@ class _UseRecorder(TorchFunctionMode):
                     if name is not None:
                         self.census.uses.setdefault(name, set()).add(
                             self.stack[-1] if self.stack else None)
-        return func(*args, **kwargs)
+                        self.census.forms.setdefault(name, []).append(broadcast_form(
+                            func, leaf, args, kwargs, result, self.census.batch))
+        return result
 
 
 def take_census(model: nn.Module, params: Mapping[str, torch.Tensor],

@@ -131,13 +131,12 @@ class _Operator:
         of eval mode), the transpose of the vjp: ``J u = d/dc <J^T c, u>``."""
         if not self.double_vjp:
             try:
-                forward: torch.Tensor = vmap(lambda tan: jvp(f, (self.params,), (tan,))[1])(u)
-                return forward
+                return vmap(lambda tan: jvp(f, (self.params,), (tan,))[1])(u)
             except NotImplementedError:
                 self.double_vjp = True
         # the math attention kernel: the fused ones have no double backward
         with sdpa_kernel(SDPBackend.MATH):
-            out, pull = vjp(f, self.params)[:2]
+            out, pull = vjp(f, self.params)
 
             def transposed(c: torch.Tensor) -> dict[str, torch.Tensor]:
                 grads: dict[str, torch.Tensor] = pull(c)[0]

@@ -6,8 +6,10 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
+from ..census import BROADCAST_ADDS, broadcast_form
 from ..problem import Problem
 from .rules import Call, Rule
 
@@ -37,16 +39,46 @@ def _detach(value: Any, copy: bool) -> Any:
     return tree_map(fix, value)
 
 
+class _BroadcastUses(TorchFunctionMode):
+    """Records the result of each broadcast use (:func:`..census.broadcast_form`) of a
+    watched parameter as a call of its pseudo-module (see ``Plan.free``)."""
+
+    def __init__(self, watch: dict[int, str], calls: Calls, n: int, copy: bool,
+                 versions: list[tuple[torch.Tensor, int]]) -> None:
+        super().__init__()
+        self.watch, self.calls, self.n, self.copy, self.versions = watch, calls, n, copy, versions
+
+    def __torch_function__(self, func: Callable[..., Any], types: Any,
+                           args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is torch.Tensor.expand or func in BROADCAST_ADDS:
+            for a in args[:2]:
+                name = self.watch.get(id(a)) if isinstance(a, torch.Tensor) else None
+                if name is not None and broadcast_form(func, a, args, kwargs, out,
+                                                       self.n) != "other":
+                    if not torch.is_grad_enabled():
+                        raise Fallback(name, "used with autograd disabled")
+                    self.calls[name].append(Call((), {}, out))
+                    if self.copy:
+                        return out.clone()
+                    self.versions.append((out, out._version))
+        return out
+
+
 def forward(problem: Problem, modules: dict[str, nn.Module], rules: dict[str, Rule],
-            copy: bool, x: Any, n: int, label: str, broadcast: bool = False
-            ) -> tuple[torch.Tensor, Calls]:
+            copy: bool, x: Any, n: int, label: str, broadcast: bool = False,
+            watch: dict[int, str] | None = None) -> tuple[torch.Tensor, Calls]:
     """One batched forward with hooks: the model's (n, O) output and each planned
     module's calls. The captured inputs are used as they are (``copy=False``): a later
     in-place op on one of them (``ReLU(inplace=True)``, ``out += identity``) is detected
     by its version counter and raises :class:`InPlace`; with ``copy=True`` the inputs are
     cloned and the output replaced by a clone, which absorbs later in-place ops. With
     ``broadcast``, a rule's broadcast calls (batch size 1 for n probes) have their input
-    and output expanded to n copies, the output replaced by the expanded one."""
+    and output expanded to n copies, the output replaced by the expanded one. ``watch``
+    (parameter id -> pseudo-module name): parameters taken by their broadcast use, whose
+    op results are recorded as that pseudo-module's calls."""
     calls: Calls = {m: [] for m in modules}
     versions: list[tuple[torch.Tensor, int]] = []
     handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -88,13 +120,20 @@ def forward(problem: Problem, modules: dict[str, nn.Module], rules: dict[str, Ru
             return out if replaced else None
         return fn
 
+    watch = watch or {}
+    pseudo = set(watch.values())
     for mname, module in modules.items():
-        handles.append(module.register_forward_hook(hook(mname), with_kwargs=True))
+        if mname not in pseudo:
+            handles.append(module.register_forward_hook(hook(mname), with_kwargs=True))
     try:
         # the module's own parameters carry the graph; autograd.grad below asks only for
         # the cotangents of the captured outputs (and, for the self-check, of the
         # parameters), so no .grad is ever written
-        out = problem.as_matrix(problem.call(x))
+        if watch:
+            with _BroadcastUses(watch, calls, n, copy, versions):
+                out = problem.as_matrix(problem.call(x))
+        else:
+            out = problem.as_matrix(problem.call(x))
     finally:
         for h in handles:
             h.remove()

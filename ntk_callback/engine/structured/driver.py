@@ -43,12 +43,16 @@ class Result:
 
 def _forward(problem: Problem, plan: Plan, x: Any, n: int, label: str
              ) -> tuple[torch.Tensor, Calls]:
+    watch = {}
+    if plan.free:
+        live = dict(problem.model.named_parameters())
+        watch = {id(live[name]): name for name in plan.free}
     try:
         return forward(problem, plan.modules, plan.rules, plan.copy_outputs, x, n, label,
-                       plan.broadcast)
+                       plan.broadcast, watch)
     except InPlace:
         plan.copy_outputs = True
-    return forward(problem, plan.modules, plan.rules, True, x, n, label, plan.broadcast)
+    return forward(problem, plan.modules, plan.rules, True, x, n, label, plan.broadcast, watch)
 
 
 def _add_term_gram(out: torch.Tensor, t1: Term, t2: Term, mode: KernelMode, budget: int,
@@ -123,7 +127,9 @@ def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]], budget: in
     itemsize = problem.itemsize()
     n_all = problem.n1 + (problem.n2 or 0)
     key_of = {name: key for key, names in keys.items() for name in names}
-    module_of = {full: m for m, attrs in plan.params.items() for full in attrs.values()}
+    # the module a parameter's check pieces go to (modules sharing a tied one: one unit)
+    unit = plan.units()
+    module_of = {full: unit[m] for m, attrs in plan.params.items() for full in attrs.values()}
     live = dict(problem.model.named_parameters())
     checked = sorted(plan.handled)
 
@@ -139,11 +145,14 @@ def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]], budget: in
     # With one cotangent row (target, sum mode) the self-check is fused into the capture
     # pass (one positive probe weighting); with several, it takes its own backward passes.
     # The fused check cannot see a probe's cotangent reaching another probe's rows (the
-    # weights travel with it), so it runs only where that cannot happen: no broadcast
-    # call was expanded (the separate check verifies those copies) and the capture pass
+    # weights travel with it), so it runs only where that cannot happen: the capture pass
     # gives the trial forward's rows for the same probes (outputs that do not depend on
-    # the other probes of the batch; see `_independent`).
-    fused = check > 0 and k == 1 and not plan.broadcasting
+    # the other probes of the batch; see `_independent`), and the per-probe copies of
+    # broadcast calls receive no other probe's cotangent (`_separate_copies`, a backward
+    # a probe on the first three probes).
+    fused = check > 0 and k == 1
+    if fused and plan.broadcasting:
+        _separate_copies(problem, plan)
 
     def route(name: str, term: Term) -> str:
         nonlocal rows_left
@@ -154,6 +163,17 @@ def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]], budget: in
             if routes[name] == "rows":
                 rows_left -= rows_bytes(term, k, n_all, itemsize)
         return routes[name]
+
+    def tied_rows(name: str, term: Term) -> None:
+        # a tied parameter takes the rows route (its uses' rows are summed); rows that do
+        # not fit the budget send it to the exact path
+        nonlocal rows_left
+        if name in plan.tied and not term.rows_only and name not in routes:
+            routes[name] = "rows"
+            rows_left -= rows_bytes(term, k, n_all, itemsize)
+            if rows_left < 0:
+                raise Fallback(module_of[name], "a tied parameter's rows do not fit the "
+                                                "memory budget")
 
     # Each rows-route term owns a fixed slice of its key's rows: rows are written in place
     # into one (n, k, P_key) buffer a key, never concatenated.
@@ -176,29 +196,48 @@ def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]], budget: in
                 if len(calls[mname]) != expected:
                     raise Fallback(mname)
             entries = [(m, i, c) for m, lst in calls.items() for i, c in enumerate(lst)]
-            memos: dict[tuple[str, int], Memo] = {(m, i): {"rows": k} for m, i, _ in entries}
+            memos: dict[tuple[str, int], Memo] = {(m, i): {"rows": k, "tied": plan.tied}
+                                                  for m, i, _ in entries}
             repeated = {m for m, lst in calls.items() if len(lst) > 1}
             held: dict[int, torch.Tensor] = {}   # cotangents of repeated modules' calls
             seen: list[str] = []                 # term names of the current row
-            pending: list[tuple[int, str, torch.Tensor]] = []  # rows before bufs exist
+            # terms of the first row before the buffers exist (their widths are known
+            # once the row is done); their rows are then computed straight into them
+            pending: list[tuple[int, str, Term, bool]] = []
             gram_parts: dict[str, list[Term]] = {}
 
+            def write(r: int, name: str, term: Term, add: bool) -> None:
+                key, start, stop = slots[name]
+                target = bufs[key][sl, r, start:stop]
+                try:
+                    if term.d.shape[0] == 1:
+                        term.rows_into(target, add)  # computed in place
+                    elif add:
+                        target += term.rows()[:, 0]
+                    else:
+                        target.copy_(term.rows()[:, 0])
+                except ValueError as exc:  # a rule whose rows do not match its size
+                    raise Fallback(module_of[name.split("#")[0]], str(exc)) from exc
+
             def take(r: int, name: str, term: Term) -> None:
+                # a tied parameter's terms of several modules share one slot: the rows of
+                # its uses are summed (its per-probe gradient)
+                add = name in seen
                 seen.append(name)
-                if not term.rows_only and route(name, term) != "rows":
+                if name not in plan.tied and not term.rows_only and route(name, term) != "rows":
                     gram_parts.setdefault(name, []).append(term)
                     return
-                part = term.rows()[:, 0]  # (n_chunk, P_term)
                 if name not in slots:
                     key = key_of[name.split("#")[0]]
                     start = widths.get(key, 0)
-                    slots[name] = (key, start, start + part.shape[1])
-                    widths[key] = start + part.shape[1]
+                    width = term.size()[4]
+                    slots[name] = (key, start, start + width)
+                    widths[key] = start + width
+                    tied_rows(name, term)
                 if bufs:
-                    key, start, stop = slots[name]
-                    bufs[key][sl, r, start:stop] = part
+                    write(r, name, term, add)
                 else:
-                    pending.append((r, name, part))
+                    pending.append((r, name, term, add))
 
             def terms_of(idx: int, grad: torch.Tensor) -> list[Term]:
                 mname, i, c = entries[idx]
@@ -237,9 +276,8 @@ def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]], budget: in
                     bufs = {key: torch.empty((n, k, width), dtype=problem.dtype,
                                              device=problem.device)
                             for key, width in widths.items()}
-                    for row, name, part in pending:
-                        key, start, stop = slots[name]
-                        bufs[key][sl, row, start:stop] = part
+                    for row, name, term, add in pending:
+                        write(row, name, term, add)
                     pending.clear()
 
             on_params: Callable[[tuple[torch.Tensor | None, ...]], None] | None = None
@@ -347,6 +385,37 @@ def _independent(problem: Problem, out: torch.Tensor) -> None:
     scale = float(trial.abs().max())
     if float((got - trial).abs().max()) > rtol * scale + 1e-30:
         raise Fallback("", "the model's outputs depend on the other probes of the batch")
+
+
+def _separate_copies(problem: Problem, plan: Plan, probes: int = 3) -> None:
+    """The fused self-check's premise for broadcast calls: each probe's cotangent reaches
+    only that probe's copy of the expanded (shared) input. The planned modules' calls are
+    captured on the first ``probes`` probes; a backward of one probe's output (Gaussian
+    output weights, private generator) must leave every other probe's copy at exactly
+    zero, for the first and the last of them (a model that reads one copy for every
+    probe, or averages the copies, fails one of the two). Raises :class:`.capture.Fallback`
+    naming the module otherwise (its rows would mix probes; the check's weights, which
+    travel with the cotangents, could not see it)."""
+    x, label, n, _ = next(iter(problem.probe_sets()))
+    m = min(n, probes)
+    if m < 2:
+        return
+    out, calls = _forward(problem, plan, B.take(x, slice(0, m)), m, label)
+    copies = [(mname, c.output) for mname in sorted(plan.broadcasting)
+              for c in calls.get(mname, []) if c.output.requires_grad]
+    if not copies:
+        return
+    gen = torch.Generator().manual_seed(12345)
+    for i in (0, m - 1):
+        g = torch.zeros_like(out)
+        g[i] = torch.randn(out.shape[1], generator=gen, dtype=torch.float64).to(g)
+        grads = torch.autograd.grad(out, [t for _, t in copies], g, allow_unused=True,
+                                    retain_graph=i != m - 1)
+        others = torch.arange(m, device=out.device) != i
+        for (mname, _), d in zip(copies, grads):
+            if d is not None and bool(d[others].ne(0).any()):
+                raise Fallback(mname, "self-check: a probe's output depends on another "
+                                      "probe's copy of a broadcast input")
 
 
 def _add_ref(ref: dict[str, torch.Tensor], names: list[str],

@@ -15,7 +15,7 @@ from ..device import CPU, DeviceProfile
 from ..errors import NTKError
 from ..modes import KernelMode
 from ..problem import Problem
-from .rules import Call, Rule, rule_for
+from .rules import BroadcastUseRule, Call, Rule, rule_for
 from .terms import ConvTerm, Term
 
 ROUTES = ("generic", "gram", "rows")
@@ -38,6 +38,13 @@ class Plan:
     broadcast: bool = False      # broadcast calls admitted (the self-check runs)
     broadcasting: set[str] = field(default_factory=set)  # modules taken with such calls
     handled: set[str] = field(default_factory=set)
+    # parameters registered in several modules (tied) and taken by every module that uses
+    # them: the per-probe gradient is the sum of the rows of each use (rows route)
+    tied: set[str] = field(default_factory=set)
+    # parameters used once, through p.expand(n, ...) or x + p broadcast over the probes
+    # (ViT's cls token and position embeddings): taken under their own name as a
+    # pseudo-module (the owner module, :class:`.rules.BroadcastUseRule`), name -> form
+    free: dict[str, str] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return bool(self.modules)
@@ -49,14 +56,49 @@ class Plan:
         self.handled.update(attrs.values())
 
     def drop(self, name: str, reason: str) -> None:
-        """Send a planned module to the exact path, recording why."""
+        """Send a planned module to the exact path, recording why. A tied parameter of it
+        leaves every other module too (it is covered only while all its uses are)."""
         if name in self.modules:
-            for full in self.params.pop(name).values():
-                self.handled.discard(full)
+            fulls = list(self.params.pop(name).values())
             del self.modules[name], self.rules[name], self.calls[name]
             self.forced.pop(name, None)
             self.broadcasting.discard(name)
+            self.free.pop(name, None)
+            for full in fulls:
+                self.handled.discard(full)
+                if full in self.tied:
+                    self.tied.discard(full)
+                    self._release(full, f"tied with {name!r}, which takes the exact path")
         self.reasons[name] = reason
+
+    def _release(self, full: str, reason: str) -> None:
+        """Take the parameter ``full`` from every module that has it (a module left with
+        no parameter leaves the plan)."""
+        for mname, attrs in list(self.params.items()):
+            for attr in [a for a, f in attrs.items() if f == full]:
+                del attrs[attr]
+            if not attrs:
+                self.drop(mname, reason)
+        self.handled.discard(full)
+        self.reasons[full] = reason
+
+    def units(self) -> dict[str, str]:
+        """Planned module -> the module it is checked with: modules that share a tied
+        parameter form one unit (the first name of the group in sorted order), since the
+        rows of the parameter are the sum over them."""
+        unit = {m: m for m in self.modules}
+
+        def find(m: str) -> str:
+            while unit[m] != m:
+                m = unit[m]
+            return m
+
+        for full in self.tied:
+            owners = sorted(m for m, attrs in self.params.items() if full in attrs.values())
+            for m in owners[1:]:
+                a, b = find(owners[0]), find(m)
+                unit[max(a, b)] = min(a, b)
+        return {m: find(m) for m in self.modules}
 
 
 def _inside_compiled(name: str, compiled: list[str]) -> bool:
@@ -97,11 +139,14 @@ def plan(problem: Problem, implementation: str,
         result.reasons[""] = "global forward hooks are registered"
         return result
     registrations: dict[int, int] = {}
+    owners: dict[int, set[str]] = {}  # parameter -> the modules that register it
     modules = list(model.named_modules())
-    for _, module in modules:
+    for oname, module in modules:
         for p in module._parameters.values():
             if p is not None:
                 registrations[id(p)] = registrations.get(id(p), 0) + 1
+                owners.setdefault(id(p), set()).add(oname)
+    claims: dict[str, set[str]] = {}  # tied parameter -> modules that took it
     names = {id(p): n for n, p in model.named_parameters()}
     compiled = [n for n, m in modules if isinstance(m, _optimized_module_type())]
     for mname, module in modules:
@@ -145,7 +190,17 @@ def plan(problem: Problem, implementation: str,
             if attr not in rule.params:
                 result.reasons[full] = f"{type(module).__name__}'s rule does not cover {attr!r}"
             elif registrations[id(own[attr])] != 1:
-                result.reasons[full] = "registered in several modules (tied)"
+                # tied: taken while every use is inside a call of a module registering
+                # it whose rule writes its rows in the parameter's own layout (checked
+                # after the loop: every such module must take it)
+                used = census.uses.get(full, set())
+                if (attr in rule.tieable and mname in used
+                        and used <= owners[id(own[attr])]):
+                    attrs[attr] = full
+                    claims.setdefault(full, set()).add(mname)
+                else:
+                    result.reasons[full] = ("registered in several modules (tied) and used "
+                                            "where no rule sums its uses")
             elif census.uses.get(full, set()) != {mname}:
                 result.reasons[full] = "used outside its module's own call"
             elif full in result.handled:
@@ -158,7 +213,41 @@ def plan(problem: Problem, implementation: str,
                 result.broadcasting.add(mname)
             if mname in layer_paths:
                 result.forced[mname] = layer_paths[mname]
+    for full, takers in claims.items():
+        if census.uses.get(full, set()) <= takers and len(takers) > 1:
+            result.tied.add(full)
+        else:
+            result._release(full, "registered in several modules (tied) and not every use "
+                                  "is covered by a rule")
+    if broadcast and census.batch > 1:
+        _plan_free(result, problem, layer_paths, compiled, registrations)
     return result
+
+
+def _plan_free(result: Plan, problem: Problem, layer_paths: dict[str, str],
+               compiled: list[str], registrations: dict[int, int]) -> None:
+    """Parameters no rule took whose one use in the trial forward is a broadcast over the
+    probes (:func:`..census.broadcast_form`): the per-probe gradient is the cotangent of
+    that op's result for the probe, summed over the broadcast axes. Taken only with the
+    self-check on (like broadcast calls: the copies are verified to stay per probe)."""
+    census = problem.census
+    if census is None:
+        return
+    model = problem.model
+    for full, p in model.named_parameters():
+        if full not in problem.params or full in result.handled or registrations.get(id(p)) != 1:
+            continue
+        forms = census.forms.get(full, [])
+        if len(forms) != 1 or forms[0] not in ("expand", "add"):
+            continue
+        owner, _, attr = full.rpartition(".")
+        if layer_paths.get(owner) == "generic" or layer_paths.get(full) == "generic" \
+                or _inside_compiled(owner, compiled):
+            continue
+        module = model.get_submodule(owner) if owner else model
+        result.add(full, module, BroadcastUseRule(), {attr: full}, 1)
+        result.broadcasting.add(full)
+        result.free[full] = forms[0]
 
 
 def _optimized_module_type() -> type:

@@ -69,6 +69,10 @@ class Rule:
     """
 
     params: ClassVar[tuple[str, ...]] = ("weight", "bias")
+    # parameters whose per-probe rows the rule writes in the parameter's own (row-major)
+    # layout, unfolded: a parameter tied between modules whose rules all list it is
+    # covered by summing the rows of its uses
+    tieable: ClassVar[tuple[str, ...]] = ()
 
     def output(self, out: Any) -> Any:
         """The tensor of the call's output whose cotangent the rule needs (the output
@@ -177,7 +181,10 @@ def registered_types() -> tuple[type, ...]:
 class LinearRule(Rule):
     """``z = a W^T + b`` over any leading positions: weight ``sum_s D_s a_s^T``, bias
     ``sum_s D_s``; with both, one outer term on ``[a; 1]`` so the bias shares the
-    cotangent Gram of the weight."""
+    cotangent Gram of the weight (not for a tied weight, whose rows are summed with
+    another module's)."""
+
+    tieable = ("weight",)
 
     def terms(self, module: nn.Module, attrs: dict[str, str], call: Call, d: torch.Tensor,
               memo: Memo) -> list[Term]:
@@ -194,6 +201,9 @@ def linear_terms(attrs: dict[str, str], weight: str, bias: str, tag: str, a: tor
     ``memo[slot]``). ``tag`` suffixes the term names."""
     k, n = d.shape[:2]
     dd = d.reshape(k, n, -1, d.shape[-1])
+    tied = memo.get("tied")
+    if weight in attrs and isinstance(tied, (set, frozenset)) and attrs[weight] in tied:
+        fold = False  # its rows are summed with other modules': (o, c), no bias column
     if fold and weight in attrs and bias in attrs:
         def with_ones() -> torch.Tensor:
             a2 = a.reshape(n, -1, a.shape[-1])
@@ -351,6 +361,7 @@ class EmbeddingRule(Rule):
     gradient; ``max_norm`` (which renormalises the weight in place) is not covered."""
 
     params = ("weight",)
+    tieable = ("weight",)
 
     def supports(self, module: nn.Module) -> bool:
         # max_norm renormalises the weight in place; scale_grad_by_freq makes autograd
@@ -375,6 +386,34 @@ class EmbeddingRule(Rule):
             dd = dd * cached(memo, "keep",
                              lambda: (tokens != pad).unsqueeze(0).unsqueeze(-1).to(dd.dtype))
         return [TokenTerm(attrs["weight"], tokens, dd, module)]
+
+
+class BroadcastUseRule(Rule):
+    """A parameter used once, through ``p.expand(n, ...)`` or ``x + p`` broadcast over the
+    probes (ViT's cls token and position embeddings): the call is that op, its output the
+    op's (n, ...) result, and the per-probe gradient of ``p`` is the result's cotangent
+    for the probe, summed over the axes along which ``p`` is broadcast. Not in the rule
+    table: the planner makes one for such a parameter (:func:`.planner.plan`)."""
+
+    params = ()
+
+    def accepts(self, module: nn.Module, call: Call, n: int) -> bool:
+        return isinstance(call.output, torch.Tensor) and call.output.shape[0] == n
+
+    def terms(self, module: nn.Module, attrs: dict[str, str], call: Call, d: torch.Tensor,
+              memo: Memo) -> list[Term]:
+        ((attr, full),) = attrs.items()
+        p = module.get_parameter(attr)
+        k, n = d.shape[:2]
+        per = tuple(p.shape) if p.dim() < d.dim() - 1 else tuple(p.shape[1:])
+        if p.dim() == d.dim() - 1 and p.shape[0] != 1:
+            raise TypeError("the parameter is not broadcast over the probes")
+        lead = d.dim() - 2 - len(per)   # result axes p has no axis for
+        g = d.sum(dim=tuple(range(2, 2 + lead))) if lead else d
+        axes = tuple(2 + i for i, (a, b) in enumerate(zip(per, g.shape[2:])) if a == 1 and b != 1)
+        if axes:
+            g = g.sum(dim=axes, keepdim=True)
+        return [SumTerm(full, None, g.reshape(k, n, -1, 1))]
 
 
 @dataclass

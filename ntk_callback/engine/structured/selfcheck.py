@@ -74,18 +74,28 @@ def verify(plan: Plan, result: Result, keys: dict[str, list[str]], mode: KernelM
     rtol = RTOL.get(dtype, RTOL_OTHER)
     verdict = Verdict()
     module_of = {full: m for m, attrs in plan.params.items() for full in attrs.values()}
+    # modules sharing a tied parameter are checked as one unit (the parameter's rows are
+    # the sum over them, filed under the unit's name by the driver)
+    unit = plan.units()
+    members: dict[str, list[str]] = {}
+    for mname in plan.params:
+        members.setdefault(unit[mname], []).append(mname)
     for data in result.checks:
         for c in range(len(data.w)):
             side, ref = data.G[c], data.ref[c]
             energy = sum(_sq(g) for g in ref.values())
             floor = rtol * 1e-6 * energy
-            for mname, attrs in plan.params.items():
-                ours = sum(_sq(g) for g in side.get(mname, []))
-                theirs = sum(_sq(ref[p]) for p in attrs.values() if p in ref)
-                verdict.values.setdefault(mname, []).append((ours, theirs))
+            for head, group in members.items():
+                params = {p for m in group for p in plan.params[m].values()}
+                ours = sum(_sq(g) for g in side.get(head, []))
+                theirs = sum(_sq(ref[p]) for p in params if p in ref)
+                for mname in group:
+                    verdict.values.setdefault(mname, []).append((ours, theirs))
                 if not _close(ours, theirs, rtol, floor):
-                    verdict.bad_modules.setdefault(
-                        mname, f"self-check: the rule gives {ours:.6g}, autograd {theirs:.6g}")
+                    for mname in group:
+                        verdict.bad_modules.setdefault(
+                            mname, f"self-check: the rule gives {ours:.6g}, autograd "
+                                   f"{theirs:.6g}")
     if not result.quads:
         return verdict
     first = result.checks[0]
