@@ -16,6 +16,15 @@ console report, probe drawing at train start).
     python benchmarks/bench_callback_overhead.py --no-figures   # log_figures=False (--no-images: False)
 
 Target (issue 4): median ratio <= 1.10.
+
+GPU mode (``--model resnet18 --device cuda``): ResNet-18 (CIFAR stem, ``resnet18.py``)
+trained on synthetic 32x32 images (``--images`` 8192, batch ``--batch`` 256, 3 epochs, SGD)
+without and with ``NTKReportCallback(num_probes=256)`` at its defaults (target mode, a
+report every epoch, TensorBoard logging); prints and writes (``--json``) the fit times,
+the seconds per report and the callback's share of the fit time. ``--model cnn`` (the
+tutorial CNN) with ``--device cpu`` is the same code path in seconds (the tests run it):
+
+    python benchmarks/bench_callback_overhead.py --model resnet18 --device cuda --json out.json
 """
 from __future__ import annotations
 
@@ -145,16 +154,146 @@ def run_once(
     }
 
 
+def _image_classifier(name: str) -> torch.nn.Module:
+    if name == "resnet18":
+        import resnet18
+
+        return resnet18.ResNet18()
+    import bench_configs
+
+    return bench_configs.TutorialCNN()
+
+
+def image_fit(model_name: str, device: str, epochs: int, images: int, batch: int, logdir: str | None,
+              callback: Any = None, seed: int = 0) -> Dict[str, Any]:
+    """Train an image classifier on synthetic 32x32 data (10 classes) on ``device``;
+    returns the fit's wall seconds (synchronised) and the trained weights."""
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader, TensorDataset
+
+    pl = blobs.pl
+    pl.seed_everything(seed, workers=True, verbose=False)
+    net = _image_classifier(model_name)
+
+    class Classifier(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            return F.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+    gen = torch.Generator().manual_seed(seed)
+    data = TensorDataset(torch.randn(images, 3, 32, 32, generator=gen), torch.randint(0, 10, (images,), generator=gen))
+    loader = DataLoader(data, batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(seed + 1))
+    logger = blobs.TensorBoardLogger(logdir, name="image") if logdir is not None else False
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        accelerator="gpu" if device.startswith("cuda") else "cpu",
+        devices=1,
+        logger=logger,
+        callbacks=[callback] if callback is not None else [],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=10,
+    )
+    module = Classifier()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+        trainer.fit(module, loader)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return {"seconds": time.perf_counter() - start, "state": {k: v.detach().cpu() for k, v in module.state_dict().items()}}
+
+
+def image_main(args: argparse.Namespace) -> Dict[str, Any]:
+    """Fits without and with the callback (``--pairs`` ABBA pairs after one warm-up of each)."""
+    import json
+
+    with tempfile.TemporaryDirectory() as tmp:
+        common = dict(model_name=args.model, device=args.device, images=args.images, batch=args.batch)
+        image_fit(epochs=1, logdir=None, **common)  # warm-up: cuDNN, allocator, imports
+        image_fit(epochs=1, logdir=os.path.join(tmp, "warm"), callback=TimedNTKReportCallback(num_probes=args.num_probes), **common)
+        without: List[float] = []
+        runs: List[Dict[str, float]] = []
+        identical = True
+        for i in range(args.pairs):
+            state = None
+            for flag in ((False, True) if i % 2 == 0 else (True, False)):
+                cb = TimedNTKReportCallback(num_probes=args.num_probes) if flag else None
+                res = image_fit(epochs=args.epochs, logdir=os.path.join(tmp, f"r{i}{int(flag)}"), callback=cb, **common)
+                if state is not None:
+                    identical &= all(torch.equal(state[k], res["state"][k]) for k in state)
+                state = res["state"]
+                if cb is None:
+                    without.append(res["seconds"])
+                else:
+                    reports = max(1, len(cb.history))
+                    runs.append({"fit_s": res["seconds"], "hook_s": cb.hook_seconds, "reports": len(cb.history),
+                                 "per_report_s": cb.hook_seconds / reports, "hook_share": cb.hook_seconds / res["seconds"]})
+                print(f"pair {i}: {'with   ' if flag else 'without'} callback  fit {res['seconds']:7.3f} s", flush=True)
+    out = {
+        "model": args.model, "device": args.device,
+        "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+        "images": args.images, "batch": args.batch, "epochs": args.epochs, "num_probes": args.num_probes,
+        "fit_without_s": statistics.median(without),
+        "fit_with_s": statistics.median(r["fit_s"] for r in runs),
+        "per_report_s": statistics.median(r["per_report_s"] for r in runs),
+        "hook_share": statistics.median(r["hook_share"] for r in runs),
+        "reports": runs[0]["reports"], "runs": runs, "without": without,
+        "weights_identical_with_and_without": identical,
+    }
+    print(f"\n{args.model} on {out['device_name']}: {args.images} images, batch {args.batch}, {args.epochs} epochs, "
+          f"NTKReportCallback(num_probes={args.num_probes}) defaults")
+    print(f"fit without callback {out['fit_without_s']:.2f} s, with {out['fit_with_s']:.2f} s; "
+          f"{out['reports']} reports, {out['per_report_s']:.3f} s per report, callback share of the fit "
+          f"{100 * out['hook_share']:.1f} %; weights identical with and without: {identical}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(out, fh, indent=1)
+    return out
+
+
 def main(argv: List[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="blobs", choices=["blobs", "resnet18", "cnn"],
+                        help="blobs (the example, CPU) or an image classifier on synthetic 32x32 data")
+    parser.add_argument("--device", default="cpu", help="image models: cpu or cuda")
+    parser.add_argument("--images", type=int, default=8192, help="image models: training images")
+    parser.add_argument("--batch", type=int, default=256, help="image models: batch size")
+    parser.add_argument("--json", help="image models: write the summary here")
     parser.add_argument("--pairs", type=int, default=5, help="with/without pairs (ABBA interleaved)")
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--num-probes", type=int, default=64)
+    parser.add_argument("--epochs", type=int, help="default 10 (blobs), 3 (image models)")
+    parser.add_argument("--num-probes", type=int, help="default 64 (blobs), 256 (image models)")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1: less noise)")
     parser.add_argument("--no-figures", action="store_true",
                         help="log_figures=False: heatmap and histogram only, no spectrum/drift/layers pictures")
     parser.add_argument("--no-images", action="store_true", help="log_images=False: scalars and console only")
     args = parser.parse_args(argv)
+    image = args.model != "blobs"
+    args.epochs = args.epochs or (3 if image else 10)
+    args.num_probes = args.num_probes or (256 if image else 64)
+    if image:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import logging
+        import warnings
+
+        for name in ("pytorch_lightning", "lightning", "lightning.pytorch", "lightning_fabric"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore")
+        args.pairs = min(args.pairs, 2) if args.pairs == 5 else args.pairs
+        image_main(args)
+        return
     settings: Dict[str, Any] = {}
     if args.no_figures:
         settings["log_figures"] = False

@@ -9,6 +9,9 @@
   BasicBlock 16->16, a BasicBlock 16->32 with stride 2 and a 1x1 conv + BN shortcut,
   global average pooling, Linear(32, 10)), inputs (N, 3, 32, 32), measured in eval mode
   with non-trivial running statistics;
+* ``resnet18``: ResNet-18 with the CIFAR stem (``resnet18.py``: torchvision's layers as
+  plain modules, 11.2M parameters), inputs (N, 3, 32, 32), BatchNorm in eval mode with
+  non-trivial statistics; in the GPU plan (``bench_device.py``), not the CPU one;
 * ``bert``: a BERT-like encoder classifier (vocab 1024, 4 post-LN layers, d 128, 4 heads,
   FFN 512, tanh pooler, 10 classes; 0.95M parameters), probes a dict
   ``{"input_ids": (N, 32) int64, "attention_mask": (N, 32) int64}`` with padding (each
@@ -47,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import baselines as B
+from resnet18 import ResNet18
 
 
 class TutorialCNN(nn.Module):
@@ -376,6 +380,8 @@ CONFIGS: dict[str, Config] = {
                   (3, 32, 32), 10),
     "resnet": Config("resnet", "small ResNet-BN (stem 16 + 2 BasicBlocks)", SmallResNet,
                      (3, 32, 32), 10),
+    "resnet18": Config("resnet18", "ResNet-18 (CIFAR stem, torchvision layers, BN eval)",
+                       ResNet18, (3, 32, 32), 10),
     "bert": Config("bert", f"BERT-like encoder ({_impl()}, 4x d128, 32 tokens, padded)",
                    build_bert, (SEQ,), CLASSES, bert_probes, True),
     "vit": Config("vit", f"ViT ({_impl()}, 5x d128, 32 patches + cls)",

@@ -11,6 +11,8 @@ written to ``benchmarks/RESULTS.md``.
     python benchmarks/bench_ntk.py --smoke    # seconds; used by the tests
     python benchmarks/bench_ntk.py --quick --configs bert,vit,gpt2 \
         --output /tmp/tr.md --json /tmp/tr.json  # a subset, written off the tree
+    python benchmarks/bench_ntk.py --device cuda  # the GPU table, in one process
+                                                  # (bench_device.py; RESULTS_GPU.md)
 
 Methods (see ``baselines.py``): the floor G (one batched forward + one ``autograd.grad``
 of the summed target logits), in trace mode also the floor 1F+OB (one forward + O
@@ -309,6 +311,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if any(a == "--device" or a.startswith("--device=") for a in argv):
+        import bench_device  # one process on one device: synchronised times, CUDA peaks
+        return bench_device.main(argv)
     args = parse_args(argv)
     if args.render:
         run = json.loads(Path(args.render).read_text())

@@ -36,9 +36,13 @@ def default_batch_to_probe(batch: Any) -> Probes:
     """Map a training batch to ``(inputs, targets)``.
 
     Handles ``x`` (inputs only), ``(x,)``, ``(x, y)`` and ``(x, y, *extra)`` tuples/lists,
-    and dicts with an input key in ``x / input / inputs / features`` and an optional
-    target key in ``y / target / targets / label / labels``. Anything else needs
-    ``NTKReportCallback(batch_to_probe=...)``.
+    dicts with an input key in ``x / input / inputs / features`` and an optional
+    target key in ``y / target / targets / label / labels``, and dicts of tensors with a
+    target key but no input key (Hugging Face style, e.g. ``input_ids``,
+    ``attention_mask``, ``labels``): the target key's tensor is the targets and the other
+    entries are the inputs, passed to ``forward`` as keyword arguments when its signature
+    names exactly those keys.
+    Anything else needs ``NTKReportCallback(batch_to_probe=...)``.
     """
     if isinstance(batch, Tensor):
         return batch, None
@@ -48,9 +52,14 @@ def default_batch_to_probe(batch: Any) -> Probes:
         return inputs, targets if isinstance(targets, Tensor) else None
     if isinstance(batch, Mapping):
         in_key = next((k for k in _INPUT_KEYS if k in batch), None)
+        tgt_key = next((k for k in _TARGET_KEYS if k in batch), None)
         if in_key is not None:
-            tgt_key = next((k for k in _TARGET_KEYS if k in batch), None)
             return batch[in_key], (batch[tgt_key] if tgt_key is not None else None)
+        rest = {k: v for k, v in batch.items() if k != tgt_key}
+        if tgt_key is not None and rest and all(isinstance(v, Tensor) for v in rest.values()):
+            # Hugging Face style: every other key is a keyword input of forward
+            target = batch[tgt_key]
+            return rest, target if isinstance(target, Tensor) else None
     raise ProbeError(
         "NTKReportCallback cannot tell inputs from targets in a batch of type "
         f"{type(batch).__name__}"

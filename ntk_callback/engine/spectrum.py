@@ -131,12 +131,13 @@ class _Operator:
         of eval mode), the transpose of the vjp: ``J u = d/dc <J^T c, u>``."""
         if not self.double_vjp:
             try:
-                return vmap(lambda tan: jvp(f, (self.params,), (tan,))[1])(u)
+                forward: torch.Tensor = vmap(lambda tan: jvp(f, (self.params,), (tan,))[1])(u)
+                return forward
             except NotImplementedError:
                 self.double_vjp = True
         # the math attention kernel: the fused ones have no double backward
         with sdpa_kernel(SDPBackend.MATH):
-            out, pull = vjp(f, self.params)
+            out, pull = vjp(f, self.params)[:2]
 
             def transposed(c: torch.Tensor) -> dict[str, torch.Tensor]:
                 grads: dict[str, torch.Tensor] = pull(c)[0]
