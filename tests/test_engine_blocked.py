@@ -130,3 +130,40 @@ def test_bad_inputs_have_clear_errors(tmp_path) -> None:
         empirical_ntk(model, iter([]))
     with pytest.raises(NTKError, match="pair"):
         empirical_ntk(model, _loader(X, Y), batch_to_probe=lambda b: b[0])
+
+
+class _CountingBatches:
+    """A re-readable list of batches that records how many batches each reading took and
+    the most probes handed out between two readings' starts."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, bs: int) -> None:
+        self.batches = [(x[i:i + bs], y[i:i + bs]) for i in range(0, x.shape[0], bs)]
+        self.reads: list[int] = []
+
+    def __iter__(self):
+        self.reads.append(0)
+        for batch in self.batches:
+            self.reads[-1] += 1
+            yield batch
+
+
+def test_loader_is_read_again_a_block_at_a_time() -> None:
+    """A re-readable loader is streamed: one reading for its size, then one a block in
+    use, each stopping at the block's last batch; the kernel is the one-shot kernel."""
+    model = _model()
+    data = _CountingBatches(X, Y, 5)
+    blocked = empirical_ntk(model, data, dtype=torch.float64, block_size=7)
+    assert rel_err(blocked, empirical_ntk(model, X, Y, dtype=torch.float64)) < 1e-13
+    # blocks [0:7] [7:14] [14:21] [21:23]: the first reading sees all 5 batches; block 0
+    # needs batches 0-1, block 1 batches 0-2, block 2 batches 0-4
+    assert data.reads[0] == 5 and len(data.reads) > 2
+    assert min(data.reads[1:]) == 2
+    # rows (0, 0..3), (1, 1..3), ...: each of row i's blocks read once, block i kept
+    assert len(data.reads) - 1 <= 4 + 4 + 3 + 2 + 1
+
+
+def test_loader_that_changes_between_readings_is_refused() -> None:
+    torch.manual_seed(3)
+    shuffled = DataLoader(TensorDataset(X, Y), batch_size=5, shuffle=True)
+    with pytest.raises(NTKError, match="shuffle=False"):
+        empirical_ntk(_model(), shuffled, block_size=7)

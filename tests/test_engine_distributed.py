@@ -28,10 +28,15 @@ class _Net(nn.Module):
         torch.manual_seed(0)
         self.net = nn.Sequential(nn.Linear(5, 12), nn.Tanh(), nn.Linear(12, 3))
         self.armed = False
+        self.tricky: float | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.armed and dist.is_initialized() and dist.get_rank() == 1:
             raise RuntimeError("planted failure on rank 1")
+        # fails a batched call that starts with probe `tricky` (rank 1's capture share)
+        if self.tricky is not None and x.dim() == 2 and x.shape[0] > 1 \
+                and float(x[0, 0]) == self.tricky:
+            raise RuntimeError("planted failure in rank 1's capture pass")
         return self.net(x)
 
 
@@ -64,6 +69,11 @@ def _worker(rank: int, world: int, init: str, out_dir: str) -> None:
         result["matfree"] = ntk_spectrum(model, x, y, k=4, mode="trace", route="matfree",
                                          comm=comm, return_vectors=True)
         result["gram"] = ntk_spectrum(model, x, y, k=4, mode="full", route="gram", comm=comm)
+        # the structured pass fails on rank 1's share only: both ranks agree to take the
+        # exact path, and the kernel is still right
+        model.tricky = float(x[N // 2, 0])
+        result["agreed"] = empirical_ntk(model, x, y, comm=comm, explain=True)
+        model.tricky = None
         # a rank that holds other probes is refused on every rank
         try:
             empirical_ntk(model, x[:N - rank], y[:N - rank], block_size=7, comm=comm)
@@ -120,6 +130,10 @@ def test_two_processes_match_one(tmp_path) -> None:
         assert list(r["layers"]) == list(layers)
         for key in layers:
             assert rel_err(r["layers"][key], layers[key]) < 1e-12
+    for r in ranks:
+        kernel, explanation = r["agreed"]
+        assert rel_err(kernel, target) < 1e-12
+        assert all(path.startswith("generic") for path in explanation.paths.values())
     for key in ("trace", "full"):  # the ranks hold the very same kernel
         assert torch.equal(ranks[0][key], ranks[1][key])
     import numpy as np

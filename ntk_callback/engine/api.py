@@ -399,7 +399,8 @@ def _blocked_run(model: torch.nn.Module, inputs: Any, targets: Any, mode: ModeLi
                  paths: dict[str, str] | None, split: Any = None
                  ) -> tuple[dict[str, torch.Tensor], Explanation]:
         return _run(model, x, t, mode, dtype, chunk_size, eval_mode, x2, t2,
-                    call_budget, output_fn, implementation, paths,
+                    _blocked.call_budget(memory_budget, device, _blocked.held_bytes(x, x2)),
+                    output_fn, implementation, paths,
                     check, by_layer, split)
 
     def num_outputs(x: Any) -> int:
@@ -408,7 +409,6 @@ def _blocked_run(model: torch.nn.Module, inputs: Any, targets: Any, mode: ModeLi
 
     first = next((p for p in model.parameters() if p.requires_grad), None)
     device = first.device if first is not None else torch.device("cpu")
-    call_budget = _blocked.call_budget(memory_budget, device)
     return _blocked.blocked_kernel(
         block_fn, inputs, targets, inputs2, targets2, mode=mode,
         dtype=resolve_dtype(model, dtype),

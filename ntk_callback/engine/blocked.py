@@ -4,8 +4,11 @@
 from a ``DataLoader`` (or any other iterable of batches), when ``out=`` asks for a file,
 when ``block_size=`` is given, or when a communicator splits the work across ranks.
 
-How: the probes are collected once (inputs and targets only, never activations) and cut
-into blocks of ``block_size`` probes. Block ``(i, j)`` of the kernel is one call of the
+How: the probes are cut into blocks of ``block_size`` probes (:class:`ProbeSource`). A
+re-readable loader (a ``DataLoader``, a list of batches) is read once for its size and
+a fingerprint of each batch, then again for each block that is needed, so that only the
+blocks in use are in memory (inputs and targets, never activations); a one-shot iterator
+is collected once. Block ``(i, j)`` of the kernel is one call of the
 ordinary engine: the self-kernel of block i on the diagonal (exactly symmetric, as every
 self-kernel of the engine), the cross kernel ``inputs=block_i, inputs2=block_j`` above
 it, mirrored below (full mode: ``K[j, i, b, a] = K[i, j, a, b]``). Each call keeps the
@@ -43,12 +46,12 @@ ranks must share its file system, e.g. one machine). Any error on a rank stops e
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Callable
 
 import numpy as np
 import torch
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from . import batch as B
 from .device import default_budget
@@ -75,17 +78,25 @@ def is_data_stream(obj: Any) -> bool:
     return isinstance(obj, Iterable)
 
 
-def call_budget(memory_budget: int | None, device: torch.device | None = None) -> int | None:
-    """The memory budget of each block's engine call: half the caller's (default: the
-    default budget of ``device``, :mod:`.device`), so that the call's transient buffers
+def call_budget(memory_budget: int | None, device: torch.device | None = None,
+                held: int = 0) -> int | None:
+    """The memory budget of each block's engine call: half of what the caller's budget
+    (default: the default budget of ``device``, :mod:`.device`) leaves after ``held``
+    bytes (the block's probes, :func:`held_bytes`), so that the call's transient buffers
     (autograd's, outside the engine's accounting) fit in the other half; bad values pass
     through to the engine's own error."""
     if memory_budget is None:
-        return default_budget(device) // 2
+        return max(1, (default_budget(device) - held) // 2)
     if isinstance(memory_budget, int) and not isinstance(memory_budget, bool) \
             and memory_budget > 1:
-        return memory_budget // 2
+        return max(1, (memory_budget - held) // 2)
     return memory_budget
+
+
+def held_bytes(*batches: Any) -> int:
+    """Bytes of the tensors of ``batches`` (None for none)."""
+    return sum(leaf.numel() * leaf.element_size() for batch in batches if batch is not None
+               for leaf in B.leaves(batch) if isinstance(leaf, torch.Tensor))
 
 
 def wanted(inputs: Any, inputs2: Any, block_size: int | None, out: Any, comm: Any) -> bool:
@@ -157,6 +168,132 @@ def collect(data: Any, targets: Any, batch_to_probe: Callable[[Any], Any] | None
     return inputs, tgt, B.batch_size(inputs, name)
 
 
+def _probe_pairs(data: Any, batch_to_probe: Callable[[Any], Any] | None, name: str
+                 ) -> Iterator[tuple[Any, torch.Tensor | None]]:
+    """``(inputs, targets or None)`` of every batch of a stream, checked."""
+    to_probe = batch_to_probe or default_batch_to_probe
+    for batch in data:
+        probe = to_probe(batch)
+        if not (isinstance(probe, (tuple, list)) and len(probe) == 2):
+            raise NTKError(f"batch_to_probe returned a {type(probe).__name__}; it must return "
+                           "a pair (inputs, targets), with targets None when there are none.")
+        x, t = probe
+        B.batch_size(x, name)
+        yield x, (None if t is None else B.as_tensor_targets(t, "cpu"))
+
+
+def _weighted_sums(inputs: Any, targets: torch.Tensor | None, start: int) -> float:
+    """``sum_i (start + i + 1) (s_i + |s|_i / 2)`` over the probes i of a batch, per leaf
+    (s_i the probe's sum, |s|_i its absolute sum): :func:`checksum` times N, by parts."""
+    total = 0.0
+    for leaf in B.leaves(inputs) + ([targets] if targets is not None else []):
+        values = leaf.detach().double().reshape(leaf.shape[0], -1)
+        weight = torch.arange(start + 1, start + values.shape[0] + 1, dtype=torch.float64,
+                              device=values.device)
+        total += float(weight @ values.sum(1)) + 0.5 * float(weight @ values.abs().sum(1))
+    return total
+
+
+def streamable(data: Any) -> bool:
+    """A stream that can be read again (a ``DataLoader``, a list of batches, any iterable
+    that is not its own iterator): its probes need not be held all at once."""
+    if not is_data_stream(data) or isinstance(data, Iterator):
+        return False
+    return True
+
+
+class ProbeSource:
+    """The probes of one side of a blocked kernel, handed out a block at a time.
+
+    A re-readable stream (:func:`streamable`) is read once for its count, the presence of
+    targets, a fingerprint of every batch and the first probe, and read again for every
+    block that is needed (up to the block's last batch), so that only the blocks in use
+    (two, for a block pair) are in memory, never the whole set; a batch that differs
+    from the first reading (a shuffling loader) is an error. Anything else is collected
+    once (:func:`collect`). The two most recent blocks are kept, so a row of block pairs
+    ``(i, i), (i, i + 1), ...`` reads block i once."""
+
+    def __init__(self, data: Any, targets: Any, batch_to_probe: Callable[[Any], Any] | None,
+                 name: str) -> None:
+        self.name = name
+        self.batch_to_probe = batch_to_probe
+        self.data: Any = None
+        self.x: Any = None
+        self.t: torch.Tensor | None = None
+        self.cache: list[tuple[tuple[int, int], tuple[Any, torch.Tensor | None]]] = []
+        if not streamable(data):
+            self.x, self.t, self.n = collect(data, targets, batch_to_probe, name)
+            self.has_targets = self.t is not None
+            self.first = (B.take(self.x, slice(0, 1)), None if self.t is None else self.t[:1])
+            self.sum = checksum(self.x, self.t)
+            return
+        if targets is not None:
+            raise NTKError(f"`{name}` is a data loader, so its batches carry the targets; do "
+                           "not also pass targets separately (map batches with "
+                           "`batch_to_probe=`).")
+        self.data = data
+        self.sizes: list[int] = []
+        self.prints: list[float] = []
+        present: list[bool] = []
+        weighted = 0.0
+        first: tuple[Any, torch.Tensor | None] | None = None
+        for x, t in _probe_pairs(data, batch_to_probe, name):
+            m = B.batch_size(x, name)
+            if first is None:  # copies: the batch itself is not kept
+                first = (tree_map(lambda a: a[:1].clone(), x), None if t is None else t[:1].clone())
+            part = _weighted_sums(x, t, sum(self.sizes))
+            self.prints.append(part)
+            weighted += part
+            self.sizes.append(m)
+            present.append(t is not None)
+        if first is None:
+            raise NTKError(f"the data loader `{name}` gave no batch; it must yield at least "
+                           "one.")
+        if any(present) and not all(present):
+            raise NTKError(f"some batches of `{name}` have targets and some do not; give "
+                           "every batch targets (or none).")
+        self.n = sum(self.sizes)
+        self.has_targets = present[0]
+        self.first = first
+        self.sum = weighted / self.n
+
+    def take(self, sl: slice) -> tuple[Any, torch.Tensor | None]:
+        """Inputs and targets of the probes ``sl``."""
+        if self.data is None:
+            return B.take(self.x, sl), (None if self.t is None else self.t[sl])
+        key = (sl.start, sl.stop)
+        for k, value in self.cache:
+            if k == key:
+                return value
+        value = self._read(sl)
+        self.cache = self.cache[-1:] + [(key, value)]
+        return value
+
+    def _read(self, sl: slice) -> tuple[Any, torch.Tensor | None]:
+        xs, ts, start = [], [], 0
+        for index, (x, t) in enumerate(_probe_pairs(self.data, self.batch_to_probe,
+                                                    self.name)):
+            m = B.batch_size(x, self.name)
+            if index >= len(self.sizes) or m != self.sizes[index] or \
+                    not math.isclose(_weighted_sums(x, t, start), self.prints[index],
+                                     rel_tol=1e-9, abs_tol=1e-9):
+                raise NTKError(f"`{self.name}` gave other batches when read again (batch "
+                               f"{index}): the blocked kernel reads the loader once a block "
+                               "and needs the same batches in the same order every time -- "
+                               "use shuffle=False (and no random transforms), or pass the "
+                               "probes as one batch.")
+            lo, hi = max(sl.start, start), min(sl.stop, start + m)
+            if lo < hi:
+                xs.append(B.take(x, slice(lo - start, hi - start)))
+                ts.append(None if t is None else t[lo - start:hi - start])
+            start += m
+            if start >= sl.stop:
+                break
+        x = _cat(xs, self.name)
+        present = [t for t in ts if t is not None]
+        return x, (torch.cat(present) if present else None)
+
+
 def checksum(inputs: Any, targets: torch.Tensor | None) -> float:
     """A float64 fingerprint of the probes that depends on their order: per leaf, the
     probe sums (and absolute sums) weighted by the probe's position."""
@@ -211,26 +348,26 @@ def blocked_kernel(block_fn: BlockFn, inputs: Any, targets: Any, inputs2: Any, t
     if out is not None and layerwise:
         raise NTKError("out= writes one kernel; layerwise_ntk returns one kernel a layer. Use "
                        "empirical_ntk(..., out=...) or keep layerwise_ntk in memory.")
-    def prepare() -> tuple[Any, torch.Tensor | None, int, Any, torch.Tensor | None, int, int]:
-        x1, t1, n1 = collect(inputs, targets, batch_to_probe, "inputs")
-        x2, t2, n2 = x1, t1, n1
-        if cross:
-            x2, t2, n2 = collect(inputs2, targets2, batch_to_probe, "inputs2")
-        one = B.take(x1, slice(0, 1))
-        if kind.needs_targets and (t1 is None or t2 is None) and num_outputs(one) > 1:
+    def prepare() -> tuple[ProbeSource, ProbeSource, int]:
+        src1 = ProbeSource(inputs, targets, batch_to_probe, "inputs")
+        src2 = ProbeSource(inputs2, targets2, batch_to_probe, "inputs2") if cross else src1
+        one, t1 = src1.first
+        if kind.needs_targets and not (src1.has_targets and src2.has_targets) \
+                and num_outputs(one) > 1:
             raise NTKError("mode='target' needs the class label of every probe, but the "
                            "data has no targets: give batches as (inputs, targets) pairs, "
                            "map other batches with `batch_to_probe=lambda b: (inputs, "
                            "labels)`, or use mode='trace' / 'sum' / 'full'.")
         # rows a probe (of an all-pairs kernel (N1, N2, k, k)): the mode says
-        o = (kind.cotangent_rows(None if t1 is None else t1[:1], 1, num_outputs(one),
-                                 "targets", dtype).shape[1] if all_pairs else 1)
-        return x1, t1, n1, x2, t2, n2, o
+        o = (kind.cotangent_rows(t1, 1, num_outputs(one), "targets", dtype).shape[1]
+             if all_pairs else 1)
+        return src1, src2, o
 
     cross = inputs2 is not None
-    x1, t1, n1, x2, t2, n2, o = guarded(comm, prepare)
+    src1, src2, o = guarded(comm, prepare)
+    n1, n2 = src1.n, src2.n
     check_same_data(comm, n1 + (n2 if cross else 0),
-                    checksum(x1, t1) + (checksum(x2, t2) if cross else 0.0), "probes")
+                    src1.sum + (src2.sum if cross else 0.0), "probes")
     itemsize = torch.empty((), dtype=dtype).element_size()
     size = _block_size(block_size, max(n1, n2), budget, itemsize, o)
     rows, cols = blocks(n1, size), blocks(n2, size)
@@ -262,11 +399,11 @@ def blocked_kernel(block_fn: BlockFn, inputs: Any, targets: Any, inputs2: Any, t
 
     def call(i: int, j: int) -> dict[str, torch.Tensor]:
         si, sj = rows[i], cols[j]
-        xi, ti = B.take(x1, si), (None if t1 is None else t1[si])
+        xi, ti = src1.take(si)
         if not cross and i == j:
             xj, tj = None, None
         else:
-            xj, tj = B.take(x2, sj), (None if t2 is None else t2[sj])
+            xj, tj = src2.take(sj)
         first = state["paths"] is None
         kernels, expl = block_fn(xi, ti, xj, tj, bool(self_check) and first, layer_paths,
                                  split)
