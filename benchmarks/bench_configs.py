@@ -12,6 +12,11 @@
 * ``resnet18``: ResNet-18 with the CIFAR stem (``resnet18.py``: torchvision's layers as
   plain modules, 11.2M parameters), inputs (N, 3, 32, 32), BatchNorm in eval mode with
   non-trivial statistics; in the GPU plan (``bench_device.py``), not the CPU one;
+* ``mobilenet``: MobileNetV3-small and ``efficientnet``: EfficientNet-B0 at width 0.75
+  (``mobile_models.py``: torchvision's layer structure written as plain modules --
+  depthwise convs, Hardswish / SiLU, squeeze-excite, inverted residuals -- random
+  weights, BatchNorm in eval mode with non-trivial statistics), inputs (N, 3, 32, 32),
+  10 classes;
 * ``bert``: a BERT-like encoder classifier (vocab 1024, 4 post-LN layers, d 128, 4 heads,
   FFN 512, tanh pooler, 10 classes; 0.95M parameters), probes a dict
   ``{"input_ids": (N, 32) int64, "attention_mask": (N, 32) int64}`` with padding (each
@@ -51,6 +56,12 @@ from torch import nn
 
 import baselines as B
 from resnet18 import ResNet18
+from mobile_models import EfficientNetB0, MobileNetV3Small
+
+#: EfficientNet-B0's width multiplier in the benchmark (torchvision's ``width_mult``):
+#: at full width (4.02M parameters) vmap(jacrev)'s Jacobian alone, N = 32 x 10 outputs x
+#: P float32, is 5.3 GiB, over the quick plan's 4 GiB cap
+EFFNET_WIDTH = 0.75
 
 
 class TutorialCNN(nn.Module):
@@ -382,6 +393,11 @@ CONFIGS: dict[str, Config] = {
                      (3, 32, 32), 10),
     "resnet18": Config("resnet18", "ResNet-18 (CIFAR stem, torchvision layers, BN eval)",
                        ResNet18, (3, 32, 32), 10),
+    "mobilenet": Config("mobilenet", "MobileNetV3-small (torchvision layers, 10 classes, BN eval)",
+                        MobileNetV3Small, (3, 32, 32), 10),
+    "efficientnet": Config("efficientnet", f"EfficientNet-B0 (torchvision layers, width "
+                                           f"{EFFNET_WIDTH}, 10 classes, BN eval)",
+                           lambda: EfficientNetB0(width_mult=EFFNET_WIDTH), (3, 32, 32), 10),
     "bert": Config("bert", f"BERT-like encoder ({_impl()}, 4x d128, 32 tokens, padded)",
                    build_bert, (SEQ,), CLASSES, bert_probes, True),
     "vit": Config("vit", f"ViT ({_impl()}, 5x d128, 32 patches + cls)",

@@ -48,8 +48,9 @@ from bench_report import Row  # noqa: E402
 
 GiB = R.GiB
 FULL_PLAN = {"mlp_small": (64, 256, 512), "mlp_wide": (64, 256, 512), "cnn": (64, 256),
-             "resnet": (64, 256), "bert": (64,), "vit": (64,), "gpt2": (64,)}
-QUICK_PLAN = {c: (64,) for c in FULL_PLAN}
+             "resnet": (64, 256), "mobilenet": (32, 64), "efficientnet": (32, 64),
+             "bert": (64,), "vit": (64,), "gpt2": (64,)}
+QUICK_PLAN = {c: (32,) if c in ("mobilenet", "efficientnet") else (64,) for c in FULL_PLAN}
 SMOKE_PLAN = {"mlp_small": (16,)}
 SMOKE_N = 4          # --smoke --configs X: N for a config outside SMOKE_PLAN
 # Imported by the fork server when a transformer config runs (so each worker need not).

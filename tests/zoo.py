@@ -663,3 +663,61 @@ ZOO: Dict[str, Callable[..., Case]] = {
 def build(name: str, seed: int = 0) -> Case:
     """Build the named zoo case (see :data:`ZOO`)."""
     return ZOO[name](seed)
+
+
+# ============================================================ vision: EfficientNet MBConv
+class MBConv(nn.Module):
+    """torchvision's EfficientNet MBConv: 1x1 expand (ratio > 1) + BN + SiLU, depthwise
+    kxk + BN + SiLU, squeeze-excite (SiLU, sigmoid scale, width input // 4), 1x1 project
+    + BN, residual at stride 1 and equal widths."""
+
+    def __init__(self, cin: int, expand: int, kernel: int, stride: int, cout: int) -> None:
+        super().__init__()
+        cexp = cin * expand
+        layers: list = []
+        if expand != 1:
+            layers += [nn.Conv2d(cin, cexp, 1, bias=False), nn.BatchNorm2d(cexp), nn.SiLU()]
+        layers += [nn.Conv2d(cexp, cexp, kernel, stride, (kernel - 1) // 2, groups=cexp, bias=False),
+                   nn.BatchNorm2d(cexp), nn.SiLU()]
+        self.block = nn.Sequential(*layers)
+        self.se_pool = nn.AdaptiveAvgPool2d(1)
+        self.se_fc1 = nn.Conv2d(cexp, max(1, cin // 4), 1)
+        self.se_fc2 = nn.Conv2d(max(1, cin // 4), cexp, 1)
+        self.project = nn.Sequential(nn.Conv2d(cexp, cout, 1, bias=False), nn.BatchNorm2d(cout))
+        self.use_res = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.block(x)
+        h = torch.sigmoid(self.se_fc2(nn.functional.silu(self.se_fc1(self.se_pool(h))))) * h
+        out = self.project(h)
+        return out + x if self.use_res else out
+
+
+class TinyEfficientNet(nn.Module):
+    def __init__(self, num_classes: int = 3) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, 2, 1, bias=False), nn.BatchNorm2d(4), nn.SiLU())
+        self.blocks = nn.Sequential(MBConv(4, 1, 3, 1, 4), MBConv(4, 4, 5, 2, 6), MBConv(6, 2, 3, 1, 6))
+        self.head = nn.Sequential(nn.Conv2d(6, 8, 1, bias=False), nn.BatchNorm2d(8), nn.SiLU())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(8, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.pool(self.head(self.blocks(self.stem(x)))), 1))
+
+
+def efficientnet_tiny(seed: int = 0) -> Case:
+    torch.manual_seed(seed)
+    model = TinyEfficientNet()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            _perturb_affine(m, scale=0.2)
+    g = _gen(seed + 11)
+    _warm_bn(model, lambda: 2.0 * torch.randn(8, 3, 8, 8, generator=g) + 0.5)
+    x = 2.0 * torch.randn(5, 3, 8, 8, generator=_gen(seed))
+    return Case("efficientnet_tiny", model, x, _labels(5, 3, seed), 3,
+                tags={"conv", "depthwise", "batchnorm", "squeeze_excite", "dropout", "residual",
+                      "train_mode_matters"})
+
+
+ZOO["efficientnet_tiny"] = efficientnet_tiny

@@ -36,6 +36,7 @@ from .terms import (
     PAD_MODES,
     BatchNormTerm,
     ConvTerm,
+    GroupedConvTerm,
     Memo,
     OuterTerm,
     ScaleTerm,
@@ -44,6 +45,7 @@ from .terms import (
     TokenTerm,
     cached,
     expect,
+    grouped_rows_fit,
 )
 
 
@@ -239,10 +241,11 @@ class TransposedLinearRule(Rule):
 _LAZY_RULES[("transformers.pytorch_utils", "Conv1D")] = TransposedLinearRule
 
 
-@register_rule(nn.Conv1d, nn.Conv2d)
+@register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
 class ConvRule(Rule):
     """Convolution weight as maps (rows by a grouped backward or a batched matmul; Gram
-    route on unfolded patches), bias ``sum_s D_s``."""
+    route on unfolded patches), bias ``sum_s D_s``. Grouped and depthwise convs whose
+    per-probe rows are small take the rows route only (:class:`.terms.GroupedConvTerm`)."""
 
     def supports(self, module: nn.Module) -> bool:
         return expect(module, _ConvNd).padding_mode in PAD_MODES
@@ -255,7 +258,12 @@ class ConvRule(Rule):
               memo: Memo) -> list[Term]:
         out: list[Term] = []
         if "weight" in attrs:
-            out.append(ConvTerm(attrs["weight"], call.args[0], d, module, memo))
+            m = expect(module, _ConvNd)
+            rows = memo.get("rows", 1)
+            grouped = grouped_rows_fit(m, rows if isinstance(rows, int) else 1,
+                                       d.element_size())
+            kind = GroupedConvTerm if grouped else ConvTerm
+            out.append(kind(attrs["weight"], call.args[0], d, module, memo))
         if "bias" in attrs:
             out.append(SumTerm(attrs["bias"], None, _positions_last(d, 2)))
         return out

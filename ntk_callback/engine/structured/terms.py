@@ -36,6 +36,15 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
+from . import convmath
+from .convmath import conv_patches, kernel_volume, strided_input, weight_rows
+
+# conv helpers that the rules and the package's public names read from here
+PAD_MODES = convmath.PAD_MODES
+UNFOLD_MAX_PATCH = convmath.UNFOLD_MAX_PATCH
+pad_like = convmath.pad_like
+pointwise = convmath.pointwise
+
 #: values of one module call that depend only on its inputs, shared by the terms of every
 #: cotangent row of the call (normalised inputs, padded conv inputs, patches); the driver
 #: sets ``"rows"``, the number of cotangent rows
@@ -286,57 +295,22 @@ class BatchNormTerm(SumTerm):
         return torch.einsum("kios,ios->ko", self.d, centred) * rstd
 
 
-# Up to this many entries per patch (C_in/groups * kernel volume, e.g. a 3-channel stem
-# 3x3 conv), per-probe conv weight gradients of several cotangent rows come from unfolded
-# patches (unfolded once) and one batched matmul a row; beyond it the unfolded input gets
-# too large and a grouped convolution backward is faster (measured on CPU, per row: 3.5x
-# faster for a 3->16 3x3 stem, 2x slower for 16->16 3x3; with one row the unfold itself
-# costs as much as the grouped backward). Pointwise convs need no unfold at all.
-UNFOLD_MAX_PATCH = 64
-
-
-def pointwise(module: _ConvNd) -> bool:
-    return (all(s == 1 for s in module.kernel_size) and not isinstance(module.padding, str)
-            and not any(module.padding))
-
-
 def channels_last(t: torch.Tensor, lead: int) -> torch.Tensor:
     """(lead..., C, *spatial) -> (lead..., S, C)."""
     c = t.shape[lead]
     return t.reshape(t.shape[:lead + 1] + (-1,)).transpose(-1, -2).reshape(t.shape[:lead] + (-1, c))
 
 
-#: the padding modes of torch's convolutions, as ``F.pad`` names them
-PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate",
-             "circular": "circular"}
-
-
-def pad_like(module: _ConvNd, a: torch.Tensor) -> torch.Tensor:
-    """A conv input padded the way the module's own forward pads it (all modes)."""
-    pad = module._reversed_padding_repeated_twice
-    return F.pad(a, pad, mode=PAD_MODES[module.padding_mode]) if any(pad) else a
-
-
-def conv_patches(module: _ConvNd, a: torch.Tensor) -> torch.Tensor:
-    """Unfolded input patches (n, L, C_in * prod(kernel)), padding as the module does."""
-    conv2d = isinstance(module, nn.Conv2d)
-    a = pad_like(module, a)
-    kernel: tuple[int, ...]
-    dil: tuple[int, ...]
-    stride: tuple[int, ...]
-    if conv2d:
-        kernel, dil, stride = module.kernel_size, module.dilation, module.stride
-    else:
-        a = a.unsqueeze(2)
-        kernel = (1,) + tuple(module.kernel_size)
-        dil = (1,) + tuple(module.dilation)
-        stride = (1,) + tuple(module.stride)
-    return F.unfold(a, kernel, dilation=dil, padding=0, stride=stride).transpose(1, 2)
+def _patches(module: _ConvNd, a: torch.Tensor, memo: Memo) -> torch.Tensor:
+    """The call's unfolded input (n, L, C_in * kk), once a call (memo)."""
+    return cached(memo, "patches", lambda: strided_input(module, a) if pointwise(module)
+                  else conv_patches(module, a))
 
 
 class ConvTerm(Term):
     """A convolution weight, kept as (input, cotangent) maps: the rows route never unfolds
-    a wide input; the Gram route unfolds it into one outer term a group."""
+    a wide input (:func:`.convmath.weight_rows`); the Gram route unfolds it into one outer
+    term a group."""
 
     linear = True
 
@@ -350,9 +324,7 @@ class ConvTerm(Term):
         s = 1
         for extent in self.d.shape[3:]:
             s *= extent
-        c = self.inputs.shape[1] // m.groups
-        for extent in m.kernel_size:
-            c *= extent
+        c = self.inputs.shape[1] // m.groups * kernel_volume(m)
         return k, s, o, c, o * c
 
     def merge(self, other: Term) -> Term:  # repeated conv calls merge as outer terms
@@ -362,8 +334,7 @@ class ConvTerm(Term):
         """Linear maps on unfolded input patches, one a group: ``z_l = W_g p_l``."""
         module, d = self.conv, self.d
         k, n = d.shape[:2]
-        patches = cached(self.memo, "patches",
-                         lambda: conv_patches(module, self.inputs))  # (n, L, C_in * kk)
+        patches = _patches(module, self.inputs, self.memo)  # (n, L, C_in * kk)
         dd = channels_last(d, 2)  # (k, n, L, C_out)
         g = module.groups
         if g == 1:
@@ -383,51 +354,36 @@ class ConvTerm(Term):
                     for p, q in zip(self.gram_pieces(), other.gram_pieces())), 0.0)
 
     def rows(self) -> torch.Tensor:
-        """Per-probe conv weight gradients, (n, k, P): for pointwise convs, and for small
-        patches when several cotangent rows share the input (``memo["rows"]``), a batched
-        matmul of the cotangents with the (unfolded) input; otherwise one grouped
-        convolution backward (the probes become groups), much faster than unfolding a
-        wide input."""
-        module, a, d, memo = self.conv, self.inputs, self.d, self.memo
-        k, n, c_out = d.shape[:3]
-        is_pointwise = pointwise(module)
-        rows = memo.get("rows", 1)
+        """Per-probe conv weight gradients, (n, k, P), every cotangent row in one call
+        (:func:`.convmath.weight_rows`: a batched matmul on the unfolded input for
+        pointwise, small-patch and, in float64, depthwise convs; otherwise one grouped
+        convolution backward whose groups are the probes' conv groups)."""
+        rows = self.memo.get("rows", 1)
         shared = isinstance(rows, int) and rows > 1
-        if module.groups == 1 and (is_pointwise or (shared and self.size()[3] <= UNFOLD_MAX_PATCH)):
-            def unfolded() -> torch.Tensor:
-                if is_pointwise:  # the patches are the strided input itself: (n, L, C_in) view
-                    sub = a[(slice(None), slice(None))
-                            + tuple(slice(None, None, st) for st in module.stride)]
-                    return sub.reshape(n, a.shape[1], -1).transpose(1, 2)
-                return conv_patches(module, a)  # (n, L, C_in * kk)
+        return weight_rows(self.conv, self.inputs, self.d, self.memo, shared)
 
-            patches = cached(memo, "patches", unfolded)
-            parts = [torch.bmm(d[j].reshape(n, c_out, -1), patches).reshape(n, 1, -1)
-                     for j in range(k)]
-            return parts[0] if k == 1 else torch.cat(parts, dim=1)
-        dims = a.dim() - 2
-        # zero padding is the conv's own; other modes are padded here once
-        own = module.padding
-        zero_padded = PAD_MODES[module.padding_mode] == "constant" and not isinstance(own, str)
-        padding = list(own) if not isinstance(own, str) and zero_padded else [0] * dims
 
-        def grouped_input() -> torch.Tensor:
-            p = a if zero_padded else pad_like(module, a)
-            # (a copy for channels-last maps: the grouped kernel is 3x slower on them)
-            return p.reshape((1, n * p.shape[1]) + tuple(p.shape[2:])).contiguous()
+class GroupedConvTerm(ConvTerm):
+    """A grouped (e.g. depthwise) conv weight on the rows route only: its Gram route is
+    one outer term a group (hundreds of small products for a depthwise conv), while its
+    per-probe rows are small (``P = C_out * C_in / groups * kk``) and come from one call.
+    :class:`.rules.ConvRule` uses it while the rows stay small (:func:`grouped_rows_fit`)."""
 
-        x = cached(memo, "x", grouped_input)
-        c_in, g = x.shape[1] // n, module.groups
-        # only the shape of the weight matters for the weight gradient
-        w = a.new_empty((n * c_out, c_in // g) + tuple(module.kernel_size))
-        parts = []
-        for j in range(k):
-            go = d[j].reshape((1, n * c_out) + tuple(d.shape[3:])).contiguous()
-            gw = torch.ops.aten.convolution_backward(
-    go, x, w, None, list(module.stride), padding, list(module.dilation), False,
-                [0] * dims, n * g, [False, True, False])[1]
-            parts.append(gw.reshape(n, 1, -1))
-        return parts[0] if k == 1 else torch.cat(parts, dim=1)
+    rows_only = True
+
+    def row_weighted(self, w: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("i,ikp->kp", w, self.rows())
+
+
+#: per-probe bytes of a grouped conv's rows (k rows of P entries) up to which it takes
+#: the rows route unconditionally (512 probes: 2 GiB); beyond it the cost model decides
+GROUPED_ROWS_MAX_BYTES = 4 * 2 ** 20
+
+
+def grouped_rows_fit(module: _ConvNd, k: int, itemsize: int) -> bool:
+    """Whether a grouped conv's rows are small enough for :class:`GroupedConvTerm`."""
+    p = module.out_channels * (module.in_channels // module.groups) * kernel_volume(module)
+    return module.groups > 1 and k * p * itemsize <= GROUPED_ROWS_MAX_BYTES
 
 
 def merge_calls(terms: list[Term]) -> dict[str, Term]:
