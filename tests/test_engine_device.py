@@ -279,3 +279,41 @@ def test_resnet18_on_cuda_default_budget_is_fast_exact_and_within_twice_the_budg
     ref = _per_sample_kernel(model64, x[:16].double(), t[:16])
     err = (kernel[:16, :16].double() - ref).abs().max() / ref.abs().max()
     assert float(err) <= 1e-5, float(err)
+
+
+# ------------------------------------------- the driver takes the routes the preview shows
+def test_driver_takes_the_previewed_routes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real capture pass on ResNet-18 (8 probes, a 64 MiB budget that splits the
+    routes) offers the same terms in the same order as ``route_preview`` and takes the
+    routes it predicts for a constructed CUDA profile (injected as the device's profile,
+    so the CUDA plan runs here on the CPU); the kernel's entries match per-probe autograd
+    gradients (float32 model, products in float64) to the float32 level of this engine on
+    an 11M-parameter model (about 1e-4 of the diagonal, the same on HEAD's CPU plan)."""
+    from ntk_callback.engine.structured import driver
+    torch.manual_seed(0)
+    model = resnet18.ResNet18().eval()
+    gen = torch.Generator().manual_seed(3)
+    x, t = torch.randn(8, 3, 32, 32, generator=gen), torch.randint(0, 10, (8,), generator=gen)
+    profile = D.cuda_profile(78 * GiB)
+    monkeypatch.setattr(driver, "profile_for", lambda device: profile)
+    taken: list[tuple[str, str]] = []
+    original = planner.choose
+
+    def spy(term, *args, **kwargs):  # type: ignore[no-untyped-def]
+        route = original(term, *args, **kwargs)
+        taken.append((term.key, route))
+        return route
+
+    monkeypatch.setattr(driver, "choose", spy)
+    budget = 64 << 20
+    kernel = empirical_ntk(model, x, t, memory_budget=budget)
+    want = [(f"{r.layer}.weight", r.route)
+            for r in RP.preview(model, x[:1], 8, "target", budget, profile)]
+    assert taken == want
+    assert {route for _, route in want} == {"rows", "gram"}
+    params = list(model.parameters())
+    grads = [torch.cat([g.double().reshape(-1) for g in torch.autograd.grad(
+        model(x[i:i + 1])[0, int(t[i])], params)]) for i in (0, 6)]
+    ref = torch.stack(grads) @ torch.stack(grads).T
+    got = kernel[[0, 6]][:, [0, 6]].double()
+    assert float((got - ref).abs().max()) <= 2e-3 * float(ref.abs().max()), (got, ref)
