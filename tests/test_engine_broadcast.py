@@ -155,3 +155,73 @@ def test_a_dropped_broadcast_sum_is_caught(monkeypatch) -> None:
         assert why.paths["pos"].startswith("generic") and why.paths["cls"].startswith("generic")
         assert "self-check" in why.reasons.get("pos", ""), why.reasons
         assert rel_err(K, ntk_loop(model, x, y, mode=mode)) <= TOL64
+
+
+class PlainPosNet(nn.Module):
+    """Position embeddings on ids without a batch dimension, ``pos(arange(S))`` of shape
+    (S, d), added to every probe's tokens (plain BERT / GPT-2); ``use="flip"`` flips the
+    output along dim 0 first, which for the per-probe copies would hand probe i's
+    cotangent to probe n-1-i's copy."""
+
+    def __init__(self, use: str = "add") -> None:
+        super().__init__()
+        self.use = use
+        self.tok, self.pos = nn.Embedding(11, 6), nn.Embedding(5, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        pos = self.pos(torch.arange(ids.shape[1]))                          # (S, 6)
+        if self.use == "flip":
+            pos = pos.flip(0)
+        h = torch.tanh(self.tok(ids) + pos)
+        return self.head(h).sum(1)
+
+
+def _plain_case(use: str = "add", n: int = 7):
+    torch.manual_seed(0)
+    model = PlainPosNet(use).double()
+    ids = torch.randint(0, 11, (n, 5), generator=torch.Generator().manual_seed(1))
+    return model, ids, torch.randint(0, 3, (n,), generator=torch.Generator().manual_seed(2))
+
+
+@pytest.mark.parametrize("mode", ["target", "trace", "full"])
+@pytest.mark.parametrize("n", [7, 5])
+def test_unbatched_position_embedding_is_structured_and_exact(mode: str, n: int) -> None:
+    """n = 5 = S: the chunk has exactly S probes, and the call stays a broadcast call (its
+    form is the trial forward's, where the (S,) ids had no batch dimension)."""
+    model, ids, y = _plain_case(n=n)
+    ref = ntk_loop(model, ids, y, mode=mode)
+    K, why = N.empirical_ntk(model, ids, y, mode=mode, explain=True)
+    assert why.paths["pos.weight"] == "structured: UnbatchedEmbeddingRule", why
+    assert rel_err(K, ref) <= TOL64
+    parts = N.layerwise_ntk(model, ids, y, mode=mode)
+    assert rel_err(parts["pos"], ntk_loop(_only(model, "pos"), ids, y, mode=mode)) <= TOL64
+    _, why = N.empirical_ntk(model, ids, y, mode=mode, self_check=False, explain=True)
+    assert why.paths["pos.weight"].startswith("generic"), why
+
+
+def test_unbatched_output_used_across_copies_is_caught() -> None:
+    model, ids, y = _plain_case("flip")
+    K, why = N.empirical_ntk(model, ids, y, explain=True)
+    assert why.paths["pos.weight"].startswith("generic"), why
+    assert "self-check" in why.reasons.get("pos", ""), why.reasons
+    assert rel_err(K, ntk_loop(model, ids, y, mode="target")) <= TOL64
+
+
+def test_a_dropped_unbatched_embedding_term_is_caught(monkeypatch) -> None:
+    """A planted bug in the unbatched form: the first position's cotangent is dropped;
+    the check sends the embedding to the exact path."""
+    from ntk_callback.engine.structured import rules as R
+    original = R.UnbatchedEmbeddingRule.terms
+
+    def broken(self, module, attrs, call, d, memo):
+        keep = (torch.arange(d.shape[2]) > 0).to(d).reshape(1, 1, -1, 1)
+        return original(self, module, attrs, call, d * keep, memo)
+
+    monkeypatch.setattr(R.UnbatchedEmbeddingRule, "terms", broken)
+    model, ids, y = _plain_case()
+    for mode in ("target", "trace"):
+        K, why = N.empirical_ntk(model, ids, y, mode=mode, explain=True)
+        assert why.paths["pos.weight"].startswith("generic"), why
+        assert "self-check" in why.reasons.get("pos", ""), why.reasons
+        assert rel_err(K, ntk_loop(model, ids, y, mode=mode)) <= TOL64

@@ -80,6 +80,7 @@ def forward(problem: Problem, modules: dict[str, nn.Module], rules: dict[str, Ru
     (parameter id -> pseudo-module name): parameters taken by their broadcast use, whose
     op results are recorded as that pseudo-module's calls."""
     calls: Calls = {m: [] for m in modules}
+    expanded: list[str] = []  # modules whose broadcast calls were given a copy a probe
     versions: list[tuple[torch.Tensor, int]] = []
     handles: list[torch.utils.hooks.RemovableHandle] = []
 
@@ -95,9 +96,9 @@ def forward(problem: Problem, modules: dict[str, nn.Module], rules: dict[str, Ru
                                           "the probe dimension")
                 # a copy a probe of the shared input and output (same values): each
                 # probe's cotangent then reaches its own copy
-                args = (args[0].expand(n, *args[0].shape[1:]),)
-                out = out.expand(n, *out.shape[1:])
+                args, out = rule.expand(args, out, n)
                 replaced = True
+                expanded.append(mname)
             else:
                 replaced = False
             if not torch.is_grad_enabled():
@@ -134,6 +135,12 @@ def forward(problem: Problem, modules: dict[str, nn.Module], rules: dict[str, Ru
                 out = problem.as_matrix(problem.call(x))
         else:
             out = problem.as_matrix(problem.call(x))
+    except RuntimeError as exc:
+        if not expanded:
+            raise
+        # the model does not take the copies a probe where it took the shared output
+        raise Fallback(expanded[0], "the forward failed on the per-probe copies of a "
+                                    f"broadcast call: {str(exc)[:120]}") from exc
     finally:
         for h in handles:
             h.remove()

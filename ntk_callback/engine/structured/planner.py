@@ -179,6 +179,8 @@ def plan(problem: Problem, implementation: str,
             result.reasons[mname] = "never called by the forward"
             continue
         recorded = [Call(c.args, c.kwargs, c.output) for c in calls]
+        if broadcast:
+            rule = rule.for_calls(module, recorded, census.batch)
         shared = [c for c in recorded if not rule.accepts(module, c, census.batch)]
         bad = [c for c in shared if not (broadcast and rule.broadcasts(module, c, census.batch))]
         if bad:

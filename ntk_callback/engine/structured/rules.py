@@ -112,6 +112,16 @@ class Rule:
         rows with autograd. Default: no (a rule opts in)."""
         return False
 
+    def expand(self, args: tuple[Any, ...], out: Any, n: int) -> tuple[tuple[Any, ...], Any]:
+        """A broadcast call's input and output as ``n`` copies (expanded views, the same
+        values): by default batch size 1 expanded to ``n``."""
+        return (args[0].expand(n, *args[0].shape[1:]),), out.expand(n, *out.shape[1:])
+
+    def for_calls(self, module: nn.Module, calls: list[Call], n: int) -> Rule:
+        """The rule for a module whose recorded calls (trial batch of ``n`` probes) are
+        ``calls``: this one, or a variant fixed to a form seen in them."""
+        return self
+
     def terms(self, module: nn.Module, attrs: dict[str, str], call: Call, d: torch.Tensor,
               memo: Memo) -> list[Term]:
         raise NotImplementedError
@@ -384,6 +394,15 @@ class EmbeddingRule(Rule):
         # position / token-type ids of shape (1, S) shared by every probe
         return broadcast_call(call, n) and not call.args[0].is_floating_point()
 
+    def for_calls(self, module: nn.Module, calls: list[Call], n: int) -> Rule:
+        # ids without a batch dimension, the same shape at every call (position ids
+        # ``arange(S)`` of shape (S,)): :class:`UnbatchedEmbeddingRule` for that shape
+        shapes = {tuple(c.args[0].shape) for c in calls
+                  if len(c.args) == 1 and not c.kwargs and isinstance(c.args[0], torch.Tensor)}
+        if n < 2 or len(shapes) != 1 or not all(_unbatched(c, n) for c in calls):
+            return self
+        return UnbatchedEmbeddingRule(shapes.pop())
+
     def terms(self, module: nn.Module, attrs: dict[str, str], call: Call, d: torch.Tensor,
               memo: Memo) -> list[Term]:
         k, n = d.shape[:2]
@@ -394,6 +413,50 @@ class EmbeddingRule(Rule):
             dd = dd * cached(memo, "keep",
                              lambda: (tokens != pad).unsqueeze(0).unsqueeze(-1).to(dd.dtype))
         return [TokenTerm(attrs["weight"], tokens, dd, module)]
+
+
+def _unbatched(call: Call, n: int) -> bool:
+    """An embedding call on integer ids without a batch dimension (e.g. ``(S,)`` position
+    ids) in a trial forward of ``n > 1`` probes: one input whose first size is neither
+    ``n`` nor (as in a batch-size-1 broadcast call) 1 with more axes, the output of shape
+    ``ids.shape + (dim,)``."""
+    ids, out = call.args[0], call.output
+    return (len(call.args) == 1 and not call.kwargs and isinstance(ids, torch.Tensor)
+            and not ids.is_floating_point() and ids.dim() >= 1 and ids.shape[0] != n
+            and not broadcast_call(call, n) and isinstance(out, torch.Tensor)
+            and out.dim() == ids.dim() + 1 and tuple(out.shape[:-1]) == tuple(ids.shape))
+
+
+class UnbatchedEmbeddingRule(EmbeddingRule):
+    """An embedding every call of which the trial forward saw on the same ids of shape
+    ``shape`` with no batch dimension (plain position embeddings ``pos(arange(S))``, whose
+    (S, dim) output the model adds to every probe's (S, dim) tokens). A broadcast call of
+    a particular kind: the capture pass gives each probe its own copy, ids ``(n, *shape)``
+    and output ``(n, *shape, dim)`` (expanded views), so each probe's cotangent reaches
+    its copy; taken only with the self-check on, like every broadcast call. The form is
+    fixed by the trial forward, not read off a chunk's shapes: a chunk of exactly S probes
+    is never taken for a batched call."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.shape = shape
+
+    def accepts(self, module: nn.Module, call: Call, n: int) -> bool:
+        return False
+
+    def broadcasts(self, module: nn.Module, call: Call, n: int) -> bool:
+        return (len(call.args) == 1 and not call.kwargs
+                and isinstance(call.args[0], torch.Tensor)
+                and tuple(call.args[0].shape) == self.shape
+                and not call.args[0].is_floating_point()
+                and isinstance(call.output, torch.Tensor)
+                and tuple(call.output.shape[:-1]) == self.shape)
+
+    def expand(self, args: tuple[Any, ...], out: Any, n: int) -> tuple[tuple[Any, ...], Any]:
+        return ((args[0].unsqueeze(0).expand(n, *self.shape),),
+                out.unsqueeze(0).expand(n, *out.shape))
+
+    def for_calls(self, module: nn.Module, calls: list[Call], n: int) -> Rule:
+        return self
 
 
 class BroadcastUseRule(Rule):
