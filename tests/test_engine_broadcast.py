@@ -225,3 +225,33 @@ def test_a_dropped_unbatched_embedding_term_is_caught(monkeypatch) -> None:
         assert why.paths["pos.weight"].startswith("generic"), why
         assert "self-check" in why.reasons.get("pos", ""), why.reasons
         assert rel_err(K, ntk_loop(model, ids, y, mode=mode)) <= TOL64
+
+
+class _PositionsOfLengthN(nn.Module):
+    """Position ids arange(S) without a batch dimension: with S equal to the number of
+    probes (and to the trial batch) the (S,) input looks batched by its size alone."""
+
+    def __init__(self, s: int) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(10, 6)
+        self.pos = nn.Embedding(s, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.tok(ids) + self.pos(torch.arange(ids.shape[1]))
+        return self.head(torch.tanh(x).mean(1))
+
+
+@pytest.mark.parametrize("s", [2, 3])
+@pytest.mark.parametrize("self_check", [True, False])
+def test_unbatched_input_of_the_batch_size_is_not_taken_as_batched(s: int,
+                                                                   self_check: bool) -> None:
+    torch.manual_seed(0)
+    model = _PositionsOfLengthN(s)
+    ids = torch.randint(0, 10, (s, s), generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 3, (s,), generator=torch.Generator().manual_seed(2))
+    ref = ntk_loop(model, ids, y, "target")
+    k, why = N.empirical_ntk(model, ids, y, dtype=torch.float64, explain=True,
+                           self_check=self_check)
+    assert rel_err(k, ref) <= 1e-10
+    assert "coincidence" in why.reasons.get("pos", "")

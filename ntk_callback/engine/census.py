@@ -50,6 +50,9 @@ class Census:
     # param -> the form of each use (:func:`broadcast_form`: "expand", "add", or "other")
     forms: dict[str, list[str]] = field(default_factory=dict)
     complete: bool = True  # False when the recording could not run (then nothing is trusted)
+    # the same census on one probe fewer: a size that equals the trial batch only by
+    # coincidence (a (S,) position-id input with S probes) does not follow it there
+    alt: Census | None = None
 
 
 BROADCAST_ADDS = {torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__}

@@ -157,9 +157,13 @@ class Problem:
         """The trial forward with a census of module calls and parameter uses; None (and
         an incomplete census, which no structured rule trusts) if recording fails."""
         live = {n: p for n, p in self.model.named_parameters() if n in self.params}
+        m = B.batch_size(x)
         try:
-            raw, self.census = take_census(self.model, live, lambda: self.call(x),
-                                           B.batch_size(x))
+            raw, self.census = take_census(self.model, live, lambda: self.call(x), m)
+            if m > 1:
+                fewer = B.take(x, slice(0, m - 1))
+                self.census.alt = take_census(self.model, live, lambda: self.call(fewer),
+                                              m - 1)[1]
             return raw
         except Exception:  # noqa: BLE001 - the plain call below reports model errors
             self.census = Census(complete=False)

@@ -483,6 +483,7 @@ def _quads(data: CheckData, bufs: dict[str, torch.Tensor], gram: dict[str, Term]
         out.append(quads)
     return out
 
+
 # ---------------------------------------------------------------- probes split over ranks
 
 Collected = tuple[dict[str, torch.Tensor], dict[str, Term]]

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from ..census import Census
 from ..device import CPU, DeviceProfile
 from ..errors import NTKError
 from ..modes import KernelMode
@@ -187,6 +188,10 @@ def plan(problem: Problem, implementation: str,
             result.reasons[mname] = ("a call's inputs/outputs are not the form the rule "
                                      "covers (e.g. one tensor batched along dim 0)")
             continue
+        if not _same_form(mname, module, rule, recorded, census, broadcast):
+            result.reasons[mname] = ("a call's size matches the number of probes only by "
+                                     "coincidence (it does not follow a smaller batch)")
+            continue
         attrs: dict[str, str] = {}
         for attr, full in trainable.items():
             if attr not in rule.params:
@@ -226,6 +231,27 @@ def plan(problem: Problem, implementation: str,
     return result
 
 
+def _same_form(mname: str, module: nn.Module, rule: Rule, recorded: list[Call],
+               census: Census, broadcast: bool) -> bool:
+    """Whether the module's calls take the same form in the census on one probe fewer
+    (:attr:`..census.Census.alt`): an input whose first size equals the trial batch is
+    batched only if that size follows the batch."""
+    alt = census.alt
+    if alt is None:
+        return True
+    calls = alt.calls.get(mname, [])
+    if len(calls) != len(recorded):
+        return False
+    for c1, c in zip(recorded, calls):
+        c2 = Call(c.args, c.kwargs, c.output)
+        if rule.accepts(module, c1, census.batch) != rule.accepts(module, c2, alt.batch):
+            return False
+        if broadcast and (rule.broadcasts(module, c1, census.batch)
+                          != rule.broadcasts(module, c2, alt.batch)):
+            return False
+    return True
+
+
 def _plan_free(result: Plan, problem: Problem, layer_paths: dict[str, str],
                compiled: list[str], registrations: dict[int, int]) -> None:
     """Parameters no rule took whose one use in the trial forward is a broadcast over the
@@ -242,6 +268,8 @@ def _plan_free(result: Plan, problem: Problem, layer_paths: dict[str, str],
         forms = census.forms.get(full, [])
         if len(forms) != 1 or forms[0] not in ("expand", "add"):
             continue
+        if census.alt is not None and census.alt.forms.get(full, []) != forms:
+            continue  # the broadcast over the probes was a coincidence of sizes
         owner, _, attr = full.rpartition(".")
         if layer_paths.get(owner) == "generic" or layer_paths.get(full) == "generic" \
                 or _inside_compiled(owner, compiled):
