@@ -149,17 +149,10 @@ def collect(data: Any, targets: Any, batch_to_probe: Callable[[Any], Any] | None
     if targets is not None:
         raise NTKError(f"`{name}` is a data loader, so its batches carry the targets; do not "
                        "also pass targets separately (map batches with `batch_to_probe=`).")
-    to_probe = batch_to_probe or default_batch_to_probe
     xs, ts = [], []
-    for batch in data:
-        probe = to_probe(batch)
-        if not (isinstance(probe, (tuple, list)) and len(probe) == 2):
-            raise NTKError(f"batch_to_probe returned a {type(probe).__name__}; it must return "
-                           "a pair (inputs, targets), with targets None when there are none.")
-        x, t = probe
-        B.batch_size(x, name)
+    for x, t in _probe_pairs(data, batch_to_probe, name):
         xs.append(x)
-        ts.append(None if t is None else B.as_tensor_targets(t, "cpu"))
+        ts.append(t)
     if not xs:
         raise NTKError(f"the data loader `{name}` gave no batch; it must yield at least one.")
     if any(t is None for t in ts) and not all(t is None for t in ts):
