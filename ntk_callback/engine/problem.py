@@ -71,6 +71,8 @@ class Problem:
     # the model's output on the first probes of `inputs`, a batch of their own (trial
     # forward): a capture pass over more probes must give the same rows
     trial_out1: torch.Tensor | None = None
+    # storage slot -> tensor name for functional_call (:func:`slot_names`), on first use
+    slots: dict[str, str] | None = None
 
     @property
     def cross(self) -> bool:
@@ -105,8 +107,9 @@ class Problem:
     def forward(self, tensors: dict[str, torch.Tensor], x: Any) -> torch.Tensor:
         """Batched forward, outputs as (n, O)."""
         args, kwargs = self.split(x)
-        by_slot = {slot: tensors[name] for slot, name in slot_names(self.model).items()
-                   if name in tensors}
+        if self.slots is None:  # the module tree does not change during a measurement
+            self.slots = slot_names(self.model)
+        by_slot = {slot: tensors[name] for slot, name in self.slots.items() if name in tensors}
         out = functional_call(self.model, by_slot, args, kwargs, strict=False,
                               tie_weights=False)
         return self.as_matrix(out)
