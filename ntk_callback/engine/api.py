@@ -84,18 +84,19 @@ _MAX_RETRIES = 4
 
 
 def _structured(problem: Problem, plan: structured.Plan, keys: dict[str, list[str]],
-                budget: int, self_check: bool, explanation: Explanation, split: Any = None
-                ) -> dict[str, torch.Tensor]:
-    """Structured contributions of the plan's parameters, verified by the self-check;
-    modules that fail a run-time assumption or the check leave the plan (and the
-    structured part is recomputed without them)."""
+                budget: int, self_check: bool, explanation: Explanation, split: Any = None,
+                factors: int | None = None) -> structured.Result | None:
+    """Structured contributions of the plan's parameters (kernels, or with ``factors`` the
+    per-probe factors of :func:`.structured.compute`'s factor mode), verified by the
+    self-check; modules that fail a run-time assumption or the check leave the plan (and
+    the structured part is recomputed without them). None when no module is left."""
     for _ in range(_MAX_RETRIES):
         if not plan:
-            return {}
+            return None
         try:
             result = structured.compute(problem, plan, keys, budget,
                                         check=SELF_CHECK_VECTORS if self_check else 0,
-                                        split=split)
+                                        split=split, factors=factors)
         except structured.Fallback as exc:
             targets = [exc.module] if exc.module in plan.modules else list(plan.modules)
             for m in targets:
@@ -107,13 +108,13 @@ def _structured(problem: Problem, plan: structured.Plan, keys: dict[str, list[st
             reason = f"the structured pass failed: {type(exc).__name__}: {str(exc)[:200]}"
             for m in list(plan.modules):
                 plan.drop(m, reason)
-            return {}
+            return None
         if not self_check:
-            return result.kernels
+            return result
         verdict = structured.verify(plan, result, keys, problem.mode, problem.dtype)
         explanation.self_check.update(verdict.values)
         if not verdict.bad_modules and not verdict.bad_keys:
-            return result.kernels
+            return result
         for m, why in verdict.bad_modules.items():
             log.debug("self-check sends %s to the exact path: %s", m, why)
             plan.drop(m, why)
@@ -125,7 +126,7 @@ def _structured(problem: Problem, plan: structured.Plan, keys: dict[str, list[st
                         plan.drop(mname, why)
     for m in list(plan.modules):
         plan.drop(m, "the self-check kept failing")
-    return {}
+    return None
 
 
 def _generic(problem: Problem, names: list[str], budget: int, chunk_size: int | None,
@@ -175,7 +176,8 @@ def _kernels(problem: Problem, keys: dict[str, list[str]], implementation: str, 
     plan = structured.plan(problem, implementation, layer_paths, broadcast=self_check)
     methods: dict[str, str] = {}
     try:
-        done = _structured(problem, plan, keys, budget, self_check, explanation, split)
+        result = _structured(problem, plan, keys, budget, self_check, explanation, split)
+        done = result.kernels if result is not None else {}
         handled = plan.handled
         if any(n not in handled for names in keys.values() for n in names):
             problem.check_single_probe()
@@ -195,6 +197,14 @@ def _kernels(problem: Problem, keys: dict[str, list[str]], implementation: str, 
         if mapped is not None:
             raise mapped from exc
         raise
+    explain_paths(problem, plan, methods, explanation)
+    return out, explanation
+
+
+def explain_paths(problem: Problem, plan: structured.Plan, methods: dict[str, str],
+                  explanation: Explanation) -> None:
+    """Fill ``explanation.paths`` (every trainable parameter's path) and the reasons of the
+    modules some of whose parameters took the exact path."""
     for mname, attrs in plan.params.items():
         for full in attrs.values():
             explanation.paths[full] = f"structured: {type(plan.rules[mname]).__name__}"
@@ -206,7 +216,6 @@ def _kernels(problem: Problem, keys: dict[str, list[str]], implementation: str, 
         # a module's reason matters only while some parameter of it took the exact path
         if name in generic or any(n.startswith(name + ".") or name == "" for n in generic):
             explanation.reasons[name] = why
-    return out, explanation
 
 
 def empirical_ntk(model: torch.nn.Module, inputs: Any, targets: Any = None, *,

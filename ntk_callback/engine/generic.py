@@ -148,6 +148,32 @@ def check_rows(problem: Problem, names: list[str], x: Any, cot: torch.Tensor,
                     f"from autograd by {err:.3g} (scale {scale:.3g}, row {r})")
 
 
+def generic_rows(problem: Problem, names: list[str], budget: int,
+                 chunk_size: int | None = None, check: bool = True) -> tuple[torch.Tensor, str]:
+    """Per-probe gradient rows of the parameters ``names`` for the first probe set, (n, k,
+    P_g), and the method that made them: ``vmap`` (its first chunk checked against
+    autograd with ``check``, :func:`check_rows`) or, where vmap cannot run the model or
+    its rows fail the check, the per-probe autograd loop."""
+    x, name, n, cot = problem.probe_sets()[0]
+    per_probe = max(1, cot.shape[1] * numel(problem.params, names) * problem.itemsize())
+    vchunk = chunk_size or max(1, budget // (4 * per_probe))
+    try:
+        first = _rows(problem, names, B.take(x, slice(0, vchunk)), cot[:vchunk], vchunk, name)
+        if check:
+            check_rows(problem, names, B.take(x, slice(0, vchunk)), cot[:vchunk], first)
+        rest = [_rows(problem, names, B.take(x, sl), cot[sl], vchunk, name)
+                for sl in blocks(n, vchunk)[1:]]
+        return (torch.cat([first] + rest) if rest else first), "vmap"
+    except NTKError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - anything vmap cannot do, the loop can
+        mapped = explain_failure(exc, problem.model) if isinstance(exc, RuntimeError) \
+            and not isinstance(exc, RowCheckFailed) else None
+        if mapped is not None:
+            raise mapped from exc
+    return _loop_rows(problem, names, x, cot, vchunk, name), "loop"
+
+
 def generic_kernel(problem: Problem, names: list[str], budget: int,
                    chunk_size: int | None = None, method: str = "vmap",
                    check: bool = False) -> torch.Tensor:

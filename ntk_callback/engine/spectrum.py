@@ -60,10 +60,11 @@ from .blocked import collect
 from .device import default_budget, model_device
 from .distributed import Communicator, check_same_data, gather_rows, guarded, resolve, shard
 from .errors import NTKError
+from .factors import FactorOperator, TooLarge, capture
 from .problem import Problem, build_problem, resolve_dtype
 from .state import cast_floating, frozen_measurement
 
-ROUTES = ("auto", "matfree", "gram")
+ROUTES = ("auto", "matfree", "gram", "factors")
 GRAM_MAX = 4096
 
 
@@ -102,6 +103,10 @@ class _Operator:
             t.numel() for t in self.params.values())
         self.products = 0
         self.double_vjp = False  # set once forward-mode AD turns out unsupported
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.p.dtype
 
     def _f(self, x: Any) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
         def f(live: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -261,10 +266,32 @@ def _setup(model: torch.nn.Module, data: Any, targets: Any, mode: Any, dtype: An
 def _route(route: str, op: _Operator, budget: int) -> str:
     if route not in ROUTES:
         raise NTKError(f"route={route!r}; choose one of {', '.join(map(repr, ROUTES))}.")
+    if route == "factors" and op.comm.world_size > 1:
+        raise NTKError("route='factors' runs in one process; with comm= use route='matfree' "
+                       "(each product split across the ranks) or 'gram'.")
     if route != "auto":
         return route
     fits = op.width <= GRAM_MAX and op.width < op.dim and 2 * op.width ** 2 * 8 <= budget
-    return "gram" if fits else "matfree"
+    if fits:
+        return "gram"
+    return "factors" if op.comm.world_size == 1 else "matfree"
+
+
+def _products(route: str, chosen: str, op: _Operator, budget: int, self_check: bool
+              ) -> _Operator | FactorOperator:
+    """The operator whose ``matvec`` Lanczos and Hutchinson call: the per-probe factors,
+    captured once (route ``"factors"``; ``"auto"`` falls back to passes through the model
+    when they exceed the budget), or ``op`` itself."""
+    if chosen != "factors":
+        return op
+    try:
+        return capture(op.p, limit=budget, budget=max(1, budget // 4), self_check=self_check)
+    except TooLarge as exc:
+        if route == "factors":
+            raise NTKError(f"route='factors': {exc} (memory_budget); pass memory_budget="
+                           f"{exc.bytes * 5 // 4} or more, or route='matfree' (passes through "
+                           "the model for each product, little memory).") from None
+        return op
 
 
 def ntk_spectrum(model: torch.nn.Module, data: Any, targets: Any = None, *, k: int = 10,
@@ -274,7 +301,8 @@ def ntk_spectrum(model: torch.nn.Module, data: Any, targets: Any = None, *, k: i
                  batch_to_probe: Callable[[Any], Any] | None = None,
                  chunk_size: int | None = None, memory_budget: int | None = None,
                  output_fn: Callable[[Any], torch.Tensor] | None = None,
-                 eval_mode: bool = True, comm: Communicator | None = None) -> Any:
+                 eval_mode: bool = True, comm: Communicator | None = None,
+                 self_check: bool = True) -> Any:
     """Top-``k`` eigenvalues of the NTK of ``model`` over ``data``, descending, as a float64
     tensor (k,), without forming the kernel (module doc: definitions, routes, accuracy).
 
@@ -289,13 +317,19 @@ def ntk_spectrum(model: torch.nn.Module, data: Any, targets: Any = None, *, k: i
             reference-grade eigenvalues.
         return_vectors: also return the unit eigenvectors, (dim, k) float64 (signs
             arbitrary).
-        route: ``"auto"``, ``"matfree"`` (Lanczos on products) or ``"gram"``
-            (parameter-space Gram).
+        route: ``"auto"``, ``"factors"`` (Lanczos on products with per-probe factors
+            captured once), ``"matfree"`` (Lanczos on products by passes through the
+            model) or ``"gram"`` (parameter-space Gram).
         tol, maxiter, ncv: ARPACK's stopping tolerance (default 1e-10 in float64, 1e-6
             otherwise), iteration limit and Lanczos basis size (default ``max(2k+1, 20)``).
         seed: the start vector's seed (the same on every rank).
         chunk_size: probes a pass handles at once (default: from ``memory_budget``).
+        memory_budget: bytes of working memory (default: the device's, as for
+            :func:`.api.empirical_ntk`); the ``"factors"`` route holds at most this much
+            of factors (``"auto"`` passes through the model beyond it).
         comm: a :class:`.distributed.Communicator` splitting each pass across ranks.
+        self_check: verify the ``"factors"`` route's structured factors against autograd
+            (as :func:`.api.empirical_ntk` does its kernels).
 
     Returns:
         ``eigenvalues`` (k,), or ``(eigenvalues, eigenvectors)``.
@@ -316,7 +350,8 @@ def ntk_spectrum(model: torch.nn.Module, data: Any, targets: Any = None, *, k: i
                            "empirical_ntk and use torch.linalg.eigvalsh.")
         if chosen == "gram":
             return _gram_spectrum(op, k, return_vectors)
-        return _lanczos(op, k, return_vectors, tol, maxiter, ncv, seed)
+        return _lanczos(_products(route, chosen, op, budget, self_check), k, return_vectors,
+                        tol, maxiter, ncv, seed)
 
 
 def _gram_spectrum(op: _Operator, k: int, return_vectors: bool) -> Any:
@@ -335,12 +370,12 @@ def _gram_spectrum(op: _Operator, k: int, return_vectors: bool) -> Any:
     return top.cpu(), vecs.cpu()
 
 
-def _lanczos(op: _Operator, k: int, return_vectors: bool, tol: float | None,
-             maxiter: int | None, ncv: int | None, seed: int) -> Any:
+def _lanczos(op: _Operator | FactorOperator, k: int, return_vectors: bool,
+             tol: float | None, maxiter: int | None, ncv: int | None, seed: int) -> Any:
     from scipy.sparse.linalg import LinearOperator, eigsh
 
     if tol is None:
-        tol = 1e-10 if op.p.dtype == torch.float64 else 1e-6
+        tol = 1e-10 if op.dtype == torch.float64 else 1e-6
     ncv = min(op.dim, ncv or max(2 * k + 1, 20))
     v0 = np.random.default_rng(seed).standard_normal(op.dim)
     lin = LinearOperator((op.dim, op.dim), matvec=op.matvec, dtype=np.float64)
@@ -359,8 +394,8 @@ def ntk_trace_estimate(model: torch.nn.Module, data: Any, targets: Any = None, *
                        batch_to_probe: Callable[[Any], Any] | None = None,
                        chunk_size: int | None = None, memory_budget: int | None = None,
                        output_fn: Callable[[Any], torch.Tensor] | None = None,
-                       eval_mode: bool = True,
-                       comm: Communicator | None = None) -> NormEstimate:
+                       eval_mode: bool = True, comm: Communicator | None = None,
+                       self_check: bool = True) -> NormEstimate:
     """Trace and Frobenius norm of the NTK over ``data`` without forming it: Hutchinson
     estimates from ``num_samples`` Rademacher vectors (one pass over the data each), or
     the exact values on the Gram route (see the module doc; arguments as
@@ -373,15 +408,17 @@ def ntk_trace_estimate(model: torch.nn.Module, data: Any, targets: Any = None, *
     with frozen_measurement(model, eval_mode), cast_floating(model, resolve_dtype(model, dtype)):
         op = _setup(model, data, targets, mode, dtype, batch_to_probe, output_fn, chunk_size,
                     budget, comm)
-        if _route(route, op, budget) == "gram":
+        chosen = _route(route, op, budget)
+        if chosen == "gram":
             g = op.gram()
             return NormEstimate(float(torch.trace(g)), 0.0, float(torch.linalg.norm(g)), 0.0,
                                 0, True)
+        products = _products(route, chosen, op, budget, self_check)
         rng = np.random.default_rng(seed)
         tr, fr = [], []
         for _ in range(num_samples):
             z = rng.integers(0, 2, op.dim).astype(np.float64) * 2 - 1
-            y = op.matvec(z)
+            y = products.matvec(z)
             tr.append(float(z @ y))
             fr.append(float(y @ y))
     m = len(tr)

@@ -33,12 +33,47 @@ class CheckData:
 
 
 @dataclass
+class Factors:
+    """The per-probe factors of one probe set's kernel, without the kernel (``compute``'s
+    factor mode): ``rows[key]`` (n, k, P_key) rows-route gradient rows by layer key, and
+    ``terms[name]`` the Gram-route terms as outer / token pieces (inputs and cotangents).
+    ``K = sum over parts of rows rows^T`` in the mode's pairing; :mod:`..factors` takes
+    products with them."""
+
+    rows: dict[str, torch.Tensor]
+    terms: dict[str, list[Term]]
+
+    def parts(self) -> list[Any]:
+        """Every part: a rows tensor or a term."""
+        return list(self.rows.values()) + [t for ts in self.terms.values() for t in ts]
+
+    def nbytes(self) -> int:
+        total = 0
+        for part in self.parts():
+            for t in ((part,) if isinstance(part, torch.Tensor) else (part.data, part.d)):
+                if t is not None:
+                    total += t.numel() * t.element_size()
+        return total
+
+
+class FactorsTooLarge(Exception):
+    """Factor mode: the probes' factors would exceed the byte limit (``bytes`` estimated
+    from the first capture chunk)."""
+
+    def __init__(self, need: int, limit: int) -> None:
+        super().__init__(f"the per-probe factors need ~{need / 2 ** 20:.0f} MiB, over the "
+                         f"limit of {limit / 2 ** 20:.0f} MiB")
+        self.bytes = need
+
+
+@dataclass
 class Result:
     kernels: dict[str, torch.Tensor]
     checks: list[CheckData]               # one per probe set (two for a cross kernel)
     # per check vector: layer key -> the kernel's quadratic form from the rows (self
     # kernels only; w^T K w in target/sum/trace mode, with the u weights in full mode)
     quads: list[dict[str, float]] = field(default_factory=list)
+    factors: Factors | None = None        # factor mode only (no kernels)
 
 
 def _forward(problem: Problem, plan: Plan, x: Any, n: int, label: str
@@ -107,8 +142,19 @@ def check_vectors(n: int, k: int, count: int, seed: int,
     return ws, us
 
 
+def factor_route(term: Term, k: int, forced: str | None) -> str:
+    """Factor mode's route: whichever representation of the term is smaller a probe, its
+    rows (``k P``) or its inputs and cotangents (``S (c + k o)``, conv inputs unfolded)."""
+    if term.rows_only:
+        return "rows"
+    if forced in ("gram", "rows"):
+        return forced
+    _, s, o, c, p = term.size()
+    return "rows" if k * p <= s * (c + k * o) else "gram"
+
+
 def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]], budget: int,
-            check: int = 0, split: Any = None) -> Result:
+            check: int = 0, split: Any = None, factors: int | None = None) -> Result:
     """Kernel contributions of the planned parameters, by layer key, and (``check`` > 0
     vectors) the self-check data.
 
@@ -122,6 +168,12 @@ def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]], budget: in
     ``split`` (a :class:`..distributed.ProbeSplit`, collective): every rank captures its
     share of the probes, the rows and terms are gathered, each rank contracts its rows of
     the kernel and the kernels are summed (:func:`_split_collect`, :func:`_contract_share`).
+
+    ``factors`` (bytes; self-kernels of one process only): factor mode. No kernel is
+    formed; the result's :class:`Factors` hold the probes' rows and Gram-route terms, each
+    term in its smaller form (:func:`factor_route`), unweighted; the self-check data is
+    filled as usual. Raises :class:`FactorsTooLarge` when the first capture chunk shows
+    that they would exceed ``factors`` bytes.
     """
     mode = problem.mode
     itemsize = problem.itemsize()
@@ -156,6 +208,8 @@ def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]], budget: in
 
     def route(name: str, term: Term) -> str:
         nonlocal rows_left
+        if name not in routes and factors is not None:
+            routes[name] = factor_route(term, k, plan.forced.get(module_of[name.split("#")[0]]))
         if name not in routes:
             param = name.split("#")[0]
             routes[name] = choose(term, k, problem.n1, problem.n2, mode, rows_left, itemsize,
@@ -304,6 +358,8 @@ def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]], budget: in
         for sl in blocks(n, chunk):
             for name, parts in one_chunk(sl).items():
                 gram.setdefault(name, []).append(stack_rows(parts))
+            if factors is not None and sl.start == 0:
+                _factor_size(bufs, gram, n, sl.stop, factors)
         return bufs, {name: join_chunks(parts) for name, parts in gram.items()}
 
     checks: list[CheckData] = []
@@ -325,6 +381,8 @@ def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]], budget: in
         else:
             collected.append(_split_collect(split, collect, x, cot, n, label, data,
                                             list(plan.modules), checked, live))
+    if factors is not None:
+        return _factor_result(checks, collected[0], slots, module_of, fused)
     rows1, gram1 = collected[0]
     rows2, gram2 = collected[1] if problem.cross else collected[0]
     symmetric = not problem.cross
@@ -370,6 +428,37 @@ def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]], budget: in
     if checks and symmetric:
         out.quads = _quads(checks[0], rows1, gram1, slots, key_of, mode, budget)
     return out
+
+
+def _factor_size(bufs: dict[str, torch.Tensor], gram: dict[str, list[Term]], n: int,
+                 seen: int, limit: int) -> None:
+    """Factor mode, after the first chunk of ``seen`` probes: the rows buffers (allocated
+    for all ``n``) plus the chunk's Gram-route terms scaled to ``n`` must fit ``limit``."""
+    need = sum(b.numel() * b.element_size() for b in bufs.values())
+    for parts in gram.values():
+        for t in parts:
+            per = sum(x.numel() * x.element_size() for x in (t.data, t.d) if x is not None)
+            need += per * n // max(1, seen)
+    if need > limit:
+        raise FactorsTooLarge(need, limit)
+
+
+def _factor_result(checks: list[CheckData], collected: Collected,
+                   slots: dict[str, tuple[str, int, int]], module_of: dict[str, str],
+                   fused: bool) -> Result:
+    """Factor mode's result: the self-check's rule side, then the factors without the
+    fused check's probe weights (powers of two: the division is exact)."""
+    bufs, gram = collected
+    for data in checks:
+        _rule_side(data, bufs, gram, slots, module_of, unit=fused)
+    if fused and checks:
+        w = checks[0].w[0]
+        for buf in bufs.values():
+            buf.div_(w.reshape(-1, 1, 1))
+        for term in gram.values():
+            term.d.div_(w.reshape((1, -1) + (1,) * (term.d.dim() - 2)))
+    terms = {name: term.gram_pieces() for name, term in gram.items()}
+    return Result({}, checks, factors=Factors(bufs, terms))
 
 
 def _independent(problem: Problem, out: torch.Tensor) -> None:

@@ -137,6 +137,17 @@ class Term:
         h2 = h1 if other is self and w2 is w else other.row_weighted(w2)
         return float(torch.vdot(h1.reshape(-1), h2.reshape(-1)))
 
+    def pull(self, w: torch.Tensor) -> torch.Tensor:
+        """``H_r = sum_i w_ir rows_ir`` for weights ``w`` (n, k) a (probe, row): shape
+        (k, P), the transposed Jacobian's product of a kernel-vector product
+        (:mod:`..factors`)."""
+        return torch.einsum("ir,irp->rp", w, self.rows())
+
+    def push(self, h: torch.Tensor) -> torch.Tensor:
+        """``out_ir = <rows_ir, h_r>`` for ``h`` (k, P): shape (n, k), the Jacobian's
+        product of a kernel-vector product."""
+        return torch.einsum("irp,rp->ir", self.rows(), h)
+
     def merge(self, other: Term) -> Term:
         """Another call of the same module as extra positions."""
         axis_d = -1 if self.positions_last else 2
@@ -190,6 +201,19 @@ class OuterTerm(Term):
         o = self.d.shape[-1]
         du: torch.Tensor = torch.tensordot(u, self.d, dims=1).reshape(-1, o)  # (nS, o)
         return (du.T @ self._scaled_inputs(w)).reshape(-1)
+
+    def pull(self, w: torch.Tensor) -> torch.Tensor:
+        # H_r = sum_{i,s} w_ir D_ris a_is^T: one (o, nS) @ (nS, c) product a row
+        k, n, s, o = self.d.shape
+        dw = (self.d * w.T.reshape(k, n, 1, 1)).reshape(k, n * s, o)
+        return torch.matmul(dw.transpose(1, 2), self.inputs.reshape(n * s, -1)).reshape(k, -1)
+
+    def push(self, h: torch.Tensor) -> torch.Tensor:
+        # out_ir = sum_s D_ris . (H_r a_is): (nS, c) @ (c, o) a row, then a dot over (s, o)
+        k, n, s, o = self.d.shape
+        c = self.inputs.shape[-1]
+        z = torch.matmul(self.inputs.reshape(n * s, c), h.reshape(k, o, c).transpose(1, 2))
+        return (z.reshape(k, n, s, o) * self.d).sum(dim=(2, 3)).T
 
     def quad(self, w: torch.Tensor, other: Term, w2: torch.Tensor, budget: int) -> float:
         # per-row products cost k n S o c; the Gram form (nS)^2 (k o + c) is cheaper for
@@ -245,6 +269,19 @@ class TokenTerm(Term):
         out = self.d.new_zeros(k, self.vocab, o)
         out.index_add_(1, self.inputs.reshape(-1), dw)
         return out.reshape(k, -1)
+
+    def pull(self, w: torch.Tensor) -> torch.Tensor:
+        k, n, _, o = self.d.shape
+        dw = (self.d * w.T.reshape(k, n, 1, 1)).reshape(k, -1, o)
+        out = self.d.new_zeros(k, self.vocab, o)
+        out.index_add_(1, self.inputs.reshape(-1), dw)
+        return out.reshape(k, -1)
+
+    def push(self, h: torch.Tensor) -> torch.Tensor:
+        # out_ir = sum_s D_ris . H_r[T_is]: the embedding rows the probe's tokens read
+        k, n, s, o = self.d.shape
+        picked = h.reshape(k, self.vocab, o)[:, self.inputs.reshape(-1)]  # (k, nS, o)
+        return (picked.reshape(k, n, s, o) * self.d).sum(dim=(2, 3)).T
 
 
 class SumTerm(Term):
