@@ -173,7 +173,7 @@ def _kernels(problem: Problem, keys: dict[str, list[str]], implementation: str, 
     through torch.func (or the per-probe loop)."""
     out: dict[str, torch.Tensor] = {}
     explanation = Explanation()
-    plan = structured.plan(problem, implementation, layer_paths, broadcast=self_check)
+    plan = structured.plan(problem, implementation, layer_paths, broadcast=True)
     methods: dict[str, str] = {}
     try:
         result = _structured(problem, plan, keys, budget, self_check, explanation, split)

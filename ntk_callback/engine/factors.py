@@ -139,7 +139,7 @@ def capture(problem: Problem, limit: int, budget: int, self_check: bool = True,
     if problem.cross:
         raise ValueError("factors are captured for a self-kernel (one probe set)")
     keys = {"": list(problem.params)}
-    plan = structured.plan(problem, "auto", None, broadcast=self_check)
+    plan = structured.plan(problem, "auto", None, broadcast=True)
     explanation = Explanation()
     result = _structured(problem, plan, keys, budget, self_check, explanation, factors=limit)
     parts: list[Any] = result.factors.parts() if result is not None and result.factors else []

@@ -201,9 +201,10 @@ def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]], budget: in
     # gives the trial forward's rows for the same probes (outputs that do not depend on
     # the other probes of the batch; see `_independent`), and the per-probe copies of
     # broadcast calls receive no other probe's cotangent (`_separate_copies`, a backward
-    # a probe on the first three probes).
+    # a probe on the first three probes). Without the check, that test is the broadcast
+    # rules' premise and runs all the same; the two-vector check verifies it itself.
     fused = check > 0 and k == 1
-    if fused and plan.broadcasting:
+    if plan.broadcasting and (fused or not check):
         _separate_copies(problem, plan)
 
     def route(name: str, term: Term) -> str:

@@ -118,8 +118,9 @@ def plan(problem: Problem, implementation: str,
     and every use of it in the trial forward happened inside this module's own call.
     ``layer_paths`` maps module names to ``"generic"``, ``"gram"`` or ``"rows"`` to force
     a path (``"gram"``/``"rows"`` apply to weight terms that have both routes).
-    ``broadcast`` (set when the self-check runs) also admits a rule's broadcast calls
-    (:meth:`.rules.Rule.broadcasts`), whose per-probe treatment only the check verifies.
+    ``broadcast`` also admits a rule's broadcast calls (:meth:`.rules.Rule.broadcasts`)
+    and free parameters used once through a broadcast; their per-probe copies are
+    verified at run time (the driver's ``_separate_copies``, or the two-vector self-check).
     """
     result = Plan(broadcast=broadcast)
     layer_paths = dict(layer_paths or {})
@@ -256,8 +257,8 @@ def _plan_free(result: Plan, problem: Problem, layer_paths: dict[str, str],
                compiled: list[str], registrations: dict[int, int]) -> None:
     """Parameters no rule took whose one use in the trial forward is a broadcast over the
     probes (:func:`..census.broadcast_form`): the per-probe gradient is the cotangent of
-    that op's result for the probe, summed over the broadcast axes. Taken only with the
-    self-check on (like broadcast calls: the copies are verified to stay per probe)."""
+    that op's result for the probe, summed over the broadcast axes (the per-probe
+    copies verified to stay per probe at run time, like broadcast calls)."""
     census = problem.census
     if census is None:
         return
