@@ -317,3 +317,48 @@ def test_driver_takes_the_previewed_routes(monkeypatch: pytest.MonkeyPatch) -> N
     ref = torch.stack(grads) @ torch.stack(grads).T
     got = kernel[[0, 6]][:, [0, 6]].double()
     assert float((got - ref).abs().max()) <= 2e-3 * float(ref.abs().max()), (got, ref)
+
+
+# ------------------------------- conv rows of every cotangent row in one call (trace mode)
+class _TwoConvs(nn.Module):
+    """A dense 3x3 conv and a depthwise one, then a Linear: 4 outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dense = nn.Conv2d(3, 6, 3, padding=1)
+        self.depth = nn.Conv2d(6, 6, 3, groups=6)
+        self.head = nn.Linear(6 * 4 * 4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.depth(torch.tanh(self.dense(x)))).flatten(1))
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+@pytest.mark.parametrize("mode", ["trace", "full"])
+def test_conv_rows_of_all_cotangent_rows_in_one_call(monkeypatch: pytest.MonkeyPatch,
+                                                     cuda: bool, mode: str) -> None:
+    """With several cotangent rows a rows-route conv term's per-probe rows come from one
+    ``weight_rows`` call holding all of them (k = 4) where launches cost (a CUDA profile,
+    injected) and, on the CPU, for the grouped conv only (the dense one keeps a call a row,
+    faster there); the kernel is the float64 reference's either way."""
+    from ntk_callback.engine.structured import driver
+    from reference import ntk_loop, rel_err
+    torch.manual_seed(0)
+    model = _TwoConvs().double()
+    x = torch.randn(5, 3, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    if cuda:
+        monkeypatch.setattr(driver, "profile_for", lambda device: D.cuda_profile(78 * GiB))
+    calls: list[tuple[int, int]] = []  # (groups, rows a call)
+    original = ConvTerm.rows
+
+    def spy(self):  # type: ignore[no-untyped-def]
+        calls.append((self.conv.groups, self.d.shape[0]))
+        return original(self)
+
+    monkeypatch.setattr(ConvTerm, "rows", spy)
+    kernel = empirical_ntk(model, x, mode=mode, layer_paths={"dense": "rows"})
+    assert rel_err(kernel, ntk_loop(model, x, None, mode)) <= 1e-10
+    dense = [rows for groups, rows in calls if groups == 1]
+    depth = [rows for groups, rows in calls if groups == 6]
+    assert depth == [4], calls
+    assert dense == ([4] if cuda else [1, 1, 1, 1]), calls  # CPU: dense ones a row a call
