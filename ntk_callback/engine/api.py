@@ -1,6 +1,7 @@
 """Public entry points: :func:`empirical_ntk` and :func:`layerwise_ntk`."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -83,20 +84,59 @@ class Explanation:
 _MAX_RETRIES = 4
 
 
+def _by_row_groups(problem: Problem, plan: structured.Plan, keys: dict[str, list[str]],
+                   budget: int, self_check: bool, explanation: Explanation, rows: int
+                   ) -> structured.Result | None:
+    """:func:`_structured` ``rows`` cotangent rows at a time (trace mode: the kernel is a sum
+    over rows), each group a sub-problem of its own capture passes, the kernels summed.
+    A group that changes the plan (a module sent to the exact path) restarts the groups,
+    so that every group's kernel covers the same modules."""
+    k = problem.cot1.shape[1]
+    for _ in range(_MAX_RETRIES):
+        modules = set(plan.modules)
+        total: structured.Result | None = None
+        for start in range(0, k, rows):
+            cs = slice(start, min(k, start + rows))
+            sub = dataclasses.replace(problem, cot1=problem.cot1[:, cs], cot2=None
+                                      if problem.cot2 is None else problem.cot2[:, cs])
+            part = _structured(sub, plan, keys, budget, self_check, explanation,
+                               split_rows=False)
+            if set(plan.modules) != modules:
+                break
+            if part is None:
+                return None
+            if total is None:
+                total = part
+            else:
+                for key, value in part.kernels.items():
+                    total.kernels[key] = total.kernels[key] + value \
+                        if key in total.kernels else value
+        else:
+            return total
+    return None
+
+
 def _structured(problem: Problem, plan: structured.Plan, keys: dict[str, list[str]],
                 budget: int, self_check: bool, explanation: Explanation, split: Any = None,
-                factors: int | None = None) -> structured.Result | None:
+                factors: int | None = None, split_rows: bool = True
+                ) -> structured.Result | None:
     """Structured contributions of the plan's parameters (kernels, or with ``factors`` the
     per-probe factors of :func:`.structured.compute`'s factor mode), verified by the
     self-check; modules that fail a run-time assumption or the check leave the plan (and
-    the structured part is recomputed without them). None when no module is left."""
+    the structured part is recomputed without them). None when no module is left. When
+    the Gram-route cotangents of all cotangent rows would not fit the budget, the kernel
+    is computed a group of rows at a time (:func:`_by_row_groups`)."""
     for _ in range(_MAX_RETRIES):
         if not plan:
             return None
         try:
             result = structured.compute(problem, plan, keys, budget,
                                         check=SELF_CHECK_VECTORS if self_check else 0,
-                                        split=split, factors=factors)
+                                        split=split, factors=factors, split_rows=split_rows)
+        except structured.RowGroups as exc:
+            log.debug("structured kernel %s (memory budget)", exc)
+            return _by_row_groups(problem, plan, keys, budget, self_check, explanation,
+                                  exc.rows)
         except structured.Fallback as exc:
             targets = [exc.module] if exc.module in plan.modules else list(plan.modules)
             for m in targets:

@@ -21,7 +21,7 @@ Modules, one job each:
 Everything a rule does not provably cover takes the exact generic path.
 """
 from .capture import Fallback
-from .driver import Result, compute
+from .driver import Result, RowGroups, compute
 from .planner import ROUTES, Plan, plan
 from .rules import Call, Rule, register_rule, rule_for
 from .selfcheck import Verdict, verify
@@ -37,7 +37,7 @@ from .terms import (
     pointwise,
 )
 
-__all__ = ["Fallback", "Result", "compute", "ROUTES", "Plan", "plan", "Call", "Rule",
+__all__ = ["Fallback", "Result", "RowGroups", "compute", "ROUTES", "Plan", "plan", "Call", "Rule",
            "register_rule", "rule_for", "Verdict", "verify", "Term", "OuterTerm",
            "TokenTerm", "ConvTerm", "SumTerm", "ScaleTerm", "BatchNormTerm",
            "UNFOLD_MAX_PATCH", "pointwise"]

@@ -162,8 +162,40 @@ def factor_route(term: Term, k: int, forced: str | None) -> str:
     return "rows" if k * p <= s * (c + k * o) else "gram"
 
 
+class RowGroups(Exception):
+    """The Gram-route terms' cotangents of all cotangent rows would not fit what is left of
+    the budget (measured on the first row of the first chunk): compute the kernel ``rows`` cotangent
+    rows at a time (modes whose kernel sums same-index row pairs: trace)."""
+
+    def __init__(self, rows: int) -> None:
+        super().__init__(f"{rows} cotangent rows at a time")
+        self.rows = rows
+
+
+def _check_row_memory(gram_parts: dict[str, list[Term]], seen: int, n_all: int, k: int,
+                      budget: int, rows_left: int) -> None:
+    """Raise :class:`RowGroups` when the Gram-route terms, which keep every row's
+    cotangents for all ``n_all`` probes, would take more than what the rows route left of
+    ``budget`` (at most half of it, at least an eighth): their one-row cotangents of
+    ``seen`` probes scaled to ``n_all`` probes and ``k`` rows, plus their inputs."""
+    per_row = inputs = 0
+    for parts in gram_parts.values():
+        for t in parts:
+            per_row += t.d.numel() * t.d.element_size()
+            if t.data is not None:
+                inputs += t.data.numel() * t.data.element_size()
+    per_row = per_row * n_all // max(1, seen)
+    inputs = inputs * n_all // max(1, seen)
+    room = max(budget // 8, min(budget // 2, rows_left)) - inputs
+    if per_row * k > room:
+        rows = max(1, room // max(1, per_row))
+        if rows < k:
+            raise RowGroups(rows)
+
+
 def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]], budget: int,
-            check: int = 0, split: Any = None, factors: int | None = None) -> Result:
+            check: int = 0, split: Any = None, factors: int | None = None,
+            split_rows: bool = True) -> Result:
     """Kernel contributions of the planned parameters, by layer key, and (``check`` > 0
     vectors) the self-check data.
 
@@ -177,6 +209,10 @@ def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]], budget: in
     ``split`` (a :class:`..distributed.ProbeSplit`, collective): every rank captures its
     share of the probes, the rows and terms are gathered, each rank contracts its rows of
     the kernel and the kernels are summed (:func:`_split_collect`, :func:`_contract_share`).
+
+    ``split_rows``: raise :class:`RowGroups` when the Gram-route cotangents of all
+    cotangent rows would not fit half the budget (trace mode; the caller then computes
+    groups of rows, :func:`..api._structured`).
 
     ``factors`` (bytes; self-kernels of one process only): factor mode. No kernel is
     formed; the result's :class:`Factors` hold the probes' rows and Gram-route terms, each
@@ -214,6 +250,9 @@ def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]], budget: in
     # rules' premise and runs all the same; the two-vector check verifies it itself.
     fused = check > 0 and k == 1
     batch_rows = k > 1 and BATCH_CONV_ROWS
+    # modes of same-index row pairs may be computed a group of rows at a time
+    row_groups = (split_rows and k > 1 and not mode.all_pairs and factors is None
+                  and split is None)
     if plan.broadcasting and (fused or not check):
         _separate_copies(problem, plan)
 
@@ -369,6 +408,9 @@ def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]], budget: in
                     pending.clear()
                 if r == k - 1 and conv_rows:
                     write_conv_rows()
+                if r == 0 and sl.start == 0 and row_groups and gram_parts:
+                    _check_row_memory(gram_parts, sl.stop - sl.start, n_all, k, budget,
+                                      rows_left)
 
             on_params: Callable[[tuple[torch.Tensor | None, ...]], None] | None = None
             row_cot = cot[sl]
