@@ -37,7 +37,7 @@ from ._probes import ProbeError, Probes, apply_to_tensors, num_samples, to_cpu, 
 from .engine import KernelMode, NTKError, empirical_ntk, layerwise_ntk, mode_names, model_outputs
 from .engine.distributed import Communicator
 from .engine.projection import output_projections, projected_output_fn
-from .engine.spectrum import ntk_spectrum, ntk_trace_estimate
+from .engine.spectrum import ntk_spectrum, ntk_spectrum_and_norms
 from .insight import DynamicsTracker, layer_drift, layer_shares
 from .loggers import (
     DEFAULT_PREFIX,
@@ -483,7 +483,8 @@ class NTKMonitor:
         ``mode`` and ``dtype``, without forming the N x N kernel (:func:`ntk_callback.ntk_spectrum`:
         Lanczos on ``v -> K v``, or the parameter-space Gram when the parameters are few),
         and the trace of that kernel (:func:`ntk_callback.ntk_trace_estimate`: Hutchinson
-        over ``trace_samples`` Rademacher vectors, exact on the Gram route; 0 skips it).
+        over ``trace_samples`` Rademacher vectors, exact on the Gram and "factors" routes; 0
+        skips it).
 
         ``data``: a ``DataLoader`` or iterable of ``(inputs, targets)`` batches (or one probe
         batch), in a fixed order; ``comm`` splits each pass over the data across ranks (every
@@ -505,14 +506,15 @@ class NTKMonitor:
         start = time.perf_counter()
         try:
             with torch.inference_mode(False), torch.enable_grad():
-                eig = ntk_spectrum(self._net(), data, k=k, seed=self.seed, **kwargs)
-                est = (
-                    ntk_trace_estimate(
-                        self._net(), data, num_samples=trace_samples, seed=self.seed, **kwargs
+                est = None
+                if trace_samples:
+                    # one setup (and, on the "factors" route, one capture) for both
+                    eig, est = ntk_spectrum_and_norms(
+                        self._net(), data, k=k, num_samples=trace_samples, seed=self.seed,
+                        **kwargs
                     )
-                    if trace_samples
-                    else None
-                )
+                else:
+                    eig = ntk_spectrum(self._net(), data, k=k, seed=self.seed, **kwargs)
             eig = eig.detach().double().cpu()
             if not bool(torch.isfinite(eig).all()):
                 raise NTKError(

@@ -18,6 +18,7 @@ import models as M
 import reference as R
 import zoo as Z
 from ntk_callback import NTKError, ntk_spectrum, ntk_trace_estimate
+from ntk_callback.engine.spectrum import ntk_spectrum_and_norms
 from ntk_callback.engine import structured
 from ntk_callback.engine.factors import FactorOperator, capture
 from ntk_callback.engine.problem import build_problem
@@ -55,6 +56,10 @@ def _check_products(op: FactorOperator, ref: torch.Tensor, seed: int = 0) -> Non
         assert float((got - ref @ v).norm()) <= 1e-10 * scale * float(v.norm())
     np.testing.assert_allclose(op.matvec(v.numpy()), (ref @ v).numpy(),
                                rtol=0, atol=1e-10 * scale * float(v.norm()))
+    # the diagonal (the exact trace of the "factors" route), from the factors alone
+    diag = op.diagonal()
+    assert diag.dtype == torch.float64 and diag.shape == (op.dim,)
+    assert float((diag - torch.diagonal(ref)).abs().max()) <= 1e-10 * scale
 
 
 @pytest.mark.parametrize("mode", ["target", "trace"])
@@ -152,7 +157,15 @@ def test_auto_route_float32_loader_and_estimates() -> None:
     assert [p.dtype for p in model.parameters()] == [torch.float32] * 6
     est = ntk_trace_estimate(model, x, mode="trace", dtype=torch.float64, route="factors",
                              num_samples=40, seed=2)
-    assert abs(est.trace - float(torch.trace(dense))) <= 4 * est.trace_stderr
+    # the trace exact (the factors' diagonal), the Frobenius norm a Hutchinson estimate
+    assert est.trace_exact and not est.exact and est.trace_stderr == 0.0
+    assert est.trace == pytest.approx(float(torch.trace(dense)), rel=1e-12)
+    frob = float(torch.linalg.matrix_norm(dense))
+    assert abs(est.frobenius - frob) <= 4 * est.frobenius_stderr
+    # both from one capture: the same values as the two calls
+    vals, norms = ntk_spectrum_and_norms(model, x, k=4, mode="trace", dtype=torch.float64,
+                                         route="factors", num_samples=40, seed=2)
+    assert torch.allclose(vals, exact, rtol=1e-9) and norms == est
 
 
 def test_several_ranks_refuse_factors() -> None:

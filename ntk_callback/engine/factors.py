@@ -101,6 +101,18 @@ class FactorOperator:
         self.products += 1
         return out.reshape(-1) if self.all_pairs else out.sum(dim=1)
 
+    def diagonal(self) -> torch.Tensor:
+        """The kernel's diagonal ``K[(i, r), (i, r)] = ||g(i, r)||^2`` summed as the mode
+        pairs rows: (dim,) float64 -- ``sum_r`` of it a probe (target, sum, trace), every
+        (probe, row) in full mode. Exact (no vectors)."""
+        total = torch.zeros(self.n, self.k, dtype=torch.float64, device=self.device)
+        for part in self.parts:
+            if isinstance(part, torch.Tensor):
+                total += part.double().pow(2).sum(-1)
+            else:
+                total += part.sq_norms()
+        return total.reshape(-1) if self.all_pairs else total.sum(dim=1)
+
     def verify(self, w: torch.Tensor, u: torch.Tensor, autograd_sq: float,
                rtol: float) -> str | None:
         """The products' self-check for probe weights ``w`` (n,) and row weights ``u``

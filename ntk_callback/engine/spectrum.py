@@ -71,7 +71,9 @@ GRAM_MAX = 4096
 @dataclass
 class NormEstimate:
     """Trace and Frobenius norm of the NTK: estimates with standard errors from
-    ``samples`` Rademacher vectors, or exact values (``exact=True``, errors 0)."""
+    ``samples`` Rademacher vectors, or exact values (``exact=True``, errors 0).
+    ``trace_exact``: the trace alone is exact (the ``"factors"`` route sums the kernel's
+    diagonal, ``||g(i, r)||^2``, from the factors; ``trace_stderr`` is then 0)."""
 
     trace: float
     trace_stderr: float
@@ -79,6 +81,7 @@ class NormEstimate:
     frobenius_stderr: float
     samples: int
     exact: bool
+    trace_exact: bool = False
 
 
 class _Operator:
@@ -344,18 +347,16 @@ def ntk_spectrum(model: torch.nn.Module, data: Any, targets: Any = None, *, k: i
         op = _setup(model, data, targets, mode, dtype, batch_to_probe, output_fn, chunk_size,
                     budget, comm)
         chosen = _route(route, op, budget)
-        if k > op.dim or (chosen == "matfree" and k >= op.dim):
-            raise NTKError(f"k={k} eigenvalues of a {op.dim} x {op.dim} kernel: Lanczos needs "
-                           f"k < {op.dim}; for (nearly) all eigenvalues form the kernel with "
-                           "empirical_ntk and use torch.linalg.eigvalsh.")
+        _check_k(k, op, chosen)
         if chosen == "gram":
             return _gram_spectrum(op, k, return_vectors)
         return _lanczos(_products(route, chosen, op, budget, self_check), k, return_vectors,
                         tol, maxiter, ncv, seed)
 
 
-def _gram_spectrum(op: _Operator, k: int, return_vectors: bool) -> Any:
-    g = op.gram()
+def _gram_spectrum(op: _Operator, k: int, return_vectors: bool,
+                   g: torch.Tensor | None = None) -> Any:
+    g = op.gram() if g is None else g
     evals, evecs = torch.linalg.eigh(g)
     evals, evecs = evals.flip(0), evecs.flip(1)
     top = evals[:k].clamp_min(0)
@@ -397,36 +398,86 @@ def ntk_trace_estimate(model: torch.nn.Module, data: Any, targets: Any = None, *
                        eval_mode: bool = True, comm: Communicator | None = None,
                        self_check: bool = True) -> NormEstimate:
     """Trace and Frobenius norm of the NTK over ``data`` without forming it: Hutchinson
-    estimates from ``num_samples`` Rademacher vectors (one pass over the data each), or
-    the exact values on the Gram route (see the module doc; arguments as
-    :func:`ntk_spectrum`). For normalised metrics such as ``lambda_max / trace``."""
-    comm = resolve(comm)
-    budget = memory_budget or default_budget(model_device(model))
+    estimates from ``num_samples`` Rademacher vectors (one product each), the exact
+    trace on the ``"factors"`` route (the kernel's diagonal from the factors), or both
+    exact on the Gram route (see the module doc; arguments as :func:`ntk_spectrum`). For
+    normalised metrics such as ``lambda_max / trace``."""
+    _check_samples(num_samples)
+    return ntk_spectrum_and_norms(
+        model, data, targets, k=0, mode=mode, dtype=dtype, num_samples=num_samples,
+        route=route, seed=seed, batch_to_probe=batch_to_probe, chunk_size=chunk_size,
+        memory_budget=memory_budget, output_fn=output_fn, eval_mode=eval_mode, comm=comm,
+        self_check=self_check)[1]
+
+
+def _check_samples(num_samples: int) -> None:
     if not isinstance(num_samples, int) or num_samples < 2:
         raise NTKError(f"num_samples={num_samples!r} must be an int >= 2 (Rademacher vectors; "
                        "the standard error needs two).")
+
+
+def ntk_spectrum_and_norms(model: torch.nn.Module, data: Any, targets: Any = None, *,
+                           k: int = 10, mode: Any = "trace", dtype: torch.dtype | None = None,
+                           num_samples: int = 16, route: str = "auto", tol: float | None = None,
+                           maxiter: int | None = None, ncv: int | None = None, seed: int = 0,
+                           batch_to_probe: Callable[[Any], Any] | None = None,
+                           chunk_size: int | None = None, memory_budget: int | None = None,
+                           output_fn: Callable[[Any], torch.Tensor] | None = None,
+                           eval_mode: bool = True, comm: Communicator | None = None,
+                           self_check: bool = True) -> tuple[torch.Tensor, NormEstimate]:
+    """:func:`ntk_spectrum` (top ``k`` eigenvalues; ``k=0``: none, an empty tensor) and
+    :func:`ntk_trace_estimate` (``num_samples`` Rademacher vectors) of one kernel, sharing
+    the data, the route and, on the ``"factors"`` route, the one capture of the factors:
+    what a report of both costs. Arguments as those two functions."""
+    comm = resolve(comm)
+    budget = memory_budget or default_budget(model_device(model))
+    if not isinstance(k, int) or k < 0:
+        raise NTKError(f"k={k!r} must be a non-negative int (eigenvalues wanted).")
+    _check_samples(num_samples)
     with frozen_measurement(model, eval_mode), cast_floating(model, resolve_dtype(model, dtype)):
         op = _setup(model, data, targets, mode, dtype, batch_to_probe, output_fn, chunk_size,
                     budget, comm)
         chosen = _route(route, op, budget)
+        _check_k(k, op, chosen)
         if chosen == "gram":
             g = op.gram()
-            return NormEstimate(float(torch.trace(g)), 0.0, float(torch.linalg.norm(g)), 0.0,
-                                0, True)
+            norms = NormEstimate(float(torch.trace(g)), 0.0, float(torch.linalg.norm(g)), 0.0,
+                                 0, True, True)
+            values = _gram_spectrum(op, k, False, g) if k else torch.zeros(0, dtype=torch.float64)
+            return values, norms
         products = _products(route, chosen, op, budget, self_check)
-        rng = np.random.default_rng(seed)
-        tr, fr = [], []
-        for _ in range(num_samples):
-            z = rng.integers(0, 2, op.dim).astype(np.float64) * 2 - 1
-            y = products.matvec(z)
-            tr.append(float(z @ y))
-            fr.append(float(y @ y))
+        values = _lanczos(products, k, False, tol, maxiter, ncv, seed) if k \
+            else torch.zeros(0, dtype=torch.float64)
+        return values, _norms(products, num_samples, seed)
+
+
+def _check_k(k: int, op: _Operator, chosen: str) -> None:
+    if k > op.dim or (chosen != "gram" and k >= op.dim):
+        raise NTKError(f"k={k} eigenvalues of a {op.dim} x {op.dim} kernel: Lanczos needs "
+                       f"k < {op.dim}; for (nearly) all eigenvalues form the kernel with "
+                       "empirical_ntk and use torch.linalg.eigvalsh.")
+
+
+def _norms(products: _Operator | FactorOperator, num_samples: int, seed: int) -> NormEstimate:
+    """Hutchinson estimates over Rademacher vectors z: ``tr K ~ mean z^T K z`` (or the
+    exact trace from the factors' diagonal) and ``||K||_F^2 ~ mean ||K z||^2``."""
+    rng = np.random.default_rng(seed)
+    tr, fr = [], []
+    for _ in range(num_samples):
+        z = rng.integers(0, 2, products.dim).astype(np.float64) * 2 - 1
+        y = products.matvec(z)
+        tr.append(float(z @ y))
+        fr.append(float(y @ y))
     m = len(tr)
     tr_mean, fr2_mean = float(np.mean(tr)), float(np.mean(fr))
     tr_se = float(np.std(tr, ddof=1) / math.sqrt(m))
     fr2_se = float(np.std(fr, ddof=1) / math.sqrt(m))
     frob = math.sqrt(max(fr2_mean, 0.0))
-    return NormEstimate(tr_mean, tr_se, frob, fr2_se / (2 * frob) if frob > 0 else 0.0, m, False)
+    fr_se = fr2_se / (2 * frob) if frob > 0 else 0.0
+    if isinstance(products, FactorOperator):
+        return NormEstimate(float(products.diagonal().sum()), 0.0, frob, fr_se, m, False, True)
+    return NormEstimate(tr_mean, tr_se, frob, fr_se, m, False)
 
 
-__all__ = ["ntk_spectrum", "ntk_trace_estimate", "NormEstimate", "ROUTES", "GRAM_MAX"]
+__all__ = ["ntk_spectrum", "ntk_trace_estimate", "ntk_spectrum_and_norms", "NormEstimate",
+           "ROUTES", "GRAM_MAX"]

@@ -16,7 +16,7 @@ from ..problem import Problem, blocks, output_shape
 from ..symmetric import add_gram, columns, mirror_lower, panel_rows
 from .capture import Calls, Fallback, InPlace, backward_rows, forward
 from .planner import Plan, choose, rows_bytes
-from .terms import ConvTerm, Memo, Term, join_chunks, merge_calls, stack_rows
+from .terms import ConvTerm, Memo, Term, merge_calls, place_chunk, stack_rows
 
 
 @dataclass
@@ -287,7 +287,7 @@ def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]], budget: in
     def collect(x: Any, cot: torch.Tensor, n: int, label: str, data: CheckData | None,
                 first: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Term]]:
         bufs: dict[str, torch.Tensor] = {}
-        gram: dict[str, list[Term]] = {}
+        gram: dict[str, Term] = {}
         layout: list[str] | None = None
 
         def one_chunk(sl: slice) -> dict[str, list[Term]]:
@@ -434,11 +434,12 @@ def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]], budget: in
             return gram_parts
 
         for sl in blocks(n, chunk):
-            for name, parts in one_chunk(sl).items():
-                gram.setdefault(name, []).append(stack_rows(parts))
+            terms = {name: stack_rows(parts) for name, parts in one_chunk(sl).items()}
             if factors is not None and sl.start == 0:
-                _factor_size(bufs, gram, n, sl.stop, factors)
-        return bufs, {name: join_chunks(parts) for name, parts in gram.items()}
+                _factor_size(bufs, terms, n, sl.stop, factors)
+            for name, term in terms.items():
+                gram[name] = place_chunk(gram.get(name), term, sl, n)
+        return bufs, gram
 
     checks: list[CheckData] = []
     collected = []
@@ -508,15 +509,14 @@ def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]], budget: in
     return out
 
 
-def _factor_size(bufs: dict[str, torch.Tensor], gram: dict[str, list[Term]], n: int,
+def _factor_size(bufs: dict[str, torch.Tensor], gram: dict[str, Term], n: int,
                  seen: int, limit: int) -> None:
     """Factor mode, after the first chunk of ``seen`` probes: the rows buffers (allocated
     for all ``n``) plus the chunk's Gram-route terms scaled to ``n`` must fit ``limit``."""
     need = sum(b.numel() * b.element_size() for b in bufs.values())
-    for parts in gram.values():
-        for t in parts:
-            per = sum(x.numel() * x.element_size() for x in (t.data, t.d) if x is not None)
-            need += per * n // max(1, seen)
+    for t in gram.values():
+        per = sum(x.numel() * x.element_size() for x in (t.data, t.d) if x is not None)
+        need += per * n // max(1, seen)
     if need > limit:
         raise FactorsTooLarge(need, limit)
 

@@ -148,6 +148,11 @@ class Term:
         product of a kernel-vector product."""
         return torch.einsum("irp,rp->ir", self.rows(), h)
 
+    def sq_norms(self) -> torch.Tensor:
+        """``||g(i, r)||^2`` of every probe's gradient rows, (n, k), float64 (the kernel's
+        diagonal; its sum is the trace)."""
+        return self.rows().double().pow(2).sum(-1)
+
     def merge(self, other: Term) -> Term:
         """Another call of the same module as extra positions."""
         axis_d = -1 if self.positions_last else 2
@@ -215,6 +220,19 @@ class OuterTerm(Term):
         z = torch.matmul(self.inputs.reshape(n * s, c), h.reshape(k, o, c).transpose(1, 2))
         return (z.reshape(k, n, s, o) * self.d).sum(dim=(2, 3)).T
 
+    def sq_norms(self) -> torch.Tensor:
+        # ||sum_s D_ris a_is^T||^2 = sum_{s,t} (D_ris . D_rit)(a_is . a_it): S x S Grams a
+        # probe, a chunk of probes at a time
+        k, n, s, o = self.d.shape
+        out = torch.empty(n, k, dtype=torch.float64, device=self.d.device)
+        step = max(1, (1 << 24) // max(1, k * s * s))
+        for i in range(0, n, step):
+            d = self.d[:, i:i + step].double()
+            a = self.inputs[i:i + step].double()
+            dd = torch.matmul(d, d.transpose(-1, -2))                 # (k, m, S, S)
+            out[i:i + step] = (dd * torch.matmul(a, a.transpose(-1, -2))).sum((-1, -2)).T
+        return out
+
     def quad(self, w: torch.Tensor, other: Term, w2: torch.Tensor, budget: int) -> float:
         # per-row products cost k n S o c; the Gram form (nS)^2 (k o + c) is cheaper for
         # wide layers with few positions (and must fit the budget)
@@ -276,6 +294,13 @@ class TokenTerm(Term):
         out = self.d.new_zeros(k, self.vocab, o)
         out.index_add_(1, self.inputs.reshape(-1), dw)
         return out.reshape(k, -1)
+
+    def sq_norms(self) -> torch.Tensor:
+        # sum_{s,t} (D_ris . D_rit) [T_is == T_it]: tokens that share a row add up
+        k, n, s, o = self.d.shape
+        d = self.d.double()
+        same = (self.inputs[:, :, None] == self.inputs[:, None, :]).double()  # (n, S, S)
+        return (torch.matmul(d, d.transpose(-1, -2)) * same).sum((-1, -2)).T
 
     def push(self, h: torch.Tensor) -> torch.Tensor:
         # out_ir = sum_s D_ris . H_r[T_is]: the embedding rows the probe's tokens read
@@ -450,14 +475,22 @@ def stack_rows(parts: list[Term]) -> Term:
     return first.like(first.data, d)
 
 
-def join_chunks(parts: list[Term]) -> Term:
-    """One term from the terms of consecutive probe chunks."""
-    first = parts[0]
-    if len(parts) == 1:
-        return first
-    data = None if first.data is None else torch.cat([p.inputs for p in parts])
-    if first.probe_major:
-        d = torch.cat([p.d.permute(1, 2, 0, 3) for p in parts]).permute(2, 0, 1, 3)
-    else:
-        d = torch.cat([p.d for p in parts], dim=1)
-    return first.like(data, d, {})
+def place_chunk(full: Term | None, part: Term, sl: slice, n: int) -> Term:
+    """The term of all ``n`` probes, filled chunk by chunk: ``part`` (the probes ``sl``)
+    copied into ``full`` (allocated on the first chunk, the cotangents in ``part``'s
+    memory layout), so that the chunks are never held twice (no concatenation)."""
+    if full is None:
+        if sl.start == 0 and sl.stop == n:
+            return part
+        data = None if part.data is None else part.inputs.new_empty(
+            (n,) + tuple(part.inputs.shape[1:]))
+        if part.probe_major:  # (n, S, k, o) in memory, seen as (k, n, S, o)
+            k, _, s, o = part.d.shape
+            d = part.d.new_empty((n, s, k, o)).permute(2, 0, 1, 3)
+        else:
+            d = part.d.new_empty((part.d.shape[0], n) + tuple(part.d.shape[2:]))
+        full = part.like(data, d, {})
+    if full.data is not None:
+        full.inputs[sl] = part.inputs
+    full.d[:, sl] = part.d
+    return full
