@@ -4,7 +4,8 @@ Each measurement runs in its own fresh process (so that peak RSS is its own) and
 one JSON line; ``all`` runs them in turn and writes ``benchmarks/RESULTS_SCALE.md``.
 
 * ``spectrum``: ``ntk_spectrum`` of an MLP 20-16-10 (tanh) over N = 60,000 Gaussian
-  inputs, trace and target mode, Lanczos in float64; exact eigenvalues from the
+  inputs, trace and target mode, Lanczos in float64 (``--route matfree`` passes through
+  the model, ``--route factors`` products on captured factors); exact eigenvalues from the
   parameter-space Gram route in float64 (per-probe Jacobian rows, ``torch.linalg.eigh``;
   a different computation from the Lanczos products); time and peak RSS over the
   process's baseline (data and model included).
@@ -13,6 +14,9 @@ one JSON line; ``all`` runs them in turn and writes ``benchmarks/RESULTS_SCALE.m
   one pass of forward + backward over the same N inputs (batches of 500), peak RSS.
 * ``cnn_spectrum``: top-k matrix-free spectrum of the CNN at a small N against the dense
   eigenvalues (float64), time a Lanczos product.
+* ``cnn_factors``: top-k spectrum of the CNN at N = 10,000 (k = 100) by the ``"factors"``
+  route (``--budget`` bytes for the factors), float64; with ``--eig`` against
+  ``eigvalsh`` of the dense float64 kernel.
 * ``ddp``: N = 1024 CNN probes, target mode, float64, 1 process vs 2 gloo processes
   (``comm=TorchDistributedComm()``), one thread each: time and the largest relative
   difference of the kernels; the same for a trace-mode spectrum (MLP, N = 20,000).
@@ -75,7 +79,7 @@ def m_spectrum(args: argparse.Namespace) -> dict:
     x = torch.randn(n, 20, generator=g)
     y = torch.randint(0, 10, (n,), generator=g)
     model = mlp()
-    out: dict = {"n": n, "k": k, "model": "MLP 20-16-10 tanh",
+    out: dict = {"n": n, "k": k, "model": "MLP 20-16-10 tanh", "route": args.route,
                  "P": sum(p.numel() for p in model.parameters())}
     modes = args.modes.split(",")
     found = {}
@@ -83,7 +87,7 @@ def m_spectrum(args: argparse.Namespace) -> dict:
         base = current_rss_mib()
         t, c = time.perf_counter(), time.process_time()
         found[mode] = ntk_spectrum(model, x, y, k=k, mode=mode, dtype=torch.float64,
-                                   route="matfree")
+                                   route=args.route)
         elapsed, cpu = time.perf_counter() - t, time.process_time() - c
         # ru_maxrss is the process's peak so far: its rise over the RSS before the call
         # bounds the call's extra memory from above
@@ -300,13 +304,16 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=None)
     ap.add_argument("--modes", default="trace,target")
     ap.add_argument("--block", type=int, default=None)
-    ap.add_argument("--budget", type=int, default=1 << 30)
+    ap.add_argument("--budget", type=int, default=None,
+                    help="bytes (default: 1 GiB; cnn_factors: 5 GiB, for its factors)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--spectrum-n", type=int, default=20000)
     ap.add_argument("--eig", action="store_true")
     ap.add_argument("--ddp-kinds", default="kernel,spectrum",
                     help="ddp: which of kernel,spectrum to measure")
     ap.add_argument("--progress", action="store_true")
+    ap.add_argument("--route", default="matfree",
+                    help="spectrum: the Lanczos products' route (matfree or factors)")
     args = ap.parse_args()
     defaults = {"spectrum": (60000, 10), "cnn": (10000, None), "cnn_spectrum": (256, 20),
                 "cnn_factors": (10000, 100),
@@ -320,6 +327,7 @@ def main() -> None:
         print(json.dumps(results, indent=1))
         return
     n, k = defaults[args.what]
+    args.budget = args.budget or (5 << 30 if args.what == "cnn_factors" else 1 << 30)
     args.n = args.n or n
     args.k = args.k or k
     print(json.dumps(MEASUREMENTS[args.what](args)), flush=True)
