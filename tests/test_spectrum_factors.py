@@ -68,6 +68,8 @@ def test_zoo_products_match_reference(name: str, mode: str) -> None:
     case = Z.build(name)
     ref = R.ntk_loop(case.model, case.inputs, case.targets, mode)
     op = _operator(case.model, case.inputs, case.targets, mode)
+    # no false alarm of the products' own check (it would send every layer to exact rows)
+    assert not any("factor products" in why for why in op.reasons.values()), op.reasons
     _check_products(op, ref)
 
 
@@ -76,7 +78,9 @@ def test_zoo_products_match_reference(name: str, mode: str) -> None:
 def test_zoo_products_other_modes(name: str, mode: str) -> None:
     case = Z.build(name)
     ref = _flat(R.ntk_loop(case.model, case.inputs, case.targets, mode), mode)
-    _check_products(_operator(case.model, case.inputs, case.targets, mode), ref)
+    op = _operator(case.model, case.inputs, case.targets, mode)
+    assert not any("factor products" in why for why in op.reasons.values()), op.reasons
+    _check_products(op, ref)
 
 
 @pytest.mark.parametrize("name", list(M.BUILDERS))
@@ -106,15 +110,21 @@ def _mlp_case(n: int = 40):
     return model, torch.randn(n, 5, generator=g), torch.randint(0, 4, (n,), generator=g)
 
 
-def test_wide_layers_keep_inputs_not_rows() -> None:
-    # a Linear layer in target mode: c + k o numbers a probe instead of o c
-    model, x, y = _mlp_case()
-    op = _operator(model, x, y, "target")
-    kinds = sorted(type(p).__name__ for p in op.parts)
-    assert kinds == ["OuterTerm"] * 3, kinds
-    assert op.nbytes() < 40 * sum(p.numel() for p in model.parameters()) * 8 / 4
-    assert all(path.startswith("structured") for path in op.paths.values()), op.paths
-    _check_products(op, R.ntk_loop(model, x, y, "target"))
+@pytest.mark.parametrize("mode", ["target", "trace", "full"])
+def test_wide_layers_keep_inputs_not_rows(mode: str) -> None:
+    # a Linear layer: c + k o numbers a probe instead of k o c; the self-checks pass (no
+    # layer sent to the exact rows), with a capture in several chunks too
+    model, x, y = _mlp_case(120)
+    k = 1 if mode == "target" else 4
+    for budget in (2 ** 28, 40_000):
+        with frozen_measurement(model, True), cast_floating(model, torch.float64):
+            problem = build_problem(model, x, y, mode=mode, dtype=torch.float64)
+            op = capture(problem, limit=2 ** 30, budget=budget)
+        kinds = sorted(type(p).__name__ for p in op.parts)
+        assert kinds == ["OuterTerm"] * 3, (kinds, op.reasons)
+        assert op.nbytes() < 120 * k * sum(p.numel() for p in model.parameters()) * 8 / 4
+        assert all(path.startswith("structured") for path in op.paths.values()), op.reasons
+        _check_products(op, _flat(R.ntk_loop(model, x, y, mode), mode))
 
 
 def test_planted_rule_bug_is_kept_out(monkeypatch) -> None:
@@ -138,13 +148,14 @@ def test_planted_rule_bug_is_kept_out(monkeypatch) -> None:
 def test_byte_limit() -> None:
     model, x, y = _mlp_case()
     exact = torch.linalg.eigvalsh(R.ntk_loop(model, x, y, "trace")).flip(0)[:3]
-    with pytest.raises(NTKError, match="memory_budget"):
-        ntk_spectrum(model, x, k=3, mode="trace", route="factors", memory_budget=10_000)
+    with pytest.raises(NTKError, match=r"need ~\d+\.\d KiB.*pass memory_budget=\d+"):
+        ntk_spectrum(model, x, k=3, mode="trace", route="factors", memory_budget=30_000)
     # auto: too large for the budget -> products by passes through the model, same values
-    got = ntk_spectrum(model, x, k=3, mode="trace", dtype=torch.float64, memory_budget=10_000)
+    got = ntk_spectrum(model, x, k=3, mode="trace", dtype=torch.float64, memory_budget=30_000,
+                       chunk_size=40)
     assert torch.allclose(got, exact, rtol=1e-9)
     with pytest.raises(structured.driver.FactorsTooLarge):
-        _operator(model, x, y, "trace", limit=10_000)
+        _operator(model, x, y, "trace", limit=30_000)
 
 
 def test_auto_route_float32_loader_and_estimates() -> None:

@@ -122,8 +122,8 @@ class FactorOperator:
         ``sum_parts ||sum_r u_r H_r||^2``, and the push must be its transpose,
         ``<push(H), W> = sum_parts ||H||^2`` with ``W = w u^T``. A reason, or None."""
         weights = w[:, None] * u[None, :]
-        hs = self.pulled(weights)
-        ours = sum(float(torch.vdot(u @ h, u @ h)) for h in hs)
+        hs = self.pulled(weights)  # H_r = u_r sum_i w_i g(i, r)
+        ours = sum(float(torch.vdot(h.sum(0), h.sum(0))) for h in hs)
         if abs(ours - autograd_sq) > rtol * max(ours, autograd_sq):
             return f"the factors' gradient norm {ours:.6g}, autograd's {autograd_sq:.6g}"
         energy = sum(float(torch.vdot(h.reshape(-1), h.reshape(-1))) for h in hs)

@@ -56,13 +56,20 @@ class Factors:
         return total
 
 
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} bytes"
+
+
 class FactorsTooLarge(Exception):
     """Factor mode: the probes' factors would exceed the byte limit (``bytes`` estimated
     from the first capture chunk)."""
 
     def __init__(self, need: int, limit: int) -> None:
-        super().__init__(f"the per-probe factors need ~{need / 2 ** 20:.0f} MiB, over the "
-                         f"limit of {limit / 2 ** 20:.0f} MiB")
+        super().__init__(f"the per-probe factors need ~{_size(need)}, over the limit of "
+                         f"{_size(limit)}")
         self.bytes = need
 
 
