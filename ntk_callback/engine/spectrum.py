@@ -13,8 +13,15 @@ with rows ``g(i, v_ir)``.
   J the stacked Jacobian; its nonzero eigenvalues are those of the (P x P) Gram
   ``J^T J = sum_r G_r^T G_r``.
 
-Two routes (``route="auto"`` picks):
+Three routes (``route="auto"`` picks ``"gram"`` when it fits, else ``"factors"`` in one
+process when the factors fit the memory budget, else ``"matfree"``):
 
+* ``"factors"``: Lanczos on products with per-probe factors captured once by the
+  structured engine (:mod:`.factors`: each layer's inputs and output cotangents, or its
+  per-probe gradient rows where smaller, exact ``torch.func`` rows for parameters no rule
+  covers; self-checked against autograd): a product is a few matrix products over the
+  factors, no pass through the model. Memory: the factors (``N`` times their size a
+  probe). One process only.
 * ``"matfree"``: Lanczos (``scipy.sparse.linalg.eigsh``, ARPACK, ``which="LA"``) on the
   operator ``v -> K v = sum_r G_r (G_r^T v)``: per product one pass over the data in
   chunks, each a forward, a vector-Jacobian product (``torch.func.vjp``, the k rows
@@ -36,7 +43,8 @@ reference-grade values).
 Hutchinson estimates (:func:`ntk_trace_estimate`): ``tr K ~ mean z^T K z`` and
 ``||K||_F^2 ~ mean ||K z||^2`` over Rademacher vectors z (Hutchinson 1989; Avron &
 Toledo 2011), with standard errors; on the Gram route both are exact (``tr M^T M`` and
-``||M^T M||_F``, equal to those of K).
+``||M^T M||_F``, equal to those of K); on the factors route the trace is exact (the
+kernel's diagonal ``||g(i, r)||^2`` summed from the factors).
 
 Ranks (``comm=``): every rank passes the same data; each product's forward and backward
 passes run on this rank's contiguous share of the probes only, the parameter-space vector
