@@ -19,6 +19,7 @@ from .engine import (
     finite_difference_ntk,
     layerwise_ntk,
     ntk_spectrum,
+    ntk_spectrum_and_norms,
     ntk_trace_estimate,
     register_mode,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "finite_difference_ntk",
     "layerwise_ntk",
     "ntk_spectrum",
+    "ntk_spectrum_and_norms",
     "ntk_trace_estimate",
     "register_mode",
 ]

@@ -9,7 +9,7 @@ from .distributed import Communicator, TorchDistributedComm
 from .errors import NTKError
 from .finite_step import finite_difference_ntk
 from .modes import AllPairs, DiagonalPairs, KernelMode, mode_names, register_mode
-from .spectrum import NormEstimate, ntk_spectrum, ntk_trace_estimate
+from .spectrum import NormEstimate, ntk_spectrum, ntk_spectrum_and_norms, ntk_trace_estimate
 from .structured import (
     BatchNormTerm,
     Call,
@@ -23,7 +23,8 @@ from .structured import (
 )
 
 __all__ = ["NTKError", "Explanation", "empirical_ntk", "finite_difference_ntk", "layerwise_ntk",
-           "ntk_spectrum", "ntk_trace_estimate", "NormEstimate", "Communicator",
+           "ntk_spectrum", "ntk_trace_estimate", "ntk_spectrum_and_norms", "NormEstimate",
+           "Communicator",
            "TorchDistributedComm",
            "model_outputs", "register_rule", "Rule", "Call", "OuterTerm", "TokenTerm",
            "ConvTerm", "SumTerm", "ScaleTerm", "BatchNormTerm", "KernelMode", "DiagonalPairs",
