@@ -170,9 +170,9 @@ def factor_route(term: Term, k: int, forced: str | None) -> str:
 
 
 class RowGroups(Exception):
-    """The Gram-route terms' cotangents of all cotangent rows would not fit what is left of
-    the budget (measured on the first row of the first chunk): compute the kernel ``rows`` cotangent
-    rows at a time (modes whose kernel sums same-index row pairs: trace)."""
+    """The Gram-route terms' cotangents of all cotangent rows would not fit what is left
+    of the budget (measured on the first row of the first chunk): compute the kernel
+    ``rows`` cotangent rows at a time (modes whose kernel sums same-index row pairs)."""
 
     def __init__(self, rows: int) -> None:
         super().__init__(f"{rows} cotangent rows at a time")
@@ -218,8 +218,9 @@ def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]], budget: in
     the kernel and the kernels are summed (:func:`_split_collect`, :func:`_contract_share`).
 
     ``split_rows``: raise :class:`RowGroups` when the Gram-route cotangents of all
-    cotangent rows would not fit half the budget (trace mode; the caller then computes
-    groups of rows, :func:`..api._structured`).
+    cotangent rows would not fit what the rows route left of the budget (trace mode;
+    :func:`_check_row_memory`; the caller then computes groups of rows,
+    :func:`..api._structured`).
 
     ``factors`` (bytes; self-kernels of one process only): factor mode. No kernel is
     formed; the result's :class:`Factors` hold the probes' rows and Gram-route terms, each
