@@ -207,3 +207,20 @@ def test_planted_product_bug_is_kept_out(monkeypatch, broken: str) -> None:
     assert all(p.startswith("generic") for p in op.paths.values()), op.paths
     assert any("factor products" in why for why in op.reasons.values()), op.reasons
     _check_products(op, ref)
+
+
+def test_auto_falls_back_when_the_capture_fails(monkeypatch) -> None:
+    # an unexpected failure of the factors' capture: "auto" uses passes through the model
+    # (exact, no factors), an explicit route="factors" raises it
+    import ntk_callback.engine.spectrum as S
+    model, x, y = _mlp_case()
+    exact = torch.linalg.eigvalsh(R.ntk_loop(model, x, y, "trace")).flip(0)[:3]
+
+    def broken(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise RuntimeError("a capture bug")
+
+    monkeypatch.setattr(S, "capture", broken)
+    got = ntk_spectrum(model, x, k=3, mode="trace", dtype=torch.float64)
+    assert torch.allclose(got, exact, rtol=1e-9)
+    with pytest.raises(RuntimeError, match="a capture bug"):
+        ntk_spectrum(model, x, k=3, mode="trace", dtype=torch.float64, route="factors")

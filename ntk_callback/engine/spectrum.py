@@ -54,6 +54,7 @@ vectors (a seeded start vector), so every rank returns the same eigenvalues.
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -73,6 +74,7 @@ from .problem import Problem, build_problem, resolve_dtype
 from .state import cast_floating, frozen_measurement
 
 ROUTES = ("auto", "matfree", "gram", "factors")
+log = logging.getLogger("ntk_callback.engine")
 GRAM_MAX = 4096
 
 
@@ -302,6 +304,14 @@ def _products(route: str, chosen: str, op: _Operator, budget: int, self_check: b
             raise NTKError(f"route='factors': {exc} (memory_budget); pass memory_budget="
                            f"{exc.bytes * 5 // 4} or more, or route='matfree' (passes through "
                            "the model for each product, little memory).") from None
+        return op
+    except NTKError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - "auto" has an exact route that needs no factors
+        if route == "factors":
+            raise
+        log.debug("the factors route failed (%s: %s); products by passes through the model",
+                  type(exc).__name__, exc)
         return op
 
 
