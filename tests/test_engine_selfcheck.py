@@ -298,3 +298,39 @@ def test_batch_dependent_outputs_take_the_exact_path(mode: str) -> None:
     assert all(p.startswith("generic") for p in why.paths.values()), why
     generic = N.empirical_ntk(model, x, y, mode=mode, implementation="generic")
     assert rel_err(K, generic) <= TOL64
+
+
+class UpcastNorm(nn.Module):
+    """An RMS norm computed in float32 whatever the input's dtype (as Hugging Face's T5
+    and Llama norms do), between two Linear layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 6)
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 6))
+        self.b = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.a(x))
+        var = h.to(torch.float32).pow(2).mean(-1, keepdim=True)
+        h = (h * torch.rsqrt(var + 1e-6)).to(h.dtype) * self.scale
+        return self.b(h).mean(1)
+
+
+@pytest.mark.parametrize("mode", ["target", "trace", "full"])
+def test_float64_measurement_of_a_float32_upcasting_model(planted, mode: str) -> None:
+    """The check's tolerance follows the precision the forward actually computes in: a
+    float64 measurement of a model with a float32 norm inside carries float32 round-off,
+    so the correct Linear rules must pass (before, trace mode sent them all to the exact
+    path), and a planted 0.1 % rule error must still be caught."""
+    model, x, y = _case()
+    model = UpcastNorm()
+    ref = ntk_loop(model, x, y, mode)
+    K, why = N.empirical_ntk(model, x, y, mode=mode, dtype=torch.float64, explain=True)
+    assert why.paths["a.weight"].startswith("structured"), why
+    assert why.paths["b.weight"].startswith("structured"), why
+    assert rel_err(K, ref) <= 1e-6
+    planted("scale")
+    K, why = N.empirical_ntk(model, x, y, mode=mode, dtype=torch.float64, explain=True)
+    assert why.paths["a.weight"].startswith("generic"), why
+    assert rel_err(K, ref) <= 1e-6

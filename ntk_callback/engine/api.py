@@ -154,7 +154,8 @@ def _structured(problem: Problem, plan: structured.Plan, keys: dict[str, list[st
             return None
         if not self_check:
             return result
-        verdict = structured.verify(plan, result, keys, problem.mode, problem.dtype)
+        verdict = structured.verify(plan, result, keys, problem.mode, problem.dtype,
+                                    problem.census.dtypes if problem.census else ())
         explanation.self_check.update(verdict.values)
         if not verdict.bad_modules and not verdict.bad_keys:
             return result

@@ -53,6 +53,9 @@ class Census:
     # the same census on one probe fewer: a size that equals the trial batch only by
     # coincidence (a (S,) position-id input with S probes) does not follow it there
     alt: Census | None = None
+    # floating dtypes of every op's result: a float64 measurement of a model that upcasts
+    # or downcasts inside (T5 / Llama norms in float32) is only float32-accurate
+    dtypes: set[torch.dtype] = field(default_factory=set)
 
 
 BROADCAST_ADDS = {torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__}
@@ -89,6 +92,8 @@ class _UseRecorder(TorchFunctionMode):
                            kwargs: dict[str, Any] | None = None) -> Any:
         kwargs = kwargs or {}
         result = func(*args, **kwargs)
+        if isinstance(result, torch.Tensor) and result.is_floating_point():
+            self.census.dtypes.add(result.dtype)
         if func not in _METADATA and getattr(func, "__name__", "") != "__get__":
             for leaf in tree_flatten((args, kwargs))[0]:
                 if isinstance(leaf, torch.Tensor):

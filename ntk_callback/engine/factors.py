@@ -39,7 +39,7 @@ from . import structured
 from .generic import generic_rows
 from .problem import Problem
 from .structured.driver import FactorsTooLarge
-from .structured.selfcheck import RTOL, RTOL_OTHER
+from .structured.selfcheck import tolerance
 
 log = logging.getLogger("ntk_callback.engine")
 
@@ -160,7 +160,7 @@ def capture(problem: Problem, limit: int, budget: int, self_check: bool = True,
     if parts and result is not None and result.checks:
         # the products' own check, on the structured self-check's vectors and autograd side
         data = result.checks[0]
-        rtol = RTOL.get(problem.dtype, RTOL_OTHER)
+        rtol = tolerance(problem.dtype, problem.census.dtypes if problem.census else ())
         for w, u, ref in zip(data.w, data.u, data.ref):
             sq = sum(float(torch.vdot(g.reshape(-1), g.reshape(-1))) for g in ref.values())
             why = op.verify(w, u, sq, rtol)

@@ -34,12 +34,15 @@ computes them and ``cot_ir`` the mode's cotangent rows:
 A module failing the first check, or the modules of a key failing the second, are sent
 to the exact path (and the structured part recomputed without them); the reason is kept
 for ``explain=True``. Tolerances are relative to the compared squared norms (float64:
-1e-9, float32: 1e-4, half precision: 2e-2), plus a floor of 1e-6 of that relative
+1e-9, float32: 1e-4, half precision: 2e-2; the loosest of the compute dtype and every
+floating dtype the trial forward produced, so a float64 measurement of a model that runs
+its norms in float32 is checked at float32's), plus a floor of 1e-6 of that relative
 error times the total squared gradient norm of the probe set (round-off of near-zero
 contributions).
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -50,6 +53,14 @@ from .planner import Plan
 
 RTOL = {torch.float64: 1e-9, torch.float32: 1e-4}
 RTOL_OTHER = 2e-2
+
+
+def tolerance(dtype: torch.dtype, seen: Iterable[torch.dtype] = ()) -> float:
+    """The check's relative tolerance for a computation in ``dtype`` whose forward also
+    produced tensors of the dtypes ``seen`` (the census): the loosest of them, since a
+    float64 measurement of a model that computes some ops in float32 carries float32
+    round-off (two exact computations of the same quantity then differ by ~1e-7)."""
+    return max(RTOL.get(d, RTOL_OTHER) for d in {dtype, *seen})
 
 
 @dataclass
@@ -70,8 +81,8 @@ def _close(a: float, b: float, rtol: float, floor: float) -> bool:
 
 
 def verify(plan: Plan, result: Result, keys: dict[str, list[str]], mode: KernelMode,
-           dtype: torch.dtype) -> Verdict:
-    rtol = RTOL.get(dtype, RTOL_OTHER)
+           dtype: torch.dtype, seen: Iterable[torch.dtype] = ()) -> Verdict:
+    rtol = tolerance(dtype, seen)
     verdict = Verdict()
     module_of = {full: m for m, attrs in plan.params.items() for full in attrs.values()}
     # modules sharing a tied parameter are checked as one unit (the parameter's rows are
