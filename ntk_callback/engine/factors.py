@@ -38,7 +38,7 @@ import torch
 from . import structured
 from .generic import generic_rows
 from .problem import Problem
-from .structured.driver import FactorsTooLarge
+from .structured.driver import FactorsTooLarge, part_nbytes
 from .structured.selfcheck import tolerance
 
 log = logging.getLogger("ntk_callback.engine")
@@ -69,11 +69,7 @@ class FactorOperator:
 
     def nbytes(self) -> int:
         """Bytes held by the factors."""
-        total = 0
-        for part in self.parts:
-            tensors = (part,) if isinstance(part, torch.Tensor) else (part.data, part.d)
-            total += sum(t.numel() * t.element_size() for t in tensors if t is not None)
-        return total
+        return sum(part_nbytes(part) for part in self.parts)
 
     def pulled(self, w: torch.Tensor) -> list[torch.Tensor]:
         """``H_r = sum_i w_ir g(i, r)`` of every part, (k, P_part) each, for ``w`` (n, k)."""

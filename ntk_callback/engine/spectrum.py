@@ -56,6 +56,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -357,19 +359,31 @@ def ntk_spectrum(model: torch.nn.Module, data: Any, targets: Any = None, *, k: i
 
     Side effects: none (as :func:`.api.empirical_ntk`).
     """
-    comm = resolve(comm)
-    budget = memory_budget or default_budget(model_device(model))
     if not isinstance(k, int) or k < 1:
         raise NTKError(f"k={k!r} must be a positive int (eigenvalues wanted).")
+    with _measurement(model, data, targets, mode, dtype, batch_to_probe, output_fn,
+                      chunk_size, memory_budget, eval_mode, comm, route, k) as (op, chosen, budget):
+        if chosen == "gram":
+            return _gram_spectrum(op, k, return_vectors)
+        return _lanczos(_products(route, chosen, op, budget, self_check), k, return_vectors,
+                        tol, maxiter, ncv, seed)
+
+
+@contextmanager
+def _measurement(model: torch.nn.Module, data: Any, targets: Any, mode: Any, dtype: Any,
+                 batch_to_probe: Any, output_fn: Any, chunk_size: int | None,
+                 memory_budget: int | None, eval_mode: bool, comm: Communicator | None,
+                 route: str, k: int) -> Iterator[tuple[_Operator, str, int]]:
+    """The measurement context of the spectrum functions (model frozen and cast): the
+    problem's operator, the route taken for ``k`` eigenvalues and the memory budget."""
+    comm = resolve(comm)
+    budget = memory_budget or default_budget(model_device(model))
     with frozen_measurement(model, eval_mode), cast_floating(model, resolve_dtype(model, dtype)):
         op = _setup(model, data, targets, mode, dtype, batch_to_probe, output_fn, chunk_size,
                     budget, comm)
         chosen = _route(route, op, budget)
         _check_k(k, op, chosen)
-        if chosen == "gram":
-            return _gram_spectrum(op, k, return_vectors)
-        return _lanczos(_products(route, chosen, op, budget, self_check), k, return_vectors,
-                        tol, maxiter, ncv, seed)
+        yield op, chosen, budget
 
 
 def _gram_spectrum(op: _Operator, k: int, return_vectors: bool,
@@ -447,16 +461,11 @@ def ntk_spectrum_and_norms(model: torch.nn.Module, data: Any, targets: Any = Non
     :func:`ntk_trace_estimate` (``num_samples`` Rademacher vectors) of one kernel, sharing
     the data, the route and, on the ``"factors"`` route, the one capture of the factors:
     what a report of both costs. Arguments as those two functions."""
-    comm = resolve(comm)
-    budget = memory_budget or default_budget(model_device(model))
     if not isinstance(k, int) or k < 0:
         raise NTKError(f"k={k!r} must be a non-negative int (eigenvalues wanted).")
     _check_samples(num_samples)
-    with frozen_measurement(model, eval_mode), cast_floating(model, resolve_dtype(model, dtype)):
-        op = _setup(model, data, targets, mode, dtype, batch_to_probe, output_fn, chunk_size,
-                    budget, comm)
-        chosen = _route(route, op, budget)
-        _check_k(k, op, chosen)
+    with _measurement(model, data, targets, mode, dtype, batch_to_probe, output_fn,
+                      chunk_size, memory_budget, eval_mode, comm, route, k) as (op, chosen, budget):
         if chosen == "gram":
             g = op.gram()
             norms = NormEstimate(float(torch.trace(g)), 0.0, float(torch.linalg.norm(g)), 0.0,

@@ -48,12 +48,13 @@ class Factors:
         return list(self.rows.values()) + [t for ts in self.terms.values() for t in ts]
 
     def nbytes(self) -> int:
-        total = 0
-        for part in self.parts():
-            for t in ((part,) if isinstance(part, torch.Tensor) else (part.data, part.d)):
-                if t is not None:
-                    total += t.numel() * t.element_size()
-        return total
+        return sum(part_nbytes(part) for part in self.parts())
+
+
+def part_nbytes(part: torch.Tensor | Term) -> int:
+    """Bytes held by a rows tensor, or by a term's inputs and cotangents."""
+    tensors = (part,) if isinstance(part, torch.Tensor) else (part.data, part.d)
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 def _size(nbytes: int) -> str:
@@ -521,10 +522,8 @@ def _factor_size(bufs: dict[str, torch.Tensor], gram: dict[str, Term], n: int,
                  seen: int, limit: int) -> None:
     """Factor mode, after the first chunk of ``seen`` probes: the rows buffers (allocated
     for all ``n``) plus the chunk's Gram-route terms scaled to ``n`` must fit ``limit``."""
-    need = sum(b.numel() * b.element_size() for b in bufs.values())
-    for t in gram.values():
-        per = sum(x.numel() * x.element_size() for x in (t.data, t.d) if x is not None)
-        need += per * n // max(1, seen)
+    need = sum(part_nbytes(b) for b in bufs.values())
+    need += sum(part_nbytes(t) for t in gram.values()) * n // max(1, seen)
     if need > limit:
         raise FactorsTooLarge(need, limit)
 
