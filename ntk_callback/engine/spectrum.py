@@ -434,7 +434,6 @@ def ntk_trace_estimate(model: torch.nn.Module, data: Any, targets: Any = None, *
     trace on the ``"factors"`` route (the kernel's diagonal from the factors), or both
     exact on the Gram route (see the module doc; arguments as :func:`ntk_spectrum`). For
     normalised metrics such as ``lambda_max / trace``."""
-    _check_samples(num_samples)
     return ntk_spectrum_and_norms(
         model, data, targets, k=0, mode=mode, dtype=dtype, num_samples=num_samples,
         route=route, seed=seed, batch_to_probe=batch_to_probe, chunk_size=chunk_size,

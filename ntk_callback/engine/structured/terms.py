@@ -221,17 +221,11 @@ class OuterTerm(Term):
         return (z.reshape(k, n, s, o) * self.d).sum(dim=(2, 3)).T
 
     def sq_norms(self) -> torch.Tensor:
-        # ||sum_s D_ris a_is^T||^2 = sum_{s,t} (D_ris . D_rit)(a_is . a_it): S x S Grams a
-        # probe, a chunk of probes at a time
-        k, n, s, o = self.d.shape
-        out = torch.empty(n, k, dtype=torch.float64, device=self.d.device)
-        step = max(1, (1 << 24) // max(1, k * s * s))
-        for i in range(0, n, step):
-            d = self.d[:, i:i + step].double()
-            a = self.inputs[i:i + step].double()
-            dd = torch.matmul(d, d.transpose(-1, -2))                 # (k, m, S, S)
-            out[i:i + step] = (dd * torch.matmul(a, a.transpose(-1, -2))).sum((-1, -2)).T
-        return out
+        # ||sum_s D_ris a_is^T||^2 = sum_{s,t} (D_ris . D_rit)(a_is . a_it)
+        def input_gram(sl: slice) -> torch.Tensor:
+            a = self.inputs[sl].double()
+            return torch.matmul(a, a.transpose(-1, -2))
+        return position_sq_norms(self.d, input_gram)
 
     def quad(self, w: torch.Tensor, other: Term, w2: torch.Tensor, budget: int) -> float:
         # per-row products cost k n S o c; the Gram form (nS)^2 (k o + c) is cheaper for
@@ -282,11 +276,7 @@ class TokenTerm(Term):
             torch.bmm(onehot, self.d[0], out=target)
 
     def row_weighted(self, w: torch.Tensor) -> torch.Tensor:
-        k, _, _, o = self.d.shape
-        dw = (self.d * w.reshape(1, -1, 1, 1)).reshape(k, -1, o)
-        out = self.d.new_zeros(k, self.vocab, o)
-        out.index_add_(1, self.inputs.reshape(-1), dw)
-        return out.reshape(k, -1)
+        return self.pull(w.reshape(-1, 1).expand(-1, self.d.shape[0]))
 
     def pull(self, w: torch.Tensor) -> torch.Tensor:
         k, n, _, o = self.d.shape
@@ -297,10 +287,10 @@ class TokenTerm(Term):
 
     def sq_norms(self) -> torch.Tensor:
         # sum_{s,t} (D_ris . D_rit) [T_is == T_it]: tokens that share a row add up
-        k, n, s, o = self.d.shape
-        d = self.d.double()
-        same = (self.inputs[:, :, None] == self.inputs[:, None, :]).double()  # (n, S, S)
-        return (torch.matmul(d, d.transpose(-1, -2)) * same).sum((-1, -2)).T
+        def same_token(sl: slice) -> torch.Tensor:
+            ids = self.inputs[sl]
+            return (ids[:, :, None] == ids[:, None, :]).double()
+        return position_sq_norms(self.d, same_token)
 
     def push(self, h: torch.Tensor) -> torch.Tensor:
         # out_ir = sum_s D_ris . H_r[T_is]: the embedding rows the probe's tokens read
@@ -473,6 +463,21 @@ def stack_rows(parts: list[Term]) -> Term:
     else:
         d = torch.cat([p.d for p in parts])
     return first.like(first.data, d)
+
+
+def position_sq_norms(d: torch.Tensor,
+                      input_gram: Callable[[slice], torch.Tensor]) -> torch.Tensor:
+    """``sum_{s,t} (D_ris . D_rit) G_ist`` for cotangents ``d`` (k, n, S, o) and the
+    probes' (m, S, S) input Grams ``G = input_gram(probes)``: the squared norms (n, k),
+    float64, of gradient rows ``sum_s D_ris (x) a_is``, a chunk of probes at a time."""
+    k, n, s, _ = d.shape
+    out = torch.empty(n, k, dtype=torch.float64, device=d.device)
+    step = max(1, (1 << 24) // max(1, k * s * s))
+    for i in range(0, n, step):
+        sl = slice(i, i + step)
+        dd = d[:, sl].double()
+        out[sl] = (torch.matmul(dd, dd.transpose(-1, -2)) * input_gram(sl)).sum((-1, -2)).T
+    return out
 
 
 def place_chunk(full: Term | None, part: Term, sl: slice, n: int) -> Term:
