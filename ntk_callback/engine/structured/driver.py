@@ -16,6 +16,16 @@ from ..problem import Problem, blocks, output_shape
 from ..symmetric import add_gram, columns, mirror_lower, panel_rows
 from .capture import Calls, Fallback, InPlace, backward_rows, forward
 from .planner import Plan, choose, rows_bytes
+from .rowblocks import (
+    CPU_BLOCK_BYTES,
+    DEVICE_BLOCK_BYTES,
+    CheckWeights,
+    Contracted,
+    Scratch,
+    contract,
+    deferrable,
+    factor_bytes,
+)
 from .terms import ConvTerm, Memo, Term, merge_calls, place_chunk, stack_rows
 
 
@@ -265,6 +275,12 @@ def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]], budget: in
     if plan.broadcasting and (fused or not check):
         _separate_copies(problem, plan)
 
+    # Rows-route outer terms whose factors are smaller than their rows keep the factors
+    # and are contracted a block of rows at a time after the capture (:mod:`.rowblocks`);
+    # not in factor mode (which keeps rows or factors itself) nor across ranks.
+    deferred: set[str] = set()
+    may_defer = factors is None and split is None
+
     def route(name: str, term: Term) -> str:
         nonlocal rows_left
         if name not in routes and factors is not None:
@@ -273,7 +289,11 @@ def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]], budget: in
             param = name.split("#")[0]
             routes[name] = choose(term, k, problem.n1, problem.n2, mode, rows_left, itemsize,
                                   plan.forced.get(module_of[param]), device)
-            if routes[name] == "rows":
+            if routes[name] == "rows" and may_defer and name not in plan.tied \
+                    and deferrable(term, k):
+                deferred.add(name)
+                rows_left -= factor_bytes(term, k, n_all, itemsize)
+            elif routes[name] == "rows":
                 rows_left -= rows_bytes(term, k, n_all, itemsize)
         return routes[name]
 
@@ -340,8 +360,9 @@ def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]], budget: in
                 # its uses are summed (its per-probe gradient)
                 add = name in seen
                 seen.append(name)
-                if name not in plan.tied and not term.rows_only and route(name, term) != "rows":
-                    gram_parts.setdefault(name, []).append(term)
+                if name not in plan.tied and not term.rows_only and (
+                        route(name, term) != "rows" or name in deferred):
+                    gram_parts.setdefault(name, []).append(term)  # held for all probes
                     return
                 if name not in slots:
                     key = key_of[name.split("#")[0]]
@@ -471,6 +492,9 @@ def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]], budget: in
                                             list(plan.modules), checked, live))
     if factors is not None:
         return _factor_result(checks, collected[0], slots, module_of, fused)
+    # the block-by-block rows route's terms leave the Gram-route dicts
+    held = [{name: gram.pop(name) for name in sorted(deferred) if name in gram}
+            for _, gram in collected]
     rows1, gram1 = collected[0]
     rows2, gram2 = collected[1] if problem.cross else collected[0]
     symmetric = not problem.cross
@@ -492,10 +516,16 @@ def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]], budget: in
         for a1, a2 in zip(t1.gram_pieces(), t2.gram_pieces()):
             _add_term_gram(acc(key_of[name.split("#")[0]]), a1, a1 if symmetric else a2,
                            mode, budget, itemsize, symmetric)
+    contracted = _contract_held(held, acc, key_of, mode, checks, fused, symmetric, budget,
+                                device.kind)
     if symmetric:
         for value in result.values():
             mirror_lower(value)
     out = Result(result, checks)
+    for name, got in contracted.items():
+        for data, pieces in zip(checks, got.pieces):
+            for side, g in zip(data.G, pieces):
+                side.setdefault(module_of[name.split("#")[0]], []).append(g)
     if fused:
         w1 = checks[0].w[0]
         ww = torch.outer(w1, checks[1].w[0] if problem.cross else w1)
@@ -510,11 +540,38 @@ def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]], budget: in
                 key = key_of[name.split("#")[0]]
                 quads[key] = quads.get(key, 0.0) + float(torch.vdot(g, g))
             out.quads = [quads]
-        return out
-    for data, (bufs, gram) in zip(checks, collected):
-        _rule_side(data, bufs, gram, slots, module_of)
-    if checks and symmetric:
-        out.quads = _quads(checks[0], rows1, gram1, slots, key_of, mode, budget)
+    else:
+        for data, (bufs, gram) in zip(checks, collected):
+            _rule_side(data, bufs, gram, slots, module_of)
+        if checks and symmetric:
+            out.quads = _quads(checks[0], rows1, gram1, slots, key_of, mode, budget)
+    for name, got in contracted.items():
+        key = key_of[name.split("#")[0]]
+        for quads, value in zip(out.quads, got.quads):
+            quads[key] = quads.get(key, 0.0) + value
+    return out
+
+
+def _contract_held(held: list[dict[str, Term]], acc: Callable[[str], torch.Tensor],
+                   key_of: dict[str, str], mode: KernelMode, checks: list[CheckData],
+                   fused: bool, symmetric: bool, budget: int, device_kind: str
+                   ) -> dict[str, Contracted]:
+    """The kernels of the block-by-block rows route's terms (``held[s]``: probe set s's
+    terms by name), with their self-check pieces and quadratic forms
+    (:func:`.rowblocks.contract`; the fused check's rows carry the probe weights, so they
+    are summed with weight 1)."""
+    if not held[0]:
+        return {}
+    block = CPU_BLOCK_BYTES if device_kind == "cpu" else \
+        max(CPU_BLOCK_BYTES, min(DEVICE_BLOCK_BYTES, budget // 8))
+    weights = [CheckWeights([torch.ones_like(d.w[0])], [torch.ones_like(d.u[0])]) if fused
+               else CheckWeights(d.w, d.u) for d in checks]
+    scratch = Scratch()
+    out = {}
+    for name, t1 in held[0].items():
+        t2 = None if symmetric else held[1][name]
+        out[name] = contract(acc(key_of[name.split("#")[0]]), mode, t1, t2, weights,
+                             symmetric and bool(checks), block, scratch)
     return out
 
 
