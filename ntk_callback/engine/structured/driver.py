@@ -523,8 +523,8 @@ def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]], budget: in
             mirror_lower(value)
     out = Result(result, checks)
     for name, got in contracted.items():
-        for data, pieces in zip(checks, got.pieces):
-            for side, g in zip(data.G, pieces):
+        for data, by_vector in zip(checks, got.pieces):
+            for side, g in zip(data.G, by_vector):
                 side.setdefault(module_of[name.split("#")[0]], []).append(g)
     if fused:
         w1 = checks[0].w[0]
@@ -547,8 +547,8 @@ def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]], budget: in
             out.quads = _quads(checks[0], rows1, gram1, slots, key_of, mode, budget)
     for name, got in contracted.items():
         key = key_of[name.split("#")[0]]
-        for quads, value in zip(out.quads, got.quads):
-            quads[key] = quads.get(key, 0.0) + value
+        for forms, value in zip(out.quads, got.quads):
+            forms[key] = forms.get(key, 0.0) + value
     return out
 
 
