@@ -547,8 +547,8 @@ def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]], budget: in
             out.quads = _quads(checks[0], rows1, gram1, slots, key_of, mode, budget)
     for name, got in contracted.items():
         key = key_of[name.split("#")[0]]
-        for forms, value in zip(out.quads, got.quads):
-            forms[key] = forms.get(key, 0.0) + value
+        for forms, form in zip(out.quads, got.quads):
+            forms[key] = forms.get(key, 0.0) + form
     return out
 
 
