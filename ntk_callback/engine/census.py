@@ -82,6 +82,28 @@ def broadcast_form(func: Callable[..., Any], param: torch.Tensor, args: tuple[An
     return "other"
 
 
+_SCALARS = (int, float, bool, str, type(None), torch.dtype, torch.device, slice,
+            type(Ellipsis))
+
+
+def _tensors(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[torch.Tensor]:
+    """The tensors among an op's arguments, as ``tree_flatten`` finds them, with a fast
+    path for the common cases (tensors, scalars, flat lists such as ``torch.cat``'s):
+    the census runs this on every op, where pytree cost more than the op."""
+    out: list[torch.Tensor] = []
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            out.append(value)
+        elif isinstance(value, _SCALARS):
+            continue
+        elif isinstance(value, (list, tuple)) and not any(
+                isinstance(v, (list, tuple, dict)) for v in value):
+            out.extend(v for v in value if isinstance(v, torch.Tensor))
+        else:
+            out.extend(v for v in tree_flatten(value)[0] if isinstance(v, torch.Tensor))
+    return out
+
+
 class _UseRecorder(TorchFunctionMode):
     def __init__(self, ids: dict[int, str], census: Census, stack: list[str]) -> None:
         super().__init__()
@@ -95,14 +117,13 @@ class _UseRecorder(TorchFunctionMode):
         if isinstance(result, torch.Tensor) and result.is_floating_point():
             self.census.dtypes.add(result.dtype)
         if func not in _METADATA and getattr(func, "__name__", "") != "__get__":
-            for leaf in tree_flatten((args, kwargs))[0]:
-                if isinstance(leaf, torch.Tensor):
-                    name = self.ids.get(id(leaf))
-                    if name is not None:
-                        self.census.uses.setdefault(name, set()).add(
-                            self.stack[-1] if self.stack else None)
-                        self.census.forms.setdefault(name, []).append(broadcast_form(
-                            func, leaf, args, kwargs, result, self.census.batch))
+            for leaf in _tensors(args, kwargs):
+                name = self.ids.get(id(leaf))
+                if name is not None:
+                    self.census.uses.setdefault(name, set()).add(
+                        self.stack[-1] if self.stack else None)
+                    self.census.forms.setdefault(name, []).append(broadcast_form(
+                        func, leaf, args, kwargs, result, self.census.batch))
         return result
 
 
