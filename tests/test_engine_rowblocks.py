@@ -199,3 +199,22 @@ def test_deferrable_rule() -> None:
     assert rowblocks.deferrable(wide, 1)
     assert not rowblocks.deferrable(long, 1)
     assert rowblocks.factor_bytes(wide, 1, 10, 4) == 10 * 8 * (64 + 64) * 4
+
+
+@pytest.mark.parametrize("mode", ["target", "trace"])
+def test_several_capture_chunks_hold_the_factors(mode, spy, monkeypatch) -> None:
+    """A budget that splits the capture into chunks: the factors are held for all probes
+    and contracted after the capture (not inside the backward)."""
+    eager: list[bool] = []
+    original = driver._contract_held
+
+    def held(held_terms, *args, **kwargs):
+        eager.append(bool(held_terms[0]))
+        return original(held_terms, *args, **kwargs)
+
+    monkeypatch.setattr(driver, "_contract_held", held)
+    model, tokens, targets = _token_case(n=9, seed=9)
+    got = empirical_ntk(model, tokens, targets, mode=mode, dtype=torch.float64,
+                        layer_paths=ROWS, memory_budget=100_000)
+    assert R.rel_err(got, R.ntk_loop(model, tokens, targets, mode=mode)) < 1e-12
+    assert spy and eager and all(eager)  # (trace: a group of output rows a call)
