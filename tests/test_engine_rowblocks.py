@@ -144,15 +144,15 @@ def test_default_route_is_taken_for_wide_layers(spy) -> None:
 
 
 def test_planted_wrong_rows_are_caught(monkeypatch, tiny_blocks) -> None:
-    """A block builder that drops the first output feature's rows: the kernel and the
-    rule side are both built from those rows, so only autograd's side can see it."""
+    """A block builder that drops the first output features' weight rows: the kernel and
+    the rule side are both built from those rows, so only autograd's side can see it."""
     original = rowblocks._build
 
-    def wrong(term, features, out):
-        rows = original(term, features, out)
+    def wrong(term, features, weights, bias):
+        parts = original(term, features, weights, bias)
         if features.start == 0:
-            rows.zero_()
-        return rows
+            parts[0].zero_()
+        return parts
 
     monkeypatch.setattr(rowblocks, "_build", wrong)
     model, tokens, targets = _token_case(seed=4)

@@ -26,7 +26,17 @@ from .rowblocks import (
     deferrable,
     factor_bytes,
 )
-from .terms import ConvTerm, Memo, Term, TokenTerm, merge_calls, place_chunk, stack_rows
+from .terms import (
+    BiasedOuterTerm,
+    ConvTerm,
+    Memo,
+    OuterTerm,
+    Term,
+    TokenTerm,
+    merge_calls,
+    place_chunk,
+    stack_rows,
+)
 from .tokens import add_token_kernel
 
 
@@ -632,7 +642,9 @@ def _factor_result(checks: list[CheckData], collected: Collected,
             buf.div_(w.reshape(-1, 1, 1))
         for term in gram.values():
             term.d.div_(w.reshape((1, -1) + (1,) * (term.d.dim() - 2)))
-    terms = {name: term.gram_pieces() for name, term in gram.items()}
+    # (a biased term's ones column is appended once here: the products use it every time)
+    terms = {name: [OuterTerm(p.key, p.inputs, p.d) if isinstance(p, BiasedOuterTerm) else p
+                    for p in term.gram_pieces()] for name, term in gram.items()}
     return Result({}, checks, factors=Factors(bufs, terms))
 
 
@@ -807,7 +819,7 @@ def _split_collect(split: Any, collect: Callable[..., Collected], x: Any, cot: t
 def _gather_term(split: Any, term: Term, n: int) -> Term:
     """A Gram-route term of this rank's probes -> the term of all ``n`` probes (probe axis:
     0 of ``data``, 1 of ``d``; probe-major cotangents travel in their memory layout)."""
-    data = None if term.data is None else split.gather(term.inputs.contiguous(), n)
+    data = None if term.data is None else split.gather(term.data.contiguous(), n)
     if term.probe_major:
         d = split.gather(term.d.permute(1, 2, 0, 3).contiguous(), n).permute(2, 0, 1, 3)
     else:
@@ -855,7 +867,7 @@ def _contract_share(split: Any, acc: Callable[[str], torch.Tensor],
     a, b = rows.start, rows.stop
 
     def part(term: Term, lo: int, hi: int | None) -> Term:
-        return term.like(None if term.data is None else term.inputs[lo:hi],
+        return term.like(None if term.data is None else term.data[lo:hi],
                          term.d[:, lo:hi], {})
 
     if b > a:

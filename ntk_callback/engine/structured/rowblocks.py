@@ -30,7 +30,7 @@ import torch
 
 from ..modes import KernelMode
 from ..symmetric import ACCUMULATE_CHUNK, add_gram
-from .terms import OuterTerm, Term
+from .terms import BiasedOuterTerm, OuterTerm, Term
 
 #: bytes of one block of rows on the CPU (fits the caches: measured, BERT-like encoder,
 #: N = 64, 1-4 MiB all within 10 % of each other, 256 KiB 2x slower); on other devices
@@ -43,9 +43,10 @@ MIN_FEATURES = 16
 
 
 def deferrable(term: Term, k: int) -> bool:
-    """Whether ``term``'s rows route should run block by block: an outer term whose
-    factors (inputs and cotangents of ``k`` rows) are smaller than its rows."""
-    if type(term) is not OuterTerm:
+    """Whether ``term``'s rows route should run block by block: an outer term (a Linear's
+    weight, with or without its bias) whose factors (inputs and cotangents of ``k`` rows)
+    are smaller than its rows."""
+    if type(term) not in (OuterTerm, BiasedOuterTerm):
         return False
     _, s, o, c, _ = term.size()
     return s * (c + k * o) <= k * o * c
@@ -103,13 +104,28 @@ def _features(n: int, k: int, c: int, o: int, itemsize: int, block_bytes: int,
     return max(1, min(o, width))
 
 
-def _build(term: Term, features: slice, out: torch.Tensor) -> torch.Tensor:
-    """Rows of output features ``features`` into ``out`` (n, k, f, c); returns them as
-    (n, k, f c)."""
-    d, a = term.d, term.inputs
+def _layer_input(term: Term) -> tuple[torch.Tensor, bool]:
+    """The layer input ``a`` (n, S, c) and whether the term carries the bias (its rows
+    then end with the cotangents' sums: the ones column, never materialised here)."""
+    if isinstance(term, BiasedOuterTerm):
+        return term.raw, True
+    return term.inputs, False
+
+
+def _build(term: Term, features: slice, weights: torch.Tensor,
+           bias: torch.Tensor | None) -> list[torch.Tensor]:
+    """Rows of output features ``features``: the weight's into ``weights`` (n, k, f, c)
+    and, for a biased term, the bias's into ``bias`` (n, k, f); returned as (n, k, f c)
+    and (n, k, f)."""
+    d = term.d
+    a, _ = _layer_input(term)
     for r in range(d.shape[0]):
-        torch.bmm(d[r, :, :, features].transpose(1, 2), a, out=out[:, r])
-    return out.reshape(out.shape[0], out.shape[1], -1)
+        block = d[r, :, :, features]                               # (n, S, f)
+        torch.bmm(block.transpose(1, 2), a, out=weights[:, r])
+        if bias is not None:
+            torch.sum(block, dim=1, out=bias[:, r])
+    parts = [weights.reshape(weights.shape[0], weights.shape[1], -1)]
+    return parts + ([bias] if bias is not None else [])
 
 
 def contract(out: torch.Tensor, mode: KernelMode, t1: Term, t2: Term | None,
@@ -119,37 +135,46 @@ def contract(out: torch.Tensor, mode: KernelMode, t1: Term, t2: Term | None,
     a time; ``t2`` the same term of the second probe set (None: a self-kernel, on upper
     panels, see :mod:`..symmetric`). ``checks``: the self-check's weights of each probe
     set (empty without the check); ``quads``: also the quadratic forms of the first set's
-    check vectors (self-kernels)."""
+    check vectors (self-kernels).
+
+    A biased term's rows are laid out as the weight's (o x c, row-major) followed by the
+    bias's (o): the check compares squared norms, so any fixed layout will do."""
     k, n1, _, o = t1.d.shape
-    c = t1.inputs.shape[-1]
+    a, biased = _layer_input(t1)
+    c = a.shape[-1]
     n2 = t2.d.shape[1] if t2 is not None else 0
+    n = n1 + n2
     exact = out.dtype == torch.float64
-    width = _features(n1 + n2, k, c, o, out.element_size(), block_bytes, exact)
+    width = _features(n, k, c + biased, o, out.element_size(), block_bytes, exact)
     total = out if exact else torch.zeros(out.shape, dtype=torch.float64, device=out.device)
     part = out if exact else torch.empty_like(out)
-    p = o * c
-    result = Contracted(pieces=[[out.new_empty(p) for _ in ch.w] for ch in checks],
+    result = Contracted(pieces=[[out.new_empty(o * (c + biased)) for _ in ch.w]
+                                for ch in checks],
                         quads=[0.0] * (len(checks[0].w) if checks and quads else 0))
-    buf = scratch.take(((n1 + n2) * k * width * c,), out)
+    buf = scratch.take((n * k * width * (c + 1),), out)
     for f0 in range(0, o, width):
         feats = slice(f0, min(o, f0 + width))
         f = feats.stop - feats.start
-        r1 = _build(t1, feats, buf[:n1 * k * f * c].view(n1, k, f, c))
-        r2 = None if t2 is None else _build(
-            t2, feats, buf[n1 * k * f * c:(n1 + n2) * k * f * c].view(n2, k, f, c))
+        w_end, b_end = n * k * f * c, n * k * f * (c + 1)
+        weights = buf[:w_end].view(n, k, f, c)
+        bias = buf[w_end:b_end].view(n, k, f) if biased else None
+        sets = [_build(t1, feats, weights[:n1], None if bias is None else bias[:n1])]
+        if t2 is not None:
+            sets.append(_build(t2, feats, weights[n1:], None if bias is None else bias[n1:]))
         if not exact:
             part.zero_()
-        add_gram(part, mode, r1, r2)
+        cols = [slice(f0 * c, feats.stop * c), slice(o * c + f0, o * c + feats.stop)]
+        for j in range(len(sets[0])):
+            add_gram(part, mode, sets[0][j], sets[1][j] if t2 is not None else None)
         if not exact:
             total += part
-        cols = slice(f0 * c, feats.stop * c)
-        for s, (weights, rows) in enumerate(zip(checks, (r1, r2))):
-            assert rows is not None
-            for v, (w, u) in enumerate(zip(weights.w, weights.u)):
-                h = torch.einsum("i,irp->rp", w, rows)          # (k, f c)
-                result.pieces[s][v][cols] = u @ h
-                if s == 0 and quads:
-                    result.quads[v] += mode.rows_quad(h, u)
+        for s, (weights_s, rows_s) in enumerate(zip(checks, sets)):
+            for j, rows in enumerate(rows_s):
+                for v, (w, u) in enumerate(zip(weights_s.w, weights_s.u)):
+                    h = torch.einsum("i,irp->rp", w, rows)          # (k, columns)
+                    result.pieces[s][v][cols[j]] = u @ h
+                    if s == 0 and quads:
+                        result.quads[v] += mode.rows_quad(h, u)
     if not exact:
         out += total.to(out.dtype)
     return result

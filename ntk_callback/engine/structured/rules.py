@@ -35,6 +35,7 @@ from torch.nn.modules.conv import _ConvNd
 from .terms import (
     PAD_MODES,
     BatchNormTerm,
+    BiasedOuterTerm,
     ConvTerm,
     GroupedConvTerm,
     Memo,
@@ -202,26 +203,24 @@ class LinearRule(Rule):
               memo: Memo) -> list[Term]:
         # (a leaf: weight and bias share one per-layer key, and one term)
         leaf = next(module.children(), None) is None
-        return linear_terms(attrs, "weight", "bias", "", call.args[0], d, memo, "a1", fold=leaf)
+        return linear_terms(attrs, "weight", "bias", "", call.args[0], d, memo, fold=leaf)
 
 
 def linear_terms(attrs: dict[str, str], weight: str, bias: str, tag: str, a: torch.Tensor,
-                 d: torch.Tensor, memo: Memo, slot: str, fold: bool = True) -> list[Term]:
+                 d: torch.Tensor, memo: Memo, fold: bool = True) -> list[Term]:
     """Terms of ``z = a W^T + b`` for inputs a (n, ..., c) and cotangents d (k, n, ..., o):
     an outer term on ``a`` for ``attrs[weight]`` and a sum term for ``attrs[bias]``, or
-    with ``fold`` and both covered one outer term on ``[a; 1]`` (cached in
-    ``memo[slot]``). ``tag`` suffixes the term names."""
+    with ``fold`` and both covered one outer term on ``[a; 1]``
+    (:class:`.terms.BiasedOuterTerm`, the ones column appended only where a route needs
+    it). ``tag`` suffixes the term names."""
     k, n = d.shape[:2]
     dd = d.reshape(k, n, -1, d.shape[-1])
     tied = memo.get("tied")
     if weight in attrs and isinstance(tied, (set, frozenset)) and attrs[weight] in tied:
         fold = False  # its rows are summed with other modules': (o, c), no bias column
     if fold and weight in attrs and bias in attrs:
-        def with_ones() -> torch.Tensor:
-            a2 = a.reshape(n, -1, a.shape[-1])
-            return torch.cat([a2, a2.new_ones(a2.shape[:2] + (1,))], dim=-1)
-
-        return [OuterTerm(attrs[weight] + tag, cached(memo, slot, with_ones), dd)]
+        return [BiasedOuterTerm(attrs[weight] + tag, a.reshape(n, -1, a.shape[-1]), dd,
+                                memo=memo)]
     out: list[Term] = []
     if weight in attrs:
         out.append(OuterTerm(attrs[weight] + tag, a.reshape(n, -1, a.shape[-1]), dd))
@@ -245,7 +244,7 @@ class TransposedLinearRule(Rule):
     def terms(self, module: nn.Module, attrs: dict[str, str], call: Call, d: torch.Tensor,
               memo: Memo) -> list[Term]:
         leaf = next(module.children(), None) is None
-        return linear_terms(attrs, "weight", "bias", "", call.args[0], d, memo, "a1", fold=leaf)
+        return linear_terms(attrs, "weight", "bias", "", call.args[0], d, memo, fold=leaf)
 
 
 _LAZY_RULES[("transformers.pytorch_utils", "Conv1D")] = TransposedLinearRule
@@ -610,9 +609,9 @@ class MultiheadAttentionRule(Rule):
                 g = torch.zeros_like(proj[j]) if g is None else probes_first(g)
                 # (in_proj_weight and in_proj_bias are separate per-layer keys: no fold)
                 terms += linear_terms(attrs, "in_proj_weight", "in_proj_bias", f"#{tag}",
-                                      x, g.unsqueeze(0), memo, f"in_{tag}", fold=False)
+                                      x, g.unsqueeze(0), memo, fold=False)
             terms += linear_terms(attrs, "out_proj.weight", "out_proj.bias", "",
-                                  att.o, probes_first(dz).unsqueeze(0), memo, "out")
+                                  att.o, probes_first(dz).unsqueeze(0), memo)
         if k > 1:
             raise RuntimeError("one cotangent row a call expected")
         return terms

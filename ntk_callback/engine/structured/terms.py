@@ -244,6 +244,36 @@ class OuterTerm(Term):
         return float(((d1 @ d2.T) * (a1 @ a2.T)).sum())
 
 
+class BiasedOuterTerm(OuterTerm):
+    """A Linear's weight and bias as one outer term on ``[a; 1]`` (the bias shares the
+    cotangent Gram of the weight). ``data`` holds ``a`` itself; ``inputs`` appends the
+    ones column on first use (cached for the call's terms of every cotangent row), so
+    the block-by-block rows route (:mod:`.rowblocks`), which takes the bias rows as the
+    cotangents' sums, never copies the activations."""
+
+    @property
+    def inputs(self) -> torch.Tensor:
+        a = super().inputs
+        return cached(self.memo, f"ones:{self.key}",
+                      lambda: torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], dim=-1))
+
+    def size(self) -> tuple[int, int, int, int, int]:
+        k, _, s, o = self.d.shape
+        c = super().inputs.shape[-1] + 1
+        return k, s, o, c, o * c
+
+    def merge(self, other: Term) -> Term:
+        if not isinstance(other, BiasedOuterTerm):
+            return OuterTerm(self.key, self.inputs, self.d).merge(other)
+        return self.like(torch.cat([super().inputs, other.raw], dim=1),
+                         torch.cat([self.d, other.d], dim=2), {})
+
+    @property
+    def raw(self) -> torch.Tensor:
+        """The layer input ``a`` (n, S, c), without the ones column."""
+        return super().inputs
+
+
 class TokenTerm(Term):
     probe_major = True
 
@@ -487,15 +517,15 @@ def place_chunk(full: Term | None, part: Term, sl: slice, n: int) -> Term:
     if full is None:
         if sl.start == 0 and sl.stop == n:
             return part
-        data = None if part.data is None else part.inputs.new_empty(
-            (n,) + tuple(part.inputs.shape[1:]))
+        data = None if part.data is None else part.data.new_empty(
+            (n,) + tuple(part.data.shape[1:]))
         if part.probe_major:  # (n, S, k, o) in memory, seen as (k, n, S, o)
             k, _, s, o = part.d.shape
             d = part.d.new_empty((n, s, k, o)).permute(2, 0, 1, 3)
         else:
             d = part.d.new_empty((part.d.shape[0], n) + tuple(part.d.shape[2:]))
         full = part.like(data, d, {})
-    if full.data is not None:
-        full.inputs[sl] = part.inputs
+    if full.data is not None and part.data is not None:
+        full.data[sl] = part.data
     full.d[:, sl] = part.d
     return full
