@@ -310,9 +310,7 @@ def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]], budget: in
         return result[key]
 
     def contract_now(r: int, name: str, term: Term, data: CheckData | None) -> None:
-        weights = [] if data is None else (
-            [CheckWeights([torch.ones_like(data.w[0])], [torch.ones_like(data.u[0])])]
-            if fused else [CheckWeights(data.w, [u[r:r + 1] for u in data.u])])
+        weights = [] if data is None else [_check_weights(data, fused, r)]
         got = contract(acc(key_of[name.split("#")[0]]), mode, term, None, weights,
                        bool(weights), block, scratch)
         _accumulate(contracted, name, got)
@@ -596,14 +594,22 @@ def _contract_held(held: list[dict[str, Term]], acc: Callable[[str], torch.Tenso
     (``held[s]``: probe set s's terms by name), with their self-check pieces and
     quadratic forms (:func:`.rowblocks.contract`; the fused check's rows carry the probe
     weights, so they are summed with weight 1)."""
-    weights = [CheckWeights([torch.ones_like(d.w[0])], [torch.ones_like(d.u[0])]) if fused
-               else CheckWeights(d.w, d.u) for d in checks]
+    weights = [_check_weights(d, fused) for d in checks]
     out = {}
     for name, t1 in held[0].items():
         t2 = None if symmetric else held[1][name]
         out[name] = contract(acc(key_of[name.split("#")[0]]), mode, t1, t2, weights,
                              symmetric and bool(checks), block, scratch)
     return out
+
+
+def _check_weights(data: CheckData, fused: bool, row: int | None = None) -> CheckWeights:
+    """The self-check's weights for :func:`.rowblocks.contract`: all ones for the fused
+    check (its rows already carry the probe weights), else the check vectors' probe and
+    row weights (``row``: only that cotangent row's weight, for one row's term)."""
+    if fused:
+        return CheckWeights([torch.ones_like(data.w[0])], [torch.ones_like(data.u[0])])
+    return CheckWeights(data.w, data.u if row is None else [u[row:row + 1] for u in data.u])
 
 
 def _accumulate(into: dict[str, Contracted], name: str, got: Contracted) -> None:
