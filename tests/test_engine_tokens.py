@@ -115,3 +115,20 @@ def test_full_mode_and_cross_kernels_keep_the_gram_route(spy) -> None:
                           layer_paths={"emb": "gram"})
     assert R.rel_err(cross, R.ntk_loop(model, ids, mode="trace", inputs2=ids2)) < 1e-12
     assert spy == []
+
+
+@pytest.mark.parametrize("pattern", sorted(PATTERNS))
+@pytest.mark.parametrize("add", [False, True])
+def test_rows_into_a_slot_matches_rows(pattern, add) -> None:
+    """The rows route's in-place scatter (into a slot of a wider buffer) against the
+    one-hot rows."""
+    ids = PATTERNS[pattern](torch.Generator().manual_seed(6))
+    term = _term(ids, 1, 3, 400, seed=7)
+    buf = torch.randn(9, 5 + 400 * 3 + 2, dtype=torch.float64)
+    before = buf.clone()
+    slot = buf[:, 5:5 + 400 * 3]
+    term.rows_into(slot, add)
+    expected = term.rows()[:, 0] + (before[:, 5:5 + 400 * 3] if add else 0)
+    torch.testing.assert_close(slot, expected, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(buf[:, :5], before[:, :5], rtol=0, atol=0)
+    torch.testing.assert_close(buf[:, -2:], before[:, -2:], rtol=0, atol=0)
