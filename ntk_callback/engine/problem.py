@@ -127,16 +127,10 @@ class Problem:
         ``activation_numel``."""
         handles: list[torch.utils.hooks.RemovableHandle] = []
         total = [0]
-        storages: set[int] = set()
         if measure:
             def count(module: torch.nn.Module, args: tuple[Any, ...], out: Any) -> None:
-                # each storage once: a container returns its last child's output, a view
-                # shares its base's memory
                 if isinstance(out, torch.Tensor):
-                    storage = out.untyped_storage()
-                    if storage.data_ptr() not in storages:
-                        storages.add(storage.data_ptr())
-                        total[0] += storage.nbytes() // max(1, out.element_size())
+                    total[0] += out.numel()
 
             handles = [m.register_forward_hook(count) for m in self.model.modules()]
         with torch.no_grad():
