@@ -35,6 +35,7 @@ from .terms import (
     TokenTerm,
     merge_calls,
     place_chunk,
+    probe_sizes,
     stack_rows,
 )
 from .tokens import add_token_kernel
@@ -187,8 +188,8 @@ def factor_route(term: Term, k: int, forced: str | None) -> str:
         return "rows"
     if forced in ("gram", "rows"):
         return forced
-    _, s, o, c, p = term.size()
-    return "rows" if k * p <= s * (c + k * o) else "gram"
+    factors, rows = probe_sizes(term, k)
+    return "rows" if rows <= factors else "gram"
 
 
 class RowGroups(Exception):

@@ -30,7 +30,7 @@ import torch
 
 from ..modes import KernelMode
 from ..symmetric import ACCUMULATE_CHUNK, add_gram
-from .terms import BiasedOuterTerm, OuterTerm, Term
+from .terms import BiasedOuterTerm, OuterTerm, Term, probe_sizes
 
 #: bytes of one block of rows on the CPU (fits the caches: measured, BERT-like encoder,
 #: N = 64, 1-4 MiB all within 10 % of each other, 256 KiB 2x slower); on other devices
@@ -48,15 +48,14 @@ def deferrable(term: Term, k: int) -> bool:
     are smaller than its rows."""
     if type(term) not in (OuterTerm, BiasedOuterTerm):
         return False
-    _, s, o, c, _ = term.size()
-    return s * (c + k * o) <= k * o * c
+    factors, rows = probe_sizes(term, k)
+    return factors <= rows
 
 
 def factor_bytes(term: Term, k: int, n_all: int, itemsize: int) -> int:
     """Bytes the block-by-block rows route holds for ``term``: inputs and ``k`` rows of
     cotangents for ``n_all`` probes."""
-    _, s, o, c, _ = term.size()
-    return n_all * s * (c + k * o) * itemsize
+    return n_all * probe_sizes(term, k)[0] * itemsize
 
 
 @dataclass

@@ -495,6 +495,14 @@ def stack_rows(parts: list[Term]) -> Term:
     return first.like(first.data, d)
 
 
+def probe_sizes(term: Term, k: int) -> tuple[int, int]:
+    """Numbers a probe of the term's two representations with ``k`` cotangent rows: its
+    factors (inputs and cotangents, ``S (c + k o)``, conv inputs unfolded) and its
+    per-probe gradient rows (``k P``)."""
+    _, s, o, c, p = term.size()
+    return s * (c + k * o), k * p
+
+
 def position_sq_norms(d: torch.Tensor,
                       input_gram: Callable[[slice], torch.Tensor]) -> torch.Tensor:
     """``sum_{s,t} (D_ris . D_rit) G_ist`` for cotangents ``d`` (k, n, S, o) and the
