@@ -259,13 +259,13 @@ class BiasedOuterTerm(OuterTerm):
 
     def size(self) -> tuple[int, int, int, int, int]:
         k, _, s, o = self.d.shape
-        c = super().inputs.shape[-1] + 1
+        c = self.raw.shape[-1] + 1
         return k, s, o, c, o * c
 
     def merge(self, other: Term) -> Term:
         if not isinstance(other, BiasedOuterTerm):
             return OuterTerm(self.key, self.inputs, self.d).merge(other)
-        return self.like(torch.cat([super().inputs, other.raw], dim=1),
+        return self.like(torch.cat([self.raw, other.raw], dim=1),
                          torch.cat([self.d, other.d], dim=2), {})
 
     @property
