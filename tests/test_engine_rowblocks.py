@@ -148,11 +148,11 @@ def test_planted_wrong_rows_are_caught(monkeypatch, tiny_blocks) -> None:
     the rule side are both built from those rows, so only autograd's side can see it."""
     original = rowblocks._build
 
-    def wrong(term, features, weights, bias):
-        parts = original(term, features, weights, bias)
+    def wrong(term, features, rows):
+        built = original(term, features, rows)
         if features.start == 0:
-            parts[0].zero_()
-        return parts
+            built.zero_()
+        return built
 
     monkeypatch.setattr(rowblocks, "_build", wrong)
     model, tokens, targets = _token_case(seed=4)

@@ -247,9 +247,9 @@ class OuterTerm(Term):
 class BiasedOuterTerm(OuterTerm):
     """A Linear's weight and bias as one outer term on ``[a; 1]`` (the bias shares the
     cotangent Gram of the weight). ``data`` holds ``a`` itself; ``inputs`` appends the
-    ones column on first use (cached for the call's terms of every cotangent row), so
-    the block-by-block rows route (:mod:`.rowblocks`), which takes the bias rows as the
-    cotangents' sums, never copies the activations."""
+    ones column on first use (cached for the call's terms of every cotangent row), so a
+    route that never needs it (the per-probe rows written in place) never copies the
+    activations."""
 
     @property
     def inputs(self) -> torch.Tensor:
