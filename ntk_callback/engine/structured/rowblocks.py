@@ -67,6 +67,12 @@ class CheckWeights:
     w: list[torch.Tensor]
     u: list[torch.Tensor]
 
+    def unit(self, k: int) -> bool:
+        """One check vector of unit weights on one cotangent row (the fused check): the
+        rule side is then the plain sum of the rows over the probes."""
+        return (k == 1 and len(self.w) == 1 and bool((self.w[0] == 1).all())
+                and bool((self.u[0] == 1).all()))
+
 
 @dataclass
 class Contracted:
@@ -138,6 +144,9 @@ def contract(out: torch.Tensor, mode: KernelMode, t1: Term, t2: Term | None,
     part = out if exact else torch.empty_like(out)
     result = Contracted(pieces=[[out.new_empty(o * c) for _ in ch.w] for ch in checks],
                         quads=[0.0] * (len(checks[0].w) if checks and quads else 0))
+    # the fused check: each block's rows summed over the probes straight into the piece
+    # (no weighted product a block), its squared norm taken once at the end
+    unit = [ch.unit(k) for ch in checks]
     buf = scratch.take((n * k * width * c,), out)
     for f0 in range(0, o, width):
         feats = slice(f0, min(o, f0 + width))
@@ -152,6 +161,9 @@ def contract(out: torch.Tensor, mode: KernelMode, t1: Term, t2: Term | None,
             total += part
         cols = slice(f0 * c, feats.stop * c)
         for s, (weights_s, rows) in enumerate(zip(checks, sets)):
+            if unit[s]:
+                torch.sum(rows[:, 0], dim=0, out=result.pieces[s][0][cols])
+                continue
             for v, (w, u) in enumerate(zip(weights_s.w, weights_s.u)):
                 h = torch.einsum("i,irp->rp", w, rows)              # (k, columns)
                 result.pieces[s][v][cols] = u @ h
@@ -159,6 +171,9 @@ def contract(out: torch.Tensor, mode: KernelMode, t1: Term, t2: Term | None,
                     result.quads[v] += mode.rows_quad(h, u)
     if not exact:
         out += total.to(out.dtype)
+    if unit and unit[0] and quads:
+        piece = result.pieces[0][0].double()
+        result.quads[0] = float(torch.vdot(piece, piece))
     return result
 
 
