@@ -154,7 +154,7 @@ def test_byte_limit() -> None:
     got = ntk_spectrum(model, x, k=3, mode="trace", dtype=torch.float64, memory_budget=30_000,
                        chunk_size=40)
     assert torch.allclose(got, exact, rtol=1e-9)
-    with pytest.raises(structured.driver.FactorsTooLarge):
+    with pytest.raises(structured.factormode.FactorsTooLarge):
         _operator(model, x, y, "trace", limit=30_000)
 
 

@@ -205,7 +205,8 @@ class ProbeSplit:
     partial kernels are summed (:meth:`reduce`, zeros elsewhere, so an entry is one rank's
     product). Every collective is preceded by :meth:`agree`.
 
-    The structured driver uses it without importing this module (duck typing)."""
+    The structured path (:mod:`.structured.ranks`) uses it without importing this module
+    (duck typing)."""
 
     def __init__(self, comm: Communicator) -> None:
         self.comm = comm

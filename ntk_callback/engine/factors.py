@@ -38,7 +38,7 @@ import torch
 from . import structured
 from .generic import generic_rows
 from .problem import Problem
-from .structured.driver import FactorsTooLarge, part_nbytes
+from .structured.factormode import FactorsTooLarge, part_nbytes
 from .structured.selfcheck import tolerance
 
 log = logging.getLogger("ntk_callback.engine")

@@ -1,5 +1,11 @@
 """The driver: capture passes over probe chunks, rows and Gram terms, the kernel, and
-the self-check data, for the parameters of a :class:`.planner.Plan`."""
+the self-check data, for the parameters of a :class:`.planner.Plan`.
+
+The check vectors and both sides of the self-check are :mod:`.checkdata`'s, factor mode
+(the per-probe factors instead of the kernel) is :mod:`.factormode`'s, and the capture and
+contraction of probes split across ranks are :mod:`.ranks`'; this module orchestrates
+them: the capture chunk by chunk, every term's route, the rows buffers, the Gram
+products and the final kernels with their check data."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
@@ -15,11 +21,24 @@ from ..modes import KernelMode
 from ..problem import Problem, blocks, output_shape
 from ..symmetric import add_gram, columns, mirror_lower, panel_rows
 from .capture import Calls, Fallback, InPlace, backward_rows, forward
+from .checkdata import (
+    CheckData,
+    _accumulate,
+    _add_ref,
+    _check_weights,
+    _independent,
+    _quads,
+    _reference,
+    _rule_side,
+    _separate_copies,
+    check_vectors,
+)
+from .factormode import Factors, _factor_size, _factors_of, factor_route
 from .planner import Plan, choose, rows_bytes
+from .ranks import Collected, _contract_share, _split_collect
 from .rowblocks import (
     CPU_BLOCK_BYTES,
     DEVICE_BLOCK_BYTES,
-    CheckWeights,
     Contracted,
     Scratch,
     contract,
@@ -28,73 +47,15 @@ from .rowblocks import (
 )
 from .rules import Call
 from .terms import (
-    BiasedOuterTerm,
     ConvTerm,
     Memo,
-    OuterTerm,
     Term,
     TokenTerm,
     merge_calls,
     place_chunk,
-    probe_sizes,
     stack_rows,
 )
 from .tokens import add_token_kernel
-
-
-@dataclass
-class CheckData:
-    """What the self-check compares, for one probe set: probe weights ``w`` (n,) and
-    row weights ``u`` (k,) per check vector c; the rule side ``G[c][module]`` = the
-    pieces (one a term) of ``sum_i sum_r w_i u_r rows_ir``; the autograd side
-    ``ref[c][param]`` = ``d/dparam sum_i w_i <sum_r u_r cot_ir, f(x_i)>``."""
-
-    w: list[torch.Tensor]
-    u: list[torch.Tensor]
-    G: list[dict[str, list[torch.Tensor]]] = field(default_factory=list)
-    ref: list[dict[str, torch.Tensor]] = field(default_factory=list)
-
-
-@dataclass
-class Factors:
-    """The per-probe factors of one probe set's kernel, without the kernel (``compute``'s
-    factor mode): ``rows[key]`` (n, k, P_key) rows-route gradient rows by layer key, and
-    ``terms[name]`` the Gram-route terms as outer / token pieces (inputs and cotangents).
-    ``K = sum over parts of rows rows^T`` in the mode's pairing; :mod:`..factors` takes
-    products with them."""
-
-    rows: dict[str, torch.Tensor]
-    terms: dict[str, list[Term]]
-
-    def parts(self) -> list[Any]:
-        """Every part: a rows tensor or a term."""
-        return list(self.rows.values()) + [t for ts in self.terms.values() for t in ts]
-
-    def nbytes(self) -> int:
-        return sum(part_nbytes(part) for part in self.parts())
-
-
-def part_nbytes(part: torch.Tensor | Term) -> int:
-    """Bytes held by a rows tensor, or by a term's inputs and cotangents."""
-    tensors = (part,) if isinstance(part, torch.Tensor) else (part.data, part.d)
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
-
-
-def _size(nbytes: int) -> str:
-    for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
-        if nbytes >= scale:
-            return f"{nbytes / scale:.1f} {unit}"
-    return f"{nbytes} bytes"
-
-
-class FactorsTooLarge(Exception):
-    """Factor mode: the probes' factors would exceed the byte limit (``bytes`` estimated
-    from the first capture chunk)."""
-
-    def __init__(self, need: int, limit: int) -> None:
-        super().__init__(f"the per-probe factors need ~{_size(need)}, over the limit of "
-                         f"{_size(limit)}")
-        self.bytes = need
 
 
 @dataclass
@@ -157,22 +118,6 @@ def _add_term_gram(out: torch.Tensor, t1: Term, t2: Term, mode: KernelMode, budg
         mode.add_term_block(out[sl, cols], dg, ag, h, s1, m, s2, k)
 
 
-def check_vectors(n: int, k: int, count: int, seed: int,
-                  dtype: torch.dtype, device: torch.device
-                  ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Gaussian probe weights (n,) and row weights (k,) for ``count`` check vectors, from
-    a private generator (the global RNG is not touched). Modes of one row (target, sum)
-    have u = 1. Gaussian rather than signs: a nonzero symmetric error E has
-    ``w^T E w = 0`` with probability zero (with signs, e.g. diag(1, -1) always cancels)."""
-    gen = torch.Generator().manual_seed(seed)
-    ws, us = [], []
-    for _ in range(count):
-        ws.append(torch.randn(n, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device))
-        u = torch.randn(k, generator=gen, dtype=torch.float64) if k > 1 else torch.ones(1)
-        us.append(u.to(dtype=dtype, device=device))
-    return ws, us
-
-
 #: with several cotangent rows (trace, full mode), hold the rows-route conv terms' output
 #: cotangents of every row (within the chunk's budget, which counts k activation sizes a
 #: probe) and compute their rows by one call for all rows instead of one call a row: on
@@ -180,17 +125,6 @@ def check_vectors(n: int, k: int, count: int, seed: int,
 #: (measured, trace mode, one thread: MobileNetV3-small N = 16 0.75 -> 0.56 s; the
 #: tutorial CNN N = 64, dense 3x3 convs, 1.03 -> 1.35 s, so those keep one call a row)
 BATCH_CONV_ROWS = True
-
-
-def factor_route(term: Term, k: int, forced: str | None) -> str:
-    """Factor mode's route: whichever representation of the term is smaller a probe, its
-    rows (``k P``) or its inputs and cotangents (``S (c + k o)``, conv inputs unfolded)."""
-    if term.rows_only:
-        return "rows"
-    if forced in ("gram", "rows"):
-        return forced
-    factors, rows = probe_sizes(term, k)
-    return "rows" if rows <= factors else "gram"
 
 
 class RowGroups(Exception):
@@ -412,7 +346,8 @@ class ProbeCapture:
     once ``Routes.widths`` is known), the Gram-route terms ``gram`` (placed chunk by chunk
     for all ``n`` probes) and the ``layout`` (a cotangent row's sorted term names) that
     every row of every chunk must repeat. ``first``: the probes start their set (not a
-    later rank's share), so its first chunk runs :func:`_independent` under the check."""
+    later rank's share), so its first chunk runs :func:`.checkdata._independent` under
+    the check."""
 
     __slots__ = ("s", "routes", "kernels", "x", "cot", "n", "label", "data", "first", "bufs",
                  "gram", "layout")
@@ -649,7 +584,8 @@ def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]], budget: in
 
     ``split`` (a :class:`..distributed.ProbeSplit`, collective): every rank captures its
     share of the probes, the rows and terms are gathered, each rank contracts its rows of
-    the kernel and the kernels are summed (:func:`_split_collect`, :func:`_contract_share`).
+    the kernel and the kernels are summed (:func:`.ranks._split_collect`,
+    :func:`.ranks._contract_share`).
 
     ``split_rows``: raise :class:`RowGroups` when the Gram-route cotangents of all
     cotangent rows would not fit what the rows route left of the budget (trace mode;
@@ -657,10 +593,10 @@ def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]], budget: in
     :func:`..api._structured`).
 
     ``factors`` (bytes; self-kernels of one process only): factor mode. No kernel is
-    formed; the result's :class:`Factors` hold the probes' rows and Gram-route terms, each
-    term in its smaller form (:func:`factor_route`), unweighted; the self-check data is
-    filled as usual. Raises :class:`FactorsTooLarge` when the first capture chunk shows
-    that they would exceed ``factors`` bytes.
+    formed; the result's :class:`.factormode.Factors` hold the probes' rows and Gram-route
+    terms, each term in its smaller form (:func:`.factormode.factor_route`), unweighted;
+    the self-check data is filled as usual. Raises :class:`.factormode.FactorsTooLarge`
+    when the first capture chunk shows that they would exceed ``factors`` bytes.
     """
     s = Settings.of(problem, plan, keys, budget, check, split, factors, split_rows)
     # The fused check cannot see a probe's cotangent reaching another probe's rows (the
@@ -671,7 +607,7 @@ def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]], budget: in
     # a probe on the first three probes). Without the check, that test is the broadcast
     # rules' premise and runs all the same; the two-vector check verifies it itself.
     if plan.broadcasting and (s.fused or not check):
-        _separate_copies(problem, plan)
+        _separate_copies(problem, plan, _forward)
     routes, kernels = Routes(s), Kernels(s)
     collect = partial(_collect, s, routes, kernels)
     checks: list[CheckData] = []
@@ -687,7 +623,9 @@ def compute(problem: Problem, plan: Plan, keys: dict[str, list[str]], budget: in
             collected.append(_split_collect(split, collect, x, cot, n, label, data,
                                             list(plan.modules), s.checked, s.live))
     if factors is not None:
-        return _factor_result(checks, collected[0], routes.slots, s.module_of, s.fused)
+        bufs, gram = collected[0]
+        return Result({}, checks, factors=_factors_of(checks, bufs, gram, routes.slots,
+                                                      s.module_of, s.fused))
     _add_kernels(s, routes, kernels, collected, checks, split)
     return _checked_result(s, routes, kernels, collected, checks)
 
@@ -721,7 +659,7 @@ def _add_kernels(s: Settings, routes: Routes, kernels: Kernels, collected: list[
     symmetric = not problem.cross
     if split is not None:
         _contract_share(split, acc, rows1, rows2, gram1, gram2, key_of, mode, budget,
-                        itemsize, symmetric)
+                        itemsize, symmetric, _add_term_gram)
     for key, j1 in rows1.items() if split is None else ():
         add_gram(acc(key), mode, j1, None if symmetric else rows2[key])
     for name, t1 in gram1.items() if split is None else ():
@@ -796,301 +734,3 @@ def _contract_held(held: list[dict[str, Term]], acc: Callable[[str], torch.Tenso
         out[name] = contract(acc(key_of[name.split("#")[0]]), mode, t1, t2, weights,
                              symmetric and bool(checks), block, scratch)
     return out
-
-
-def _check_weights(data: CheckData, fused: bool, row: int | None = None) -> CheckWeights:
-    """The self-check's weights for :func:`.rowblocks.contract`: all ones for the fused
-    check (its rows already carry the probe weights), else the check vectors' probe and
-    row weights (``row``: only that cotangent row's weight, for one row's term)."""
-    if fused:
-        return CheckWeights([torch.ones_like(data.w[0])], [torch.ones_like(data.u[0])])
-    return CheckWeights(data.w, data.u if row is None else [u[row:row + 1] for u in data.u])
-
-
-def _accumulate(into: dict[str, Contracted], name: str, got: Contracted) -> None:
-    """Add ``got`` (one cotangent row's, or the whole term's) to ``into[name]``."""
-    if name not in into:
-        into[name] = got
-        return
-    have = into[name]
-    for mine, theirs in zip(have.pieces, got.pieces):
-        for a, b in zip(mine, theirs):
-            a += b
-    have.quads = [a + b for a, b in zip(have.quads, got.quads)]
-
-
-def _factor_size(bufs: dict[str, torch.Tensor], gram: dict[str, Term], n: int,
-                 seen: int, limit: int) -> None:
-    """Factor mode, after the first chunk of ``seen`` probes: the rows buffers (allocated
-    for all ``n``) plus the chunk's Gram-route terms scaled to ``n`` must fit ``limit``."""
-    need = sum(part_nbytes(b) for b in bufs.values())
-    need += sum(part_nbytes(t) for t in gram.values()) * n // max(1, seen)
-    if need > limit:
-        raise FactorsTooLarge(need, limit)
-
-
-def _factor_result(checks: list[CheckData], collected: Collected,
-                   slots: dict[str, tuple[str, int, int]], module_of: dict[str, str],
-                   fused: bool) -> Result:
-    """Factor mode's result: the self-check's rule side, then the factors without the
-    fused check's probe weights (powers of two: the division is exact)."""
-    bufs, gram = collected
-    for data in checks:
-        _rule_side(data, bufs, gram, slots, module_of, unit=fused)
-    if fused and checks:
-        w = checks[0].w[0]
-        for buf in bufs.values():
-            buf.div_(w.reshape(-1, 1, 1))
-        for term in gram.values():
-            term.d.div_(w.reshape((1, -1) + (1,) * (term.d.dim() - 2)))
-    # (a biased term's ones column is appended once here: the products use it every time)
-    terms = {name: [OuterTerm(p.key, p.inputs, p.d) if isinstance(p, BiasedOuterTerm) else p
-                    for p in term.gram_pieces()] for name, term in gram.items()}
-    return Result({}, checks, factors=Factors(bufs, terms))
-
-
-def _independent(problem: Problem, out: torch.Tensor) -> None:
-    """The per-probe kernel assumes each probe's output ignores the other probes of its
-    batch (eval BatchNorm, no batch statistics): the capture pass's first rows must be the
-    trial forward's, computed on those probes alone. Otherwise no structured rule applies
-    (the exact path computes one probe at a time)."""
-    trial = problem.trial_out1
-    if trial is None or out.shape[0] <= trial.shape[0]:
-        return
-    got = out[: trial.shape[0]].detach()
-    rtol = 1e-9 if got.dtype == torch.float64 else 1e-4
-    scale = float(trial.abs().max())
-    if float((got - trial).abs().max()) > rtol * scale + 1e-30:
-        raise Fallback("", "the model's outputs depend on the other probes of the batch")
-
-
-def _separate_copies(problem: Problem, plan: Plan, probes: int = 3) -> None:
-    """The fused self-check's premise for broadcast calls: each probe's cotangent reaches
-    only that probe's copy of the expanded (shared) input. The planned modules' calls are
-    captured on the first ``probes`` probes; a backward of one probe's output (Gaussian
-    output weights, private generator) must leave every other probe's copy at exactly
-    zero, for the first and the last of them (a model that reads one copy for every
-    probe, or averages the copies, fails one of the two). Raises :class:`.capture.Fallback`
-    naming the module otherwise (its rows would mix probes; the check's weights, which
-    travel with the cotangents, could not see it)."""
-    x, label, n, _ = next(iter(problem.probe_sets()))
-    m = min(n, probes)
-    if m < 2:
-        return
-    out, calls = _forward(problem, plan, B.take(x, slice(0, m)), m, label)
-    copies = [(mname, c.output) for mname in sorted(plan.broadcasting)
-              for c in calls.get(mname, []) if c.output.requires_grad]
-    if not copies:
-        return
-    gen = torch.Generator().manual_seed(12345)
-    for i in (0, m - 1):
-        g = torch.zeros_like(out)
-        g[i] = torch.randn(out.shape[1], generator=gen, dtype=torch.float64).to(g)
-        grads = torch.autograd.grad(out, [t for _, t in copies], g, allow_unused=True,
-                                    retain_graph=i != m - 1)
-        others = torch.arange(m, device=out.device) != i
-        for (mname, _), d in zip(copies, grads):
-            if d is not None and bool(d[others].ne(0).any()):
-                raise Fallback(mname, "self-check: a probe's output depends on another "
-                                      "probe's copy of a broadcast input")
-
-
-def _add_ref(ref: dict[str, torch.Tensor], names: list[str],
-             grads: tuple[torch.Tensor | None, ...]) -> None:
-    for name, g in zip(names, grads):
-        if g is not None:
-            ref[name] = g.detach() if name not in ref else ref[name] + g.detach()
-
-
-def _reference(out: torch.Tensor, cot: torch.Tensor, sl: slice, data: CheckData,
-               params: list[torch.Tensor], names: list[str]) -> None:
-    """Autograd's side of the self-check on one probe chunk: the gradient of
-    ``sum_i w_i <sum_r u_r cot_ir, f(x_i)>`` with respect to each checked parameter
-    (summed over chunks)."""
-    for c, (w, u) in enumerate(zip(data.w, data.u)):
-        weights = w[sl, None] * torch.einsum("r,iro->io", u, cot)
-        grads = torch.autograd.grad(out, params, weights, retain_graph=True, allow_unused=True)
-        ref = data.ref[c]
-        for name, g in zip(names, grads):
-            if g is None:
-                continue
-            ref[name] = g.detach() if name not in ref else ref[name] + g.detach()
-
-
-def _rule_side(data: CheckData, bufs: dict[str, torch.Tensor], gram: dict[str, Term],
-               slots: dict[str, tuple[str, int, int]], module_of: dict[str, str],
-               unit: bool = False) -> dict[str, torch.Tensor]:
-    """The rules' side of the self-check: ``sum_i sum_r w_i u_r rows_ir`` per module, from
-    the rows buffers and from the Gram-route terms (without per-probe rows). ``unit``:
-    the rows already carry the probe weights (fused check), so they are summed with
-    weight 1. Returns the first check vector's pieces by term name."""
-    first: dict[str, torch.Tensor] = {}
-    for c, (w, u) in enumerate(zip(data.w, data.u)):
-        if unit:
-            w = torch.ones_like(w)
-        side = data.G[c]
-        wu = w[:, None] * u[None, :]
-        for name, (key, start, stop) in slots.items():
-            g = torch.einsum("ir,irp->p", wu, bufs[key][:, :, start:stop])
-            side.setdefault(module_of[name.split("#")[0]], []).append(g)
-            if c == 0:
-                first[name] = g
-        for name, term in gram.items():
-            g = term.weighted(w, u)
-            side.setdefault(module_of[name.split("#")[0]], []).append(g)
-            if c == 0:
-                first[name] = g
-    return first
-
-
-def _quads(data: CheckData, bufs: dict[str, torch.Tensor], gram: dict[str, Term],
-           slots: dict[str, tuple[str, int, int]], key_of: dict[str, str], mode: KernelMode,
-           budget: int) -> list[dict[str, float]]:
-    """Per check vector and layer key, the quadratic form of the key's kernel computed
-    from its rows and terms instead of the kernel (:mod:`.selfcheck`)."""
-    out = []
-    for w, u in zip(data.w, data.u):
-        quads: dict[str, float] = {}
-        for key, start, stop in slots.values():
-            h = torch.einsum("i,irp->rp", w, bufs[key][:, :, start:stop])
-            quads[key] = quads.get(key, 0.0) + mode.rows_quad(h, u)
-        for name, term in gram.items():
-            key = key_of[name.split("#")[0]]
-            quads[key] = quads.get(key, 0.0) + mode.term_quad(term, w, u, budget)
-        out.append(quads)
-    return out
-
-
-# ---------------------------------------------------------------- probes split over ranks
-
-Collected = tuple[dict[str, torch.Tensor], dict[str, Term]]
-
-
-def _split_collect(split: Any, collect: Callable[..., Collected], x: Any, cot: torch.Tensor,
-                   n: int, label: str, data: CheckData | None, modules: list[str],
-                   checked: list[str], live: Mapping[str, torch.Tensor]) -> Collected:
-    """Collective :func:`compute` ``collect`` of one probe set under ``split``: this rank
-    captures its share (rows-route rows, Gram-route terms, and for the self-check the
-    autograd side of its probes, with the global probe weights), then every rank gets
-    everything: rows and terms gathered along the probe axis, autograd's side summed.
-
-    Failures are agreed on before any exchange (every rank raises the same thing): a
-    :class:`.capture.Fallback` (or a run-time error, which a single process answers by
-    dropping every module) on any rank becomes the same Fallback everywhere, so that all
-    ranks retry with the same plan; any other error stops every rank."""
-    usable = split.usable(n)
-    share = split.share(n) if usable else slice(0, n)
-    local = data
-    if data is not None and usable:
-        local = CheckData([w[share] for w in data.w], data.u, [{} for _ in data.w],
-                          [{} for _ in data.w])
-    code = 0
-    error: BaseException | None = None
-    bufs: dict[str, torch.Tensor] = {}
-    gram: dict[str, Term] = {}
-    try:
-        bufs, gram = collect(B.take(x, share) if usable else x, cot[share],
-                             share.stop - share.start, label, local, share.start == 0)
-    except Fallback as exc:
-        code = 2 + modules.index(exc.module) if exc.module in modules else 1
-        error = exc
-    except RuntimeError as exc:
-        code, error = 1, exc
-    except Exception as exc:  # noqa: BLE001 - raised below, after every rank knows
-        code, error = split.stop_code(), exc
-    got = split.agree(code)
-    if error is not None and code == split.stop_code():
-        raise split.stopped(error)
-    if got:
-        if error is not None and code == got:
-            raise error
-        module = modules[got - 2] if got >= 2 else ""
-        raise Fallback(module, "the structured pass failed on another rank"
-                       if got == 1 else "its calls did not match the trial forward's "
-                       "on another rank")
-    if not usable:
-        return bufs, gram
-    bufs = {key: split.gather(buf, n) for key, buf in bufs.items()}
-    gram = {name: _gather_term(split, term, n) for name, term in gram.items()}
-    if data is not None and local is not None:
-        _reduce_refs(split, local, data, checked, live)
-    return bufs, gram
-
-
-def _gather_term(split: Any, term: Term, n: int) -> Term:
-    """A Gram-route term of this rank's probes -> the term of all ``n`` probes (probe axis:
-    0 of ``data``, 1 of ``d``; probe-major cotangents travel in their memory layout)."""
-    data = None if term.data is None else split.gather(term.data.contiguous(), n)
-    if term.probe_major:
-        d = split.gather(term.d.permute(1, 2, 0, 3).contiguous(), n).permute(2, 0, 1, 3)
-    else:
-        d = split.gather(term.d.transpose(0, 1).contiguous(), n).transpose(0, 1)
-    return term.like(data, d, {})
-
-
-def _reduce_refs(split: Any, local: CheckData, data: CheckData, checked: list[str],
-                 live: Mapping[str, torch.Tensor]) -> None:
-    """Autograd's side of the self-check, summed over the ranks' probes into ``data.ref``
-    (one all-reduce; a presence flag a parameter, as a rank's gradient may be None)."""
-    parts = []
-    for ref in local.ref:
-        for name in checked:
-            g = ref.get(name)
-            flag = torch.ones(1, dtype=live[name].dtype, device=live[name].device)
-            if g is None:
-                flag, g = 0 * flag, torch.zeros_like(live[name])
-            parts += [flag, g.reshape(-1)]
-    if not parts:
-        return
-    total = split.reduce(torch.cat(parts))
-    pos = 0
-    for ref in data.ref:
-        for name in checked:
-            size = live[name].numel()
-            if float(total[pos]) > 0:
-                ref[name] = total[pos + 1:pos + 1 + size].reshape(live[name].shape)
-            pos += 1 + size
-
-
-def _contract_share(split: Any, acc: Callable[[str], torch.Tensor],
-                    rows1: dict[str, torch.Tensor], rows2: dict[str, torch.Tensor],
-                    gram1: dict[str, Term], gram2: dict[str, Term], key_of: dict[str, str],
-                    mode: KernelMode, budget: int, itemsize: int, symmetric: bool) -> None:
-    """This rank's rows ``a:b`` of the kernel (:meth:`..distributed.ProbeSplit.rows`), the
-    rest zero, then the sum over ranks (collective) into every key's kernel. A self-kernel:
-    the diagonal block ``[a:b, a:b]`` on upper panels and ``[a:b, b:]`` as a cross block
-    (exact on and above the diagonal, as :func:`..symmetric.mirror_lower` expects)."""
-    keys = sorted(set(rows1) | {key_of[name.split("#")[0]] for name in gram1})
-    outs = {key: acc(key) for key in keys}
-    n1 = next(iter(rows1.values())).shape[0] if rows1 else \
-        (next(iter(gram1.values())).d.shape[1] if gram1 else 0)
-    rows = split.rows(n1, symmetric)
-    a, b = rows.start, rows.stop
-
-    def part(term: Term, lo: int, hi: int | None) -> Term:
-        return term.like(None if term.data is None else term.data[lo:hi],
-                         term.d[:, lo:hi], {})
-
-    if b > a:
-        for key, j1 in rows1.items():
-            if symmetric:
-                add_gram(outs[key][a:b, a:b], mode, j1[a:b], None)
-                if b < n1:
-                    add_gram(outs[key][a:b, b:], mode, j1[a:b], j1[b:])
-            else:
-                add_gram(outs[key][a:b], mode, j1[a:b], rows2[key])
-        for name, t1 in gram1.items():
-            out = outs[key_of[name.split("#")[0]]]
-            for p1, p2 in zip(t1.gram_pieces(), gram2[name].gram_pieces()):
-                if symmetric:
-                    mine = part(p1, a, b)
-                    _add_term_gram(out[a:b, a:b], mine, mine, mode, budget, itemsize, True)
-                    if b < n1:
-                        _add_term_gram(out[a:b, b:], mine, part(p1, b, None), mode, budget,
-                                       itemsize, False)
-                else:
-                    _add_term_gram(out[a:b], part(p1, a, b), p2, mode, budget, itemsize,
-                                   False)
-    split.agree(0)
-    for key in keys:
-        outs[key].copy_(split.reduce(outs[key]))

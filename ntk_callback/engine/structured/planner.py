@@ -120,7 +120,7 @@ def plan(problem: Problem, implementation: str,
     a path (``"gram"``/``"rows"`` apply to weight terms that have both routes).
     ``broadcast`` also admits a rule's broadcast calls (:meth:`.rules.Rule.broadcasts`)
     and free parameters used once through a broadcast; their per-probe copies are
-    verified at run time (the driver's ``_separate_copies``, or the two-vector self-check).
+    verified at run time (:func:`.checkdata._separate_copies`, or the two-vector self-check).
     """
     result = Plan(broadcast=broadcast)
     layer_paths = dict(layer_paths or {})

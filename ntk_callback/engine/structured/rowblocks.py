@@ -15,7 +15,7 @@ block, contracts it into the kernel in the mode's pairing (``K += R R^T``,
 only the rows' trip through memory is gone.
 
 The same blocks give the self-check's rule side, ``sum_i sum_r w_i u_r g_ir`` (the
-term's piece of :class:`.driver.CheckData`), and the kernel's quadratic form from the
+term's piece of :class:`.checkdata.CheckData`), and the kernel's quadratic form from the
 rows (``sum_r ||sum_i w_i g_ir||^2`` in modes of same-index row pairs), without a
 second pass.
 
