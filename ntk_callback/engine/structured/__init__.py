@@ -15,8 +15,15 @@ Modules, one job each:
 * :mod:`.planner`   -- which parameters a rule provably covers (census of the trial
   forward), the route cost model;
 * :mod:`.capture`   -- the hooked forward and the per-row backward passes;
-* :mod:`.driver`    -- chunks, rows buffers, Gram products, the kernel;
-* :mod:`.selfcheck` -- every structured kernel verified against autograd.
+* :mod:`.driver`    -- capture chunks, routes, rows buffers, Gram products, the kernel;
+* :mod:`.rowblocks` -- linear layers' per-probe rows a cache-sized block at a time;
+* :mod:`.tokens`    -- an embedding's self-kernel from the tokens probes share;
+* :mod:`.convmath`  -- convolution rows and Grams (unfold, grouped, transposed);
+* :mod:`.checkdata` -- the self-check's data: check vectors, autograd's side, the rules'
+  side, the fused check's premises;
+* :mod:`.selfcheck` -- the verdict: every structured kernel verified against autograd;
+* :mod:`.factormode` -- the kernel's per-probe factors instead of the kernel;
+* :mod:`.ranks`     -- the probes of one call split across ranks (DDP).
 
 Everything a rule does not provably cover takes the exact generic path.
 """
