@@ -189,7 +189,8 @@ def _check_weights(data: CheckData, fused: bool, row: int | None = None) -> Chec
     check (its rows already carry the probe weights), else the check vectors' probe and
     row weights (``row``: only that cotangent row's weight, for one row's term)."""
     if fused:
-        return CheckWeights([torch.ones_like(data.w[0])], [torch.ones_like(data.u[0])])
+        return CheckWeights([torch.ones_like(data.w[0])], [torch.ones_like(data.u[0])],
+                            unit=True)
     return CheckWeights(data.w, data.u if row is None else [u[row:row + 1] for u in data.u])
 
 

@@ -271,11 +271,12 @@ class Routes:
         form; else :func:`.planner.choose` within ``rows_left``, which it then charges)."""
         s = self.s
         routes = self.routes
-        if name not in routes and s.factors is not None:
-            forced = s.plan.forced.get(s.module_of[name.split("#")[0]])
+        if name in routes:
+            return routes[name]
+        forced = s.plan.forced.get(s.module_of[name.split("#")[0]])
+        if s.factors is not None:
             routes[name] = factor_route(term, s.k, forced)
-        if name not in routes:
-            forced = s.plan.forced.get(s.module_of[name.split("#")[0]])
+        else:
             routes[name] = choose(term, s.k, s.problem.n1, s.problem.n2, s.mode,
                                   self.rows_left, s.itemsize, forced, s.device)
             if routes[name] == "rows" and s.may_defer and name not in s.plan.tied \

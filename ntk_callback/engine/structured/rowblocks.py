@@ -62,16 +62,13 @@ def factor_bytes(term: Term, k: int, n_all: int, itemsize: int) -> int:
 class CheckWeights:
     """The self-check's weights of one probe set: probe weights ``w`` (n,) and row
     weights ``u`` (k,) per check vector (all ones for the fused check, whose rows carry
-    the probe weights)."""
+    the probe weights: ``unit``)."""
 
     w: list[torch.Tensor]
     u: list[torch.Tensor]
-
-    def unit(self, k: int) -> bool:
-        """One check vector of unit weights on one cotangent row (the fused check): the
-        rule side is then the plain sum of the rows over the probes."""
-        return (k == 1 and len(self.w) == 1 and bool((self.w[0] == 1).all())
-                and bool((self.u[0] == 1).all()))
+    #: the fused check's weights (one vector, all ones, one cotangent row): the rule side
+    #: is then the plain sum of the rows over the probes
+    unit: bool = False
 
 
 @dataclass
@@ -146,7 +143,7 @@ def contract(out: torch.Tensor, mode: KernelMode, t1: Term, t2: Term | None,
                         quads=[0.0] * (len(checks[0].w) if checks and quads else 0))
     # the fused check: each block's rows summed over the probes straight into the piece
     # (no weighted product a block), its squared norm taken once at the end
-    unit = [ch.unit(k) for ch in checks]
+    unit = [ch.unit and k == 1 for ch in checks]
     buf = scratch.take((n * k * width * c,), out)
     for f0 in range(0, o, width):
         feats = slice(f0, min(o, f0 + width))
