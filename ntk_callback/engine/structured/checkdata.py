@@ -39,7 +39,7 @@ from ..problem import Problem
 from .capture import Calls, Fallback
 from .planner import Plan
 from .rowblocks import CheckWeights, Contracted
-from .terms import Term
+from .terms import Term, param_of
 
 #: the driver's forward of a probe batch (problem, plan, x, n, label) -> (outputs, calls)
 Forward = Callable[[Problem, Plan, Any, int, str], tuple[torch.Tensor, Calls]]
@@ -155,12 +155,12 @@ def _rule_side(data: CheckData, bufs: dict[str, torch.Tensor], gram: dict[str, T
         wu = w[:, None] * u[None, :]
         for name, (key, start, stop) in slots.items():
             g = torch.einsum("ir,irp->p", wu, bufs[key][:, :, start:stop])
-            side.setdefault(module_of[name.split("#")[0]], []).append(g)
+            side.setdefault(module_of[param_of(name)], []).append(g)
             if c == 0:
                 first[name] = g
         for name, term in gram.items():
             g = term.weighted(w, u)
-            side.setdefault(module_of[name.split("#")[0]], []).append(g)
+            side.setdefault(module_of[param_of(name)], []).append(g)
             if c == 0:
                 first[name] = g
     return first
@@ -178,7 +178,7 @@ def _quads(data: CheckData, bufs: dict[str, torch.Tensor], gram: dict[str, Term]
             h = torch.einsum("i,irp->rp", w, bufs[key][:, :, start:stop])
             quads[key] = quads.get(key, 0.0) + mode.rows_quad(h, u)
         for name, term in gram.items():
-            key = key_of[name.split("#")[0]]
+            key = key_of[param_of(name)]
             quads[key] = quads.get(key, 0.0) + mode.term_quad(term, w, u, budget)
         out.append(quads)
     return out

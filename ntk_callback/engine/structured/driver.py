@@ -52,6 +52,7 @@ from .terms import (
     Term,
     TokenTerm,
     merge_calls,
+    param_of,
     place_chunk,
     stack_rows,
 )
@@ -273,7 +274,7 @@ class Routes:
         routes = self.routes
         if name in routes:
             return routes[name]
-        forced = s.plan.forced.get(s.module_of[name.split("#")[0]])
+        forced = s.plan.forced.get(s.module_of[param_of(name)])
         if s.factors is not None:
             routes[name] = factor_route(term, s.k, forced)
         else:
@@ -301,7 +302,7 @@ class Routes:
     def slot(self, name: str, term: Term) -> None:
         """Give the rows-route term ``name`` its slice of its key's rows, after the key's
         earlier terms."""
-        key = self.s.key_of[name.split("#")[0]]
+        key = self.s.key_of[param_of(name)]
         start = self.widths.get(key, 0)
         width = term.size()[4]
         self.slots[name] = (key, start, start + width)
@@ -336,7 +337,7 @@ class Kernels:
         inside the backward (Settings.eager), with its self-check data."""
         s = self.s
         weights = [] if data is None else [_check_weights(data, s.fused, r)]
-        got = contract(self.acc(s.key_of[name.split("#")[0]]), s.mode, term, None, weights,
+        got = contract(self.acc(s.key_of[param_of(name)]), s.mode, term, None, weights,
                        bool(weights), s.block, self.scratch)
         _accumulate(self.contracted, name, got)
 
@@ -468,7 +469,7 @@ class ChunkCapture:
             else:
                 target.copy_(term.rows()[:, 0])
         except ValueError as exc:  # a rule whose rows do not match its size
-            raise Fallback(self.s.module_of[name.split("#")[0]], str(exc)) from exc
+            raise Fallback(self.s.module_of[param_of(name)], str(exc)) from exc
 
     def take(self, r: int, name: str, term: Term) -> None:
         """Route row ``r``'s term ``name``: contracted now, held for the Gram route or the
@@ -511,7 +512,7 @@ class ChunkCapture:
             try:
                 self.bufs[key][self.sl, :, start:stop].copy_(both.rows())
             except RuntimeError as exc:  # rows of the wrong size
-                raise Fallback(self.s.module_of[name.split("#")[0]], str(exc)) from exc
+                raise Fallback(self.s.module_of[param_of(name)], str(exc)) from exc
         self.conv_rows.clear()
 
     def terms_of(self, idx: int, grad: torch.Tensor) -> list[Term]:
@@ -665,7 +666,7 @@ def _add_kernels(s: Settings, routes: Routes, kernels: Kernels, collected: list[
         add_gram(acc(key), mode, j1, None if symmetric else rows2[key])
     for name, t1 in gram1.items() if split is None else ():
         t2 = gram2[name]
-        target = acc(key_of[name.split("#")[0]])
+        target = acc(key_of[param_of(name)])
         if symmetric and not mode.all_pairs and isinstance(t1, TokenTerm):
             add_token_kernel(target, t1, budget)  # the probe pairs that share a token
             continue
@@ -692,7 +693,7 @@ def _checked_result(s: Settings, routes: Routes, kernels: Kernels,
     for name, got in contracted.items():
         for data, by_vector in zip(checks, got.pieces):
             for side, g in zip(data.G, by_vector):
-                side.setdefault(module_of[name.split("#")[0]], []).append(g)
+                side.setdefault(module_of[param_of(name)], []).append(g)
     if s.fused:
         w1 = checks[0].w[0]
         ww = torch.outer(w1, checks[1].w[0] if problem.cross else w1)
@@ -704,7 +705,7 @@ def _checked_result(s: Settings, routes: Routes, kernels: Kernels,
         if symmetric:
             quads: dict[str, float] = {}
             for name, g in pieces[0].items():
-                key = key_of[name.split("#")[0]]
+                key = key_of[param_of(name)]
                 quads[key] = quads.get(key, 0.0) + float(torch.vdot(g, g))
             out.quads = [quads]
     else:
@@ -714,7 +715,7 @@ def _checked_result(s: Settings, routes: Routes, kernels: Kernels,
             rows1, gram1 = collected[0]
             out.quads = _quads(checks[0], rows1, gram1, slots, key_of, s.mode, s.budget)
     for name, got in contracted.items():
-        key = key_of[name.split("#")[0]]
+        key = key_of[param_of(name)]
         for forms, form in zip(out.quads, got.quads):
             forms[key] = forms.get(key, 0.0) + form
     return out
@@ -732,6 +733,6 @@ def _contract_held(held: list[dict[str, Term]], acc: Callable[[str], torch.Tenso
     out = {}
     for name, t1 in held[0].items():
         t2 = None if symmetric else held[1][name]
-        out[name] = contract(acc(key_of[name.split("#")[0]]), mode, t1, t2, weights,
+        out[name] = contract(acc(key_of[param_of(name)]), mode, t1, t2, weights,
                              symmetric and bool(checks), block, scratch)
     return out

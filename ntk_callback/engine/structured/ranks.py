@@ -27,7 +27,7 @@ from ..modes import KernelMode
 from ..symmetric import add_gram
 from .capture import Fallback
 from .checkdata import CheckData
-from .terms import Term
+from .terms import Term, param_of
 
 #: what the capture of one probe set yields: its rows buffers by layer key and its
 #: Gram-route terms by name
@@ -134,7 +134,7 @@ def _contract_share(split: Any, acc: Callable[[str], torch.Tensor],
     the diagonal block ``[a:b, a:b]`` on upper panels and ``[a:b, b:]`` as a cross block
     (exact on and above the diagonal, as :func:`..symmetric.mirror_lower` expects).
     ``add_term_gram``: the driver's Gram-route product of two terms."""
-    keys = sorted(set(rows1) | {key_of[name.split("#")[0]] for name in gram1})
+    keys = sorted(set(rows1) | {key_of[param_of(name)] for name in gram1})
     outs = {key: acc(key) for key in keys}
     n1 = next(iter(rows1.values())).shape[0] if rows1 else \
         (next(iter(gram1.values())).d.shape[1] if gram1 else 0)
@@ -154,7 +154,7 @@ def _contract_share(split: Any, acc: Callable[[str], torch.Tensor],
             else:
                 add_gram(outs[key][a:b], mode, j1[a:b], rows2[key])
         for name, t1 in gram1.items():
-            out = outs[key_of[name.split("#")[0]]]
+            out = outs[key_of[param_of(name)]]
             for p1, p2 in zip(t1.gram_pieces(), gram2[name].gram_pieces()):
                 if symmetric:
                     mine = part(p1, a, b)

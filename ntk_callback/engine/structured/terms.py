@@ -468,6 +468,13 @@ def grouped_rows_fit(module: _ConvNd, k: int, itemsize: int) -> bool:
     return module.groups > 1 and k * p * itemsize <= GROUPED_ROWS_MAX_BYTES
 
 
+def param_of(name: str) -> str:
+    """The parameter a term name belongs to: a term covering part of a parameter (a
+    grouped conv's group, attention's q/k/v slice of ``in_proj_weight``) is named
+    ``"param#part"``."""
+    return name.split("#")[0]
+
+
 def merge_calls(terms: list[Term]) -> dict[str, Term]:
     """Repeated calls of one module become extra positions of one term (conv weights as
     outer terms on their patches)."""
