@@ -247,9 +247,9 @@ class OuterTerm(Term):
 class BiasedOuterTerm(OuterTerm):
     """A Linear's weight and bias as one outer term on ``[a; 1]`` (the bias shares the
     cotangent Gram of the weight). ``data`` holds ``a`` itself; ``inputs`` appends the
-    ones column on first use (cached for the call's terms of every cotangent row), so a
-    route that never needs it (the per-probe rows written in place) never copies the
-    activations."""
+    ones column on first use (cached for the call's terms of every cotangent row). Every
+    route that forms rows or Grams uses it; sizes, the merge of repeated calls and the
+    Gram route's chunk stacking work on ``a`` without the copy."""
 
     @property
     def inputs(self) -> torch.Tensor:
